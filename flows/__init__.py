@@ -1,0 +1,1 @@
+"""Prefect flows and tasks composing schemas, feedback and trainers; the alignflow CLI."""

@@ -1,0 +1,30 @@
+"""Helpers shared by CLI commands: one-line errors with exit code 2, a rich console."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit (no traceback)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Turn expected errors (bad files, bad data, bad options) into a one-line exit 2."""
+    from schemas.store import DatasetError
+
+    try:
+        yield
+    except (DatasetError, FileNotFoundError, ValueError, KeyError, *extra) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(text)

@@ -1,0 +1,73 @@
+"""``alignflow inspect`` and ``alignflow validate``: look at a dataset of the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from flows.commands.common import console, fail, user_errors
+
+
+def inspect(
+    dataset: Path = typer.Argument(..., help="Dataset folder (Parquet shards + manifest.json)."),
+    rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
+) -> None:
+    """Show a dataset's kind, row count, schema, provenance and a few rows."""
+    from rich.table import Table
+
+    from schemas.store import read_dataset, verify_dataset
+
+    with user_errors():
+        manifest = verify_dataset(dataset)
+        head = read_dataset(dataset, verify=False).slice(0, rows)
+    console.print(f"[bold]{dataset}[/]  kind=[cyan]{manifest['kind']}[/]  rows={manifest['num_rows']}  "
+                  f"shards={len(manifest['shards'])}  schema v{manifest['schema_version']}")
+    schema = Table(title="columns", show_header=True)
+    schema.add_column("name")
+    schema.add_column("type")
+    for name, typ in manifest.get("columns", {}).items():
+        schema.add_row(name, typ)
+    console.print(schema)
+    console.print("[bold]provenance[/]", json.dumps(manifest.get("provenance", {}), indent=2, default=str))
+    sample = Table(title=f"first {head.num_rows} rows", show_lines=True)
+    for name in head.column_names:
+        sample.add_column(name, overflow="fold", max_width=60)
+    for record in head.to_pylist():
+        sample.add_row(*[_short(record[c]) for c in head.column_names])
+    console.print(sample)
+
+
+def _short(value, limit: int = 240) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def validate(
+    dataset: Path = typer.Argument(..., help="Dataset folder to check."),
+    quarantine: Path = typer.Option(None, "--quarantine", help="Write rows that fail as a quarantine dataset here."),
+) -> None:
+    """Check checksums and every row against the kind's schema; exit 1 if any row fails."""
+    from schemas.store import QUARANTINE_KIND, read_dataset, verify_dataset, write_dataset
+    from schemas.validate import validate as validate_rows
+
+    with user_errors():
+        manifest = verify_dataset(dataset)
+        if manifest["kind"] == QUARANTINE_KIND:
+            fail(f"{dataset}: is a quarantine dataset; nothing to validate")
+        result = validate_rows(read_dataset(dataset, verify=False), manifest["kind"])
+    console.print(f"{dataset}: checksums ok; {result.summary()}")
+    if result.quarantined.num_rows:
+        for row in result.quarantined.slice(0, 5).to_pylist():
+            console.print(f"  {dataset}: row {row['row']}: {row['reason']}")
+        if quarantine is not None:
+            write_dataset(quarantine, result.quarantined, QUARANTINE_KIND,
+                          {"flow": "validate", "parent_datasets": [str(dataset)]}, overwrite=True)
+            console.print(f"quarantined rows written to {quarantine}")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(inspect)
+    app.command()(validate)

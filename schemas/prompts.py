@@ -1,0 +1,106 @@
+"""Prompt normalisation: plain strings become one user turn; ``prompt_id`` is a stable hash.
+
+All functions work on whole Arrow columns (no Python loop per row except hashing, which
+runs in pandas' C hash over one canonical string per row).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.kinds import MESSAGES
+
+_ROLE_SEP = "\x1f"  # between role and content of one message
+_MSG_SEP = "\x1e"  # between messages
+
+
+def messages(text_or_messages: str | Iterable[dict]) -> list[dict]:
+    """One prompt as a message list (a plain string becomes one user turn)."""
+    if isinstance(text_or_messages, str):
+        return [{"role": "user", "content": text_or_messages}]
+    return [{"role": m["role"], "content": m["content"]} for m in text_or_messages]
+
+
+def to_messages_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A prompt column (strings or message lists) as ``list<struct<role, content>>``.
+
+    Strings become ``[{"role": "user", "content": s}]``; nulls stay null.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        content = column.cast(pa.string())
+        n = len(content)
+        roles = pa.array(np.full(n, "user", dtype=object), pa.string())
+        structs = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32))
+        out = pa.ListArray.from_arrays(offsets, structs, type=MESSAGES)
+        if content.null_count:
+            out = pc.if_else(pc.is_null(content), pa.scalar(None, MESSAGES), out)
+        return out
+    return column.cast(MESSAGES)
+
+
+def canonical_prompt_text(prompts: pa.Array) -> pa.Array:
+    """One string per prompt that identifies it exactly (roles and contents, in order)."""
+    flat = pc.list_flatten(prompts)
+    role = pc.struct_field(flat, "role")
+    content = pc.struct_field(flat, "content")
+    joined = pc.binary_join_element_wise(pc.fill_null(role, ""), pc.fill_null(content, ""), _ROLE_SEP)
+    offsets = pc.list_value_length(prompts).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(offsets)]).astype(np.int32)
+    per_prompt = pa.ListArray.from_arrays(pa.array(offsets), joined)
+    return pc.binary_join(per_prompt, _MSG_SEP)
+
+
+def prompt_ids(prompts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Stable 16-hex-digit ids of a ``list<struct<role, content>>`` column.
+
+    SipHash-2-4 (pandas' fixed key) of the canonical text: the same prompt gets the same id
+    on every machine and every run.
+    """
+    import pandas as pd
+
+    if isinstance(prompts, pa.ChunkedArray):
+        prompts = prompts.combine_chunks()
+    text = canonical_prompt_text(prompts).to_numpy(zero_copy_only=False)
+    hashes = pd.util.hash_array(text.astype(object), categorize=False).astype(np.uint64)
+    return _hex16(hashes)
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+
+
+def _hex16(values: np.ndarray) -> pa.Array:
+    """uint64 values as 16-character lowercase hex strings, without a per-row loop."""
+    nibbles = (values[:, None] >> _SHIFTS) & np.uint64(0xF)
+    chars = _HEX[nibbles.astype(np.intp)]
+    offsets = pa.array(np.arange(0, 16 * (len(values) + 1), 16, dtype=np.int32))
+    return pa.StringArray.from_buffers(len(values), offsets.buffers()[1], pa.py_buffer(chars.tobytes()))
+
+
+def prompt_id(prompt: str | Iterable[dict]) -> str:
+    """The ``prompt_id`` of one prompt (same value as the column function)."""
+    arr = pa.array([messages(prompt)], MESSAGES)
+    return prompt_ids(arr)[0].as_py()
+
+
+def normalize_prompt_columns(table: pa.Table) -> pa.Table:
+    """Promote a string ``prompt`` column to messages and fill missing ``prompt_id`` values."""
+    if "prompt" not in table.column_names:
+        return table
+    prompts = to_messages_array(table.column("prompt"))
+    table = table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts)
+    ids = prompt_ids(prompts.fill_null(pa.scalar([], MESSAGES)) if prompts.null_count else prompts)
+    if "prompt_id" in table.column_names:
+        given = table.column("prompt_id").cast(pa.string())
+        ids = pc.coalesce(given, ids)
+        table = table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", ids)
+    else:
+        table = table.add_column(0, "prompt_id", ids)
+    return table

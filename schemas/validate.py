@@ -1,0 +1,237 @@
+"""Split any table into rows that conform to a kind and quarantined rows with a reason each.
+
+``validate(table, kind)`` never raises on bad rows: every input row ends up either in
+``valid`` (conformed to the kind's Arrow schema) or in ``quarantined`` (original row number,
+reason, the row as JSON). ``len(valid) + len(quarantined) == len(table)`` always holds.
+All checks are column operations (PyArrow compute); only rows that fail a type cast are
+looked at one by one to say which.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.kinds import MESSAGES, ROLES, optional_type, schema_for
+from schemas.prompts import prompt_ids, to_messages_array
+
+QUARANTINE_SCHEMA = pa.schema(
+    [pa.field("row", pa.int64()), pa.field("reason", pa.string()), pa.field("record", pa.string())]
+)
+
+
+@dataclass
+class Validation:
+    """Outcome of ``validate``: the usable rows and the quarantined ones (with reasons)."""
+
+    kind: str
+    valid: pa.Table
+    quarantined: pa.Table
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_in(self) -> int:
+        return self.valid.num_rows + self.quarantined.num_rows
+
+    def summary(self) -> str:
+        text = f"{self.n_in} rows: {self.valid.num_rows} valid, {self.quarantined.num_rows} quarantined"
+        if self.reasons:
+            text += " (" + ", ".join(f"{r}: {n}" for r, n in self.reasons.items()) + ")"
+        return text
+
+
+class _Reasons:
+    """Accumulates per-row reasons as boolean masks, joined only at the end."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.checks: list[tuple[np.ndarray, str]] = []
+
+    def add(self, mask, reason: str) -> None:
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            self.checks.append((mask, reason))
+
+    def bad(self) -> np.ndarray:
+        out = np.zeros(self.n, dtype=bool)
+        for mask, _ in self.checks:
+            out |= mask
+        return out
+
+    def reason_column(self, rows: np.ndarray) -> list[str]:
+        out = [[] for _ in rows]
+        for mask, reason in self.checks:
+            for i in np.flatnonzero(mask[rows]):
+                out[i].append(reason)
+        return ["; ".join(r) for r in out]
+
+
+def _combine(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col
+
+
+def _cast_column(col: pa.Array, target: pa.DataType, name: str, reasons: _Reasons) -> pa.Array:
+    """Cast to ``target``; rows that cannot be cast become null and get a reason."""
+    if col.type == target:
+        return col
+    if name == "prompt":
+        try:
+            return to_messages_array(col)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+    else:
+        try:
+            return col.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+    # Slow path, only for broken input: find the rows that do not cast.
+    values, bad = [], np.zeros(len(col), dtype=bool)
+    for i, value in enumerate(col.to_pylist()):
+        try:
+            if name == "prompt" and isinstance(value, str):
+                value = [{"role": "user", "content": value}]
+            pa.array([value], target)
+            values.append(value)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError):
+            values.append(None)
+            bad[i] = True
+    reasons.add(bad, f"wrong type for {name} (expected {target})")
+    return pa.array(values, target)
+
+
+def _empty_text(col: pa.Array) -> pa.Array:
+    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
+
+
+def _check_prompt(prompt: pa.Array, reasons: _Reasons) -> None:
+    lengths = pc.list_value_length(prompt)
+    reasons.add(pc.equal(lengths, 0), "empty prompt")
+    flat = pc.list_flatten(prompt)
+    if len(flat) == 0:
+        return
+    parents = pc.list_parent_indices(prompt).to_numpy()
+    role = pc.struct_field(flat, "role")
+    content = pc.struct_field(flat, "content")
+    bad_role = pc.invert(pc.fill_null(pc.is_in(role, pa.array(ROLES)), False))
+    empty = pc.or_(pc.is_null(content), _empty_text(pc.fill_null(content, "")))
+    for mask, reason in ((bad_role, "unknown role in prompt"), (empty, "empty text in prompt")):
+        m = pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
+        if m.any():
+            rows = np.zeros(len(prompt), dtype=bool)
+            rows[parents[m]] = True
+            reasons.add(rows, reason)
+
+
+def _check_list_of_text(col: pa.Array, name: str, reasons: _Reasons) -> None:
+    flat = pc.list_flatten(col)
+    if len(flat) == 0:
+        return
+    parents = pc.list_parent_indices(col).to_numpy()
+    empty = pc.fill_null(pc.or_(pc.is_null(flat), _empty_text(pc.fill_null(flat, ""))), True)
+    m = empty.to_numpy(zero_copy_only=False)
+    if m.any():
+        rows = np.zeros(len(col), dtype=bool)
+        rows[parents[m]] = True
+        reasons.add(rows, f"empty text in {name}")
+
+
+def _has_nan_in_list(col: pa.Array) -> np.ndarray:
+    flat = pc.list_flatten(col)
+    rows = np.zeros(len(col), dtype=bool)
+    if len(flat):
+        nan = pc.fill_null(pc.or_(pc.is_nan(flat), pc.is_null(flat)), True).to_numpy(zero_copy_only=False)
+        rows[pc.list_parent_indices(col).to_numpy()[nan]] = True
+    return rows
+
+
+def validate(table: pa.Table, kind: str) -> Validation:
+    """Conform ``table`` to ``kind``: valid rows (schema order, extras kept) and quarantined rows."""
+    schema = schema_for(kind)
+    n = table.num_rows
+    reasons = _Reasons(n)
+    columns: dict[str, pa.Array] = {}
+
+    for fld in schema:
+        if fld.name == "prompt_id":
+            continue
+        if fld.name not in table.column_names:
+            if fld.nullable:
+                columns[fld.name] = pa.nulls(n, fld.type)
+            else:
+                reasons.add(np.ones(n, dtype=bool), f"missing field {fld.name}")
+                columns[fld.name] = pa.nulls(n, fld.type)
+            continue
+        col = _cast_column(_combine(table.column(fld.name)), fld.type, fld.name, reasons)
+        if not fld.nullable:
+            reasons.add(pc.is_null(col), f"null field {fld.name}")
+        columns[fld.name] = col
+
+    prompt = columns["prompt"]
+    _check_prompt(prompt, reasons)
+    given_ids = table.column("prompt_id").cast(pa.string()) if "prompt_id" in table.column_names else None
+    ids = prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES)))
+    columns["prompt_id"] = pc.coalesce(given_ids, ids) if given_ids is not None else ids
+
+    for name, col in columns.items():
+        if name != "prompt" and pa.types.is_string(col.type) and not schema.field(name).nullable:
+            reasons.add(_empty_text(col), f"empty text in {name}")
+
+    if kind == "pairwise":
+        reasons.add(pc.equal(columns["chosen"], columns["rejected"]), "chosen == rejected")
+        reasons.add(pc.is_nan(columns["margin"]), "NaN margin")
+    elif kind == "listwise":
+        n_resp = pc.list_value_length(columns["responses"])
+        n_scores = pc.list_value_length(columns["scores"])
+        reasons.add(pc.not_equal(n_resp, n_scores), "responses and scores differ in length")
+        reasons.add(pc.less(n_resp, 2), "fewer than two responses")
+        reasons.add(_has_nan_in_list(columns["scores"]), "NaN score")
+        _check_list_of_text(columns["responses"], "responses", reasons)
+    elif kind == "samples":
+        reasons.add(pc.is_nan(columns["logp"]), "NaN logp")
+
+    extras = {}
+    for name in table.column_names:
+        if name in columns:
+            continue
+        col = _combine(table.column(name))
+        canonical = optional_type(kind, name)
+        if canonical is not None and col.type != canonical:
+            col = _cast_column(col, canonical, name, reasons)
+        extras[name] = col
+
+    ordered = {f.name: columns[f.name] for f in schema}
+    ordered.update(extras)
+    full = pa.table(ordered)
+    bad = reasons.bad()
+    good_idx = np.flatnonzero(~bad)
+    bad_idx = np.flatnonzero(bad)
+    valid = full.take(pa.array(good_idx)) if bad.any() else full
+    valid = valid.cast(pa.schema([schema.field(f.name) if f.name in schema.names else f for f in valid.schema]))
+
+    reason_texts = reasons.reason_column(bad_idx)
+    counts: dict[str, int] = {}
+    for mask, reason in reasons.checks:
+        counts[reason] = int(mask.sum())
+    quarantined = quarantine_table(table.take(pa.array(bad_idx)), bad_idx, reason_texts)
+    return Validation(kind, valid, quarantined, counts)
+
+
+def quarantine_table(rows: pa.Table, row_numbers, reasons: list[str]) -> pa.Table:
+    """Quarantine rows as (row number, reason, original row as JSON)."""
+    records = [json.dumps(r, default=str, ensure_ascii=False) for r in rows.to_pylist()]
+    return pa.table(
+        {
+            "row": pa.array(np.asarray(row_numbers, dtype=np.int64)),
+            "reason": pa.array(reasons, pa.string()),
+            "record": pa.array(records, pa.string()),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )

@@ -1,0 +1,53 @@
+"""Test-wide settings: Prefect in a temporary home, offline hubs, GPU skipping, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect or the HF hub libraries.
+_HOME = Path(tempfile.mkdtemp(prefix="alignflow-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", str(_HOME / "hf-datasets"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HUMAN_LABELS = SHARED / "data" / "human-labels"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # torch missing or broken: GPU tests cannot run anyway
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def human_labels() -> Path:
+    if not HUMAN_LABELS.is_dir():
+        pytest.skip(f"{HUMAN_LABELS} not present")
+    return HUMAN_LABELS
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The SFT'd toy world, built once per test session (seeded, deterministic)."""
+    from flows.toy_world import build_toy_world
+
+    return build_toy_world(tmp_path_factory.mktemp("toy-world"), seed=0)

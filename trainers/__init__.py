@@ -1,0 +1,1 @@
+"""Consumers of data: log-prob computation, every alignment loss, trainers."""
