@@ -50,6 +50,7 @@ class _Reasons:
     def __init__(self, n: int):
         self.n = n
         self.checks: list[tuple[np.ndarray, str]] = []
+        self.wrong_type = np.zeros(n, dtype=bool)  # rows already blamed on a failed cast
 
     def add(self, mask, reason: str) -> None:
         if isinstance(mask, (pa.Array, pa.ChunkedArray)):
@@ -98,12 +99,16 @@ def _cast_column(col: pa.Array, target: pa.DataType, name: str, reasons: _Reason
         try:
             if name == "prompt" and isinstance(value, str):
                 value = [{"role": "user", "content": value}]
-            pa.array([value], target)
-            values.append(value)
+            try:
+                cast = pa.array([value], target)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                cast = pa.array([value]).cast(target)  # e.g. "1.5" -> 1.5
+            values.append(cast[0].as_py())
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError):
             values.append(None)
             bad[i] = True
     reasons.add(bad, f"wrong type for {name} (expected {target})")
+    reasons.wrong_type |= bad
     return pa.array(values, target)
 
 
@@ -171,7 +176,8 @@ def validate(table: pa.Table, kind: str) -> Validation:
             continue
         col = _cast_column(_combine(table.column(fld.name)), fld.type, fld.name, reasons)
         if not fld.nullable:
-            reasons.add(pc.is_null(col), f"null field {fld.name}")
+            null = pc.is_null(col).to_numpy(zero_copy_only=False) & ~reasons.wrong_type
+            reasons.add(null, f"null field {fld.name}")
         columns[fld.name] = col
 
     prompt = columns["prompt"]

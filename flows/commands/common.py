@@ -8,7 +8,7 @@ from typing import Iterator, NoReturn
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay on one line (greppable)
 err_console = Console(stderr=True)
 
 
