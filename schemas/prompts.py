@@ -6,6 +6,7 @@ runs in pandas' C hash over one canonical string per row).
 
 from __future__ import annotations
 
+import binascii
 from typing import Iterable
 
 import numpy as np
@@ -72,16 +73,11 @@ def prompt_ids(prompts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return _hex16(hashes)
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
-
-
 def _hex16(values: np.ndarray) -> pa.Array:
     """uint64 values as 16-character lowercase hex strings, without a per-row loop."""
-    nibbles = (values[:, None] >> _SHIFTS) & np.uint64(0xF)
-    chars = _HEX[nibbles.astype(np.intp)]
-    offsets = pa.array(np.arange(0, 16 * (len(values) + 1), 16, dtype=np.int32))
-    return pa.StringArray.from_buffers(len(values), offsets.buffers()[1], pa.py_buffer(chars.tobytes()))
+    digits = binascii.hexlify(values.astype(">u8").tobytes())  # 16 hex digits per value, back to back
+    offsets = np.arange(0, 16 * (len(values) + 1), 16, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(values), pa.py_buffer(offsets.tobytes()), pa.py_buffer(digits))
 
 
 def prompt_id(prompt: str | Iterable[dict]) -> str:
