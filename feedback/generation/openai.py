@@ -1,0 +1,294 @@
+"""Generation backend for any OpenAI-compatible server (vLLM serve, SGLang, TGI, llama.cpp,
+``transformers serve``).
+
+* Concurrency: a thread pool of ``max_concurrency`` workers shares one ``httpx.Client``
+  (thread-safe, keeps connections alive), so at most that many requests are in flight.
+* Retries: 429, 5xx, timeouts and connection errors are retried up to ``max_retries`` times
+  with exponential backoff ``backoff * 2**attempt`` (capped at ``max_backoff``, plus up to 10 %
+  jitter); a ``Retry-After`` header, when the server sends one, is honoured instead.
+  Other 4xx answers fail at once with the server's message.
+* Log-probs: requested on every call; used when the server returns them (vLLM, llama.cpp,
+  OpenAI), and the backend works without them (``transformers serve`` ignores the field):
+  ``Generation.logp`` is then ``None`` and ``score`` raises ``LogprobsUnavailable`` (a
+  ``NotImplementedError``), which judges take as the signal to generate-and-parse instead.
+* Secrets: the API key comes from the argument or the environment (``ALIGNFLOW_API_KEY``, then
+  ``OPENAI_API_KEY``); it is sent only in the ``Authorization`` header and never appears in
+  ``repr``, error messages or ``provenance()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import httpx
+
+from schemas.generator import Generation, Messages, SamplingParams
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+
+class LogprobsUnavailable(NotImplementedError):
+    """The server does not return log-probs, so ``score`` cannot be answered."""
+
+
+class OpenAIError(RuntimeError):
+    """A request failed for good (non-retryable status, or retries exhausted)."""
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get("ALIGNFLOW_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: str | None = None,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): Retry-After if given, else
+    ``min(cap, base * 2**attempt)`` plus up to 10 % jitter (so clients do not retry in lockstep)."""
+    if retry_after:
+        try:
+            return min(cap, max(0.0, float(retry_after)))
+        except ValueError:
+            pass  # an HTTP date: fall back to exponential backoff
+    delay = min(cap, base * (2 ** attempt))
+    return delay * (1.0 + 0.1 * (rng or random).random())
+
+
+def chat_payload(model: str, messages: Messages, n: int, sampling: SamplingParams, *,
+                 logprobs: bool = True, top_logprobs: int = 0, seed: int | None = None) -> dict:
+    """Body of one ``/chat/completions`` request (pure; tested without a server)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "n": n,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+    }
+    if sampling.top_k:
+        body["top_k"] = sampling.top_k  # an extension most open servers accept
+    if seed is not None:
+        body["seed"] = seed
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if logprobs:
+        body["logprobs"] = True
+        if top_logprobs:
+            body["top_logprobs"] = top_logprobs
+    return body
+
+
+def _choice_token_logprobs(choice: dict) -> list[dict] | None:
+    content = (choice.get("logprobs") or {}).get("content")
+    return content if content else None
+
+
+def parse_chat_choices(data: dict) -> list[Generation]:
+    """``Generation`` objects from one chat-completions answer.
+
+    ``logp`` is the sum of the returned token log-probs (None when the server sent none);
+    ``n_tokens`` counts those tokens, else comes from ``usage.completion_tokens`` (split evenly
+    when several choices share one usage record; an estimate only in that case).
+    """
+    choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+    usage = (data.get("usage") or {}).get("completion_tokens")
+    out = []
+    for choice in choices:
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        tokens = _choice_token_logprobs(choice)
+        if tokens is not None:
+            token_logps = [float(t["logprob"]) for t in tokens]
+            out.append(Generation(text, len(token_logps), float(sum(token_logps)), token_logps))
+        else:
+            n_tok = int(round(usage / len(choices))) if usage is not None else 0
+            out.append(Generation(text, n_tok, None))
+    return out
+
+
+def first_token_top_logprobs(data: dict) -> dict[str, float] | None:
+    """``{token text: log-prob}`` of the first generated position, or None if not returned."""
+    choices = data.get("choices") or []
+    if not choices:
+        return None
+    tokens = _choice_token_logprobs(choices[0])
+    if not tokens:
+        return None
+    first = tokens[0]
+    table = {t["token"]: float(t["logprob"]) for t in first.get("top_logprobs") or []}
+    table.setdefault(first["token"], float(first["logprob"]))
+    return table
+
+
+def lookup_continuations(top: dict[str, float], continuations: Sequence[str]) -> list[float]:
+    """Log-probs of single-token continuations read off the first position's top log-probs.
+
+    A continuation is matched exactly, else ignoring surrounding whitespace (servers differ in
+    how they print a leading space). One absent from the top-K gets ``-inf``: its probability is
+    below every listed one, and judges normalise over the candidates.
+    """
+    stripped: dict[str, float] = {}
+    for tok, lp in top.items():
+        key = tok.strip()
+        stripped[key] = max(lp, stripped.get(key, -math.inf))
+    return [top.get(c, stripped.get(c.strip(), -math.inf)) for c in continuations]
+
+
+class OpenAIGenerator:
+    """``schemas.generator.Generator`` over HTTP for an OpenAI-compatible server.
+
+    >>> gen = OpenAIGenerator("toy", base_url="http://127.0.0.1:8000/v1")
+    >>> gen.generate([[{"role": "user", "content": "hi"}]], n=2)
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
+                 max_concurrency: int = 8, max_retries: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 30.0, timeout: float = 120.0, top_logprobs: int = 20,
+                 request_logprobs: bool = True, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.model = model
+        self.base_url = (base_url or os.environ.get("ALIGNFLOW_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+                         or DEFAULT_BASE_URL).rstrip("/")
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.top_logprobs = top_logprobs
+        self.request_logprobs = request_logprobs
+        self.logprobs_supported: bool | None = None  # learnt from the first answer
+        self._sleep = sleep
+        self._rng = random.Random(0)
+        self._lock = threading.Lock()
+        self.retries_done = 0  # how many retries this client needed (for logs and tests)
+        key = api_key or api_key_from_env()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                    transport=transport,
+                                    limits=httpx.Limits(max_connections=self.max_concurrency))
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIGenerator(model={self.model!r}, base_url={self.base_url!r})"
+
+    def provenance(self) -> dict:
+        return {"backend": self.name, "model": self.model, "base_url": self.base_url}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "OpenAIGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport with retries -------------------------------------------------------------
+    def post(self, path: str, body: dict) -> dict:
+        """POST ``body`` as JSON, retrying 429/5xx/timeouts with exponential backoff."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                resp = self._client.post(path, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code < 400:
+                    return resp.json()
+                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                if resp.status_code not in RETRY_STATUS:
+                    raise OpenAIError(f"{self.base_url}{path}: {last}")
+                retry_after = resp.headers.get("retry-after")
+            if attempt == self.max_retries:
+                break
+            with self._lock:
+                self.retries_done += 1
+                delay = backoff_delay(attempt, self.backoff, self.max_backoff, retry_after, self._rng)
+            self._sleep(delay)
+        raise OpenAIError(f"{self.base_url}{path}: gave up after {self.max_retries + 1} attempts ({last})")
+
+    def _map(self, fn: Callable, items: Sequence, progress: Callable[[int], None] | None = None) -> list:
+        if len(items) <= 1 or self.max_concurrency == 1:
+            out = []
+            for item in items:
+                out.append(fn(item))
+                if progress:
+                    progress(1)
+            return out
+        with ThreadPoolExecutor(self.max_concurrency) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            out = []
+            for f in futures:
+                out.append(f.result())
+                if progress:
+                    progress(1)
+            return out
+
+    # -- Generator interface ----------------------------------------------------------------
+    def generate(self, prompts: Sequence[Messages], n: int = 1, sampling: SamplingParams | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
+        """``n`` responses per prompt; servers that return fewer choices than asked (some ignore
+        ``n``) are asked again until ``n`` are in hand, each request with its own seed."""
+        sampling = sampling or SamplingParams()
+
+        def one(indexed: tuple[int, Messages]) -> list[Generation]:
+            i, messages = indexed
+            got: list[Generation] = []
+            call = 0
+            while len(got) < n:
+                seed = None if sampling.seed is None else sampling.seed + 1_000_003 * i + call
+                data = self.post("/chat/completions", chat_payload(
+                    self.model, messages, n - len(got), sampling,
+                    logprobs=self.request_logprobs and self.logprobs_supported is not False, seed=seed))
+                gens = parse_chat_choices(data)
+                if not gens:
+                    raise OpenAIError(f"{self.base_url}/chat/completions: answer without choices")
+                if self.request_logprobs and self.logprobs_supported is None:
+                    self.logprobs_supported = gens[0].logp is not None
+                got.extend(gens)
+                call += 1
+            return got[:n]
+
+        return self._map(one, list(enumerate(prompts)), progress)
+
+    def score(self, prompt: Messages, continuations: Sequence[str]) -> list[float]:
+        """Log-probs of single-token continuations (e.g. a judge's "1"/"2") at the first
+        answer position, from ``top_logprobs``. Raises ``LogprobsUnavailable`` when the server
+        returns no log-probs."""
+        return self.score_batch([prompt] * len(continuations), list(continuations))
+
+    def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[str],
+                    progress: Callable[[int], None] | None = None) -> list[float]:
+        """Flat pairs (``prompts[k]``, ``continuations[k]``), as the ``hf`` backend; one request
+        per distinct prompt answers all of its continuations."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if self.logprobs_supported is False:
+            raise LogprobsUnavailable(f"{self.base_url} returns no log-probs")
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
+        groups: dict[str, list[int]] = {}
+        for k, p in enumerate(prompts):
+            groups.setdefault(repr(p), []).append(k)
+        keys = list(groups)
+
+        def one(key: str) -> list[float]:
+            idx = groups[key]
+            data = self.post("/chat/completions", chat_payload(self.model, prompts[idx[0]], 1, greedy, logprobs=True,
+                                                               top_logprobs=self.top_logprobs))
+            top = first_token_top_logprobs(data)
+            if top is None:
+                self.logprobs_supported = False
+                raise LogprobsUnavailable(f"{self.base_url} returned no log-probs (the server ignores 'logprobs')")
+            self.logprobs_supported = True
+            return lookup_continuations(top, [continuations[k] for k in idx])
+
+        out = [0.0] * len(prompts)
+        for key, values in zip(keys, self._map(one, keys, progress)):
+            for k, v in zip(groups[key], values):
+                out[k] = v
+        return out

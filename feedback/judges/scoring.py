@@ -1,0 +1,208 @@
+"""How judges read log-probs of answer tokens from a generator.
+
+``make_scorer(generator)`` returns an object with
+``score_batch(prompts, continuations) -> list[list[float]]`` (summed log-probs of each
+continuation after the chat-templated prompt):
+
+* for an in-process transformers model (a generator exposing ``.model`` and ``.tokenizer``):
+  ``PrefixCachedScorer``, which computes the key/value cache of the token prefix shared by a
+  batch (a judge's preamble, few-shot exemplars) ONCE, keeps it across batches, and runs only
+  the suffixes; single-token continuations (a judge's "1"/"2", a rubric's "0".."5") all come
+  from one forward pass of their prompt (the next-token distribution at its last position);
+* otherwise the generator's own ``score_batch`` (vLLM, OpenAI-compatible servers) or a loop over
+  its ``score``.
+
+A backend without log-probs raises ``NotImplementedError`` (``LogprobsUnavailable`` of the OpenAI
+backend is one); judges take that as the signal to generate a verdict and parse it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Callable, Protocol, Sequence
+
+from schemas.generator import Messages
+
+
+class Scorer(Protocol):
+    def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
+        ...
+
+
+class GeneratorScorer:
+    """Scores through the generator's own ``score_batch`` or ``score``."""
+
+    def __init__(self, generator: Any):
+        self.generator = generator
+
+    def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
+        batch = getattr(self.generator, "score_batch", None)
+        if batch is None:
+            return [list(map(float, self.generator.score(p, list(c)))) for p, c in zip(prompts, continuations)]
+        # backends take flat (prompt, continuation) pairs, as ``HFGenerator.score_batch``
+        flat_p = [p for p, cs in zip(prompts, continuations) for _ in cs]
+        flat_c = [c for cs in continuations for c in cs]
+        values = [float(v) for v in batch(flat_p, flat_c)]
+        out, k = [], 0
+        for cs in continuations:
+            out.append(values[k: k + len(cs)])
+            k += len(cs)
+        return out
+
+
+def render_chat(tokenizer: Any, messages: Messages) -> str:
+    """The prompt text a chat model continues: the tokenizer's chat template with the generation
+    prompt, or a plain ``role: content`` transcript when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for other in rows[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return n
+
+
+class PrefixCachedScorer:
+    """Log-probs of continuations from a causal LM, sharing the computation of common prefixes.
+
+    Per batch of ``batch_size`` rows, with P = the length of the token prefix common to all rows:
+
+    1. the prefix's key/value cache ``[layers][1, heads, P, d]`` is computed once (and reused by
+       later batches with the same prefix, e.g. every batch of a judging run);
+    2. it is repeated to the batch and only the suffixes ``[B, S]`` (right-padded) run, with
+       position ids ``P + arange(S)`` and an attention mask ``[B, P + S]``;
+    3. ``log_softmax`` is taken only at the positions that predict continuation tokens.
+
+    Rows: one per distinct model input. A single-token continuation needs no extra row (it is
+    read from the next-token distribution after its prompt), so both answers of a judge prompt
+    cost one row.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, min_prefix: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.min_prefix = min_prefix
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._prefix_ids: tuple[int, ...] | None = None
+        self._prefix_cache: Any = None
+        self.prefix_hits = 0  # batches that reused a cached prefix (for tests and benches)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _plan(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]):
+        """Rows to run and, per continuation, which row positions predict which tokens."""
+        rows: dict[tuple[int, ...], int] = {}
+        targets = []  # (item, cont, row, [(position, token), ...])
+        for i, (messages, conts) in enumerate(zip(prompts, continuations)):
+            prompt_text = render_chat(self.tokenizer, messages)
+            p_ids = self._ids(prompt_text)
+            for j, cont in enumerate(conts):
+                full = self._ids(prompt_text + cont)
+                start = len(p_ids)
+                if full[:start] != p_ids:  # a tokenizer that merges across the boundary
+                    start = _common_prefix_len([full, p_ids])
+                if start == 0 or start >= len(full):
+                    raise ValueError(f"continuation {cont!r} adds no token after the prompt")
+                row_ids = tuple(full[:-1])
+                # a one-token continuation reuses the prompt's row (same input)
+                row = rows.setdefault(row_ids, len(rows))
+                targets.append((i, j, row, [(t - 1, full[t]) for t in range(start, len(full))]))
+        return list(rows), targets
+
+    def _prefix(self, ids: tuple[int, ...]):
+        import torch
+
+        if self._prefix_ids == ids:
+            self.prefix_hits += 1
+            return self._prefix_cache
+        out = self.model(torch.tensor([ids], device=self.model.device), use_cache=True)
+        self._prefix_ids = ids
+        self._prefix_cache = getattr(out, "cache", None) or out.past_key_values
+        return self._prefix_cache
+
+    def _row_logps(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]]) -> list[list[float]]:
+        """Log-probs at (position, token) pairs of each row; one batched forward."""
+        import torch
+
+        device = self.model.device
+        first_target = min(pos for w in wanted for pos, _ in w)
+        P = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1, first_target)
+        use_prefix = P >= self.min_prefix
+        P = P if use_prefix else 0
+        S = max(len(r) for r in rows) - P
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), S), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), P + S), dtype=torch.long)
+        mask[:, :P] = 1
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r) - P] = torch.tensor(r[P:])
+            mask[b, P: len(r)] = 1
+        kwargs = {"attention_mask": mask.to(device),
+                  "position_ids": (P + torch.arange(S)).expand(len(rows), S).to(device)}
+        if use_prefix:
+            cache = copy.deepcopy(self._prefix(rows[0][:P]))
+            cache.batch_repeat_interleave(len(rows))
+            kwargs[self._cache_kw] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        logits = self.model(input_ids.to(device), **kwargs).logits  # [B, S, V]
+        b_idx = torch.tensor([b for b, w in enumerate(wanted) for _ in w], device=device)
+        s_idx = torch.tensor([pos - P for w in wanted for pos, _ in w], device=device)
+        tok = torch.tensor([t for w in wanted for _, t in w], device=device)
+        picked = logits[b_idx, s_idx].float().log_softmax(-1).gather(-1, tok[:, None])[:, 0].tolist()
+        out, k = [], 0
+        for w in wanted:
+            out.append(picked[k: k + len(w)])
+            k += len(w)
+        return out
+
+    def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]],
+                    progress: Callable[[int], None] | None = None) -> list[list[float]]:
+        import torch
+
+        rows, targets = self._plan(prompts, continuations)
+        by_row: dict[int, list[tuple[int, int]]] = {}
+        for _, _, row, pairs in targets:
+            by_row.setdefault(row, []).extend(pairs)
+        row_values: dict[tuple[int, int], float] = {}
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = list(range(start, min(start + self.batch_size, len(rows))))
+                wanted = [sorted(set(by_row[r])) for r in chunk]
+                values = self._row_logps([rows[r] for r in chunk], wanted)
+                for r, w, v in zip(chunk, wanted, values):
+                    for pt, lp in zip(w, v):
+                        row_values[(r, *pt)] = lp
+                if progress:
+                    progress(len(chunk))
+        result = [[0.0] * len(c) for c in continuations]
+        for i, j, row, pairs in targets:
+            result[i][j] = float(sum(row_values[(row, *pt)] for pt in pairs))
+        return result
+
+
+def make_scorer(generator: Any, batch_size: int | None = None) -> Scorer:
+    """The fastest scorer a generator allows (see the module docstring)."""
+    if generator is None:
+        raise ValueError("a judge that reads log-probs needs a generator")
+    if hasattr(generator, "score_batch") and not (hasattr(generator, "model") and hasattr(generator, "tokenizer")):
+        return GeneratorScorer(generator)
+    model, tokenizer = getattr(generator, "model", None), getattr(generator, "tokenizer", None)
+    if model is not None and tokenizer is not None and hasattr(model, "forward") and hasattr(tokenizer, "apply_chat_template"):
+        return PrefixCachedScorer(model, tokenizer, batch_size=batch_size or getattr(generator, "batch_size", 64) or 64)
+    return GeneratorScorer(generator)
