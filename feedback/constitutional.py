@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.generator import SamplingParams
-from schemas.kinds import MESSAGES, ROUND
+from schemas.kinds import ROUND
+from schemas.prompts import to_messages_array
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitutions") / "default.yaml"
 
@@ -123,7 +124,7 @@ def critique_revise(table: pa.Table, generator: Any, constitution: Constitution,
                 current[i] = rv
         if progress:
             progress(len(prompts))
-    return pa.table({"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt").cast(MESSAGES),
+    return pa.table({"prompt_id": table.column("prompt_id"), "prompt": to_messages_array(table.column("prompt")),
                      "response": pa.array(original, pa.string()),
                      "rounds": pa.array(traces, pa.list_(ROUND)),
                      "final": pa.array(current, pa.string())})

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from schemas.kinds import MESSAGES
+from schemas.prompts import to_messages_array
 
 
 def _groups(samples: pa.Table, reward: str):
@@ -50,7 +50,7 @@ def _groups(samples: pa.Table, reward: str):
 
 def _base(samples: pa.Table, rows: Sequence[int]) -> dict:
     t = samples.select(["prompt_id", "prompt"]).take(pa.array(rows, pa.int64()))
-    return {"prompt_id": t.column("prompt_id"), "prompt": t.column("prompt").cast(MESSAGES)}
+    return {"prompt_id": t.column("prompt_id"), "prompt": to_messages_array(t.column("prompt"))}
 
 
 def _pairs_table(samples, rows, chosen, rejected, margins, source) -> pa.Table:

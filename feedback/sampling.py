@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.generator import SamplingParams
-from schemas.kinds import MESSAGES
+from schemas.prompts import to_messages_array
 
 
 def generator_provenance(generator: Any) -> dict:
@@ -55,7 +55,7 @@ def sample_table(prompts: pa.Table, generator: Any, k: int = 4, sampling: Sampli
     rows = pa.array(np.repeat(np.arange(len(messages)), k), pa.int64())
     base = prompts.select(["prompt_id", "prompt"]).take(rows)
     return pa.table({
-        "prompt_id": base.column("prompt_id"), "prompt": base.column("prompt").cast(MESSAGES),
+        "prompt_id": base.column("prompt_id"), "prompt": to_messages_array(base.column("prompt")),
         "response": pa.array(texts, pa.string()),
         "model": pa.array([model_label(generator)] * len(texts), pa.string()),
         "logp": pa.array(logps, pa.float64()), "n_tokens": pa.array(n_tokens, pa.int64()),

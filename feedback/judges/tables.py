@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feedback.judges.pairwise import PairwiseJudge, PairwiseJudgement
-from schemas.kinds import MESSAGES
+from schemas.prompts import to_messages_array
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -87,7 +87,7 @@ def label_pairs(candidates: pa.Table, judge: PairwiseJudge, criteria: list[str |
     prob_chosen = np.where(a_wins, p, 1.0 - p)
     out = pa.table({
         "prompt_id": candidates.column("prompt_id"),
-        "prompt": candidates.column("prompt").cast(MESSAGES),
+        "prompt": to_messages_array(candidates.column("prompt")),
         "chosen": chosen, "rejected": rejected,
         "margin": pa.array(np.abs(2.0 * p - 1.0), pa.float64()),
         "source": pa.array(["ai"] * len(p), pa.string()),

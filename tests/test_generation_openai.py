@@ -1,0 +1,220 @@
+"""OpenAI-compatible backend: retries/backoff (httpx.MockTransport), parsing, log-probs, and a
+real ``transformers serve`` process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from feedback.generation.openai import (LogprobsUnavailable, OpenAIError, OpenAIGenerator, backoff_delay,
+                                        chat_payload, lookup_continuations, parse_chat_choices)
+from schemas.generator import SamplingParams
+
+MSG = [{"role": "user", "content": "Reverse: abc"}]
+
+
+def _answer(text="cba", logprobs=None, n=1):
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {"choices": [dict(choice, index=i) for i in range(n)], "usage": {"completion_tokens": 3 * n}}
+
+
+def _gen(handler, **kw):
+    sleeps = []
+    gen = OpenAIGenerator("toy", base_url="http://test/v1", api_key="sk-secret-123",
+                          transport=httpx.MockTransport(handler), sleep=sleeps.append, **kw)
+    return gen, sleeps
+
+
+def test_retries_429_then_succeeds_with_retry_after():
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"retry-after": "2"}, json={"error": "slow down"})
+        return httpx.Response(200, json=_answer())
+
+    gen, sleeps = _gen(handler)
+    out = gen.generate([MSG])
+    assert out[0][0].text == "cba" and len(calls) == 2 and sleeps == [2.0]
+    assert calls[0].headers["authorization"] == "Bearer sk-secret-123"
+
+
+def test_retries_503_and_timeout_with_exponential_backoff():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(503, text="overloaded")
+        if len(calls) == 2:
+            raise httpx.ReadTimeout("timed out", request=request)
+        return httpx.Response(200, json=_answer())
+
+    gen, sleeps = _gen(handler, backoff=0.5)
+    assert gen.generate([MSG])[0][0].text == "cba"
+    assert len(calls) == 3 and gen.retries_done == 2
+    assert 0.5 <= sleeps[0] <= 0.55 and 1.0 <= sleeps[1] <= 1.1  # base * 2**attempt (+<=10% jitter)
+
+
+def test_gives_up_after_max_retries_and_4xx_fails_at_once():
+    gen, sleeps = _gen(lambda r: httpx.Response(500, text="boom"), max_retries=3)
+    with pytest.raises(OpenAIError, match="gave up after 4 attempts"):
+        gen.generate([MSG])
+    assert len(sleeps) == 3
+    gen, sleeps = _gen(lambda r: httpx.Response(400, json={"error": "bad"}))
+    with pytest.raises(OpenAIError, match="HTTP 400") as err:
+        gen.generate([MSG])
+    assert sleeps == [] and "sk-secret" not in str(err.value)
+
+
+def test_backoff_is_capped():
+    assert backoff_delay(10, 0.5, 30.0) <= 33.0
+    assert backoff_delay(0, 1.0, 30.0, retry_after="not-a-number") >= 1.0
+
+
+def test_concurrency_limit_is_respected():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def handler(request):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return httpx.Response(200, json=_answer())
+
+    gen, _ = _gen(handler, max_concurrency=3)
+    out = gen.generate([MSG] * 12)
+    assert len(out) == 12 and 2 <= peak[0] <= 3
+
+
+def test_logprobs_summed_when_returned_and_absent_otherwise():
+    lps = [{"token": t, "logprob": v, "top_logprobs": []} for t, v in (("c", -0.5), ("b", -0.25), ("a", -1.0))]
+    g = parse_chat_choices(_answer(logprobs=lps))[0]
+    assert g.logp == pytest.approx(-1.75) and g.n_tokens == 3 and g.token_logps == [-0.5, -0.25, -1.0]
+    g = parse_chat_choices(_answer())[0]
+    assert g.logp is None and g.n_tokens == 3
+
+
+def test_fewer_choices_than_n_are_topped_up_with_distinct_seeds():
+    seeds = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seeds.append(body["seed"])
+        return httpx.Response(200, json=_answer(f"s{len(seeds)}"))  # ignores n: one choice
+
+    gen, _ = _gen(handler)
+    out = gen.generate([MSG], n=3, sampling=SamplingParams(seed=7))
+    assert [g.text for g in out[0]] == ["s1", "s2", "s3"] and len(set(seeds)) == 3
+
+
+def test_score_reads_top_logprobs_and_raises_without_them():
+    def with_lp(request):
+        body = json.loads(request.content)
+        assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+        top = [{"token": "1", "logprob": -0.2}, {"token": " 2", "logprob": -1.8}]
+        return httpx.Response(200, json=_answer("1", [{"token": "1", "logprob": -0.2, "top_logprobs": top}]))
+
+    gen, _ = _gen(with_lp)
+    assert gen.score(MSG, ["1", "2", "3"]) == [-0.2, -1.8, float("-inf")]
+    gen, _ = _gen(lambda r: httpx.Response(200, json=_answer("1")))
+    with pytest.raises(LogprobsUnavailable):
+        gen.score(MSG, ["1", "2"])
+    assert gen.logprobs_supported is False
+    assert lookup_continuations({"A": -1.0}, ["A", " A"]) == [-1.0, -1.0]
+
+
+def test_payload_and_no_secret_in_repr_or_provenance():
+    body = chat_payload("m", MSG, 2, SamplingParams(temperature=0.5, top_k=5, stop=("\n",)), seed=3)
+    assert body["n"] == 2 and body["top_k"] == 5 and body["stop"] == ["\n"] and body["seed"] == 3
+    gen, _ = _gen(lambda r: httpx.Response(200, json=_answer()))
+    assert "sk-secret" not in repr(gen) and "sk-secret" not in json.dumps(gen.provenance())
+
+
+def test_api_key_from_env(monkeypatch):
+    monkeypatch.setenv("ALIGNFLOW_API_KEY", "env-key")
+    seen = []
+    gen = OpenAIGenerator("m", base_url="http://t/v1", transport=httpx.MockTransport(
+        lambda r: seen.append(r.headers.get("authorization")) or httpx.Response(200, json=_answer())))
+    gen.generate([MSG])
+    assert seen == ["Bearer env-key"]
+
+
+# --- a real server ------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+
+    tok = make_char_tokenizer()
+    path = save_checkpoint(make_tiny_llama(tok, hidden_size=32), tok, tmp_path_factory.mktemp("served") / "toy")
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cli = os.path.join(os.path.dirname(sys.executable), "transformers")
+    proc = subprocess.Popen([cli, "serve", str(path), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"transformers serve exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("transformers serve did not come up in 60 s")
+            time.sleep(0.3)
+        yield base + "/v1", str(path)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_against_transformers_serve(served_model):
+    from feedback.judges import PairwiseJudge
+
+    base_url, model = served_model
+    with OpenAIGenerator(model, base_url=base_url, max_concurrency=2, timeout=60) as gen:
+        out = gen.generate([MSG, [{"role": "user", "content": "Copy exactly: xy"}]], n=2,
+                           sampling=SamplingParams(temperature=1.0, max_new_tokens=6, seed=1))
+        assert [len(g) for g in out] == [2, 2]
+        assert all(isinstance(g.text, str) and g.n_tokens >= 0 for gens in out for g in gens)
+        assert gen.logprobs_supported is not None  # learnt from the first answer
+        # transformers serve ignores logprobs: score says so, and the judge falls back to text
+        if gen.logprobs_supported is False:
+            with pytest.raises(LogprobsUnavailable):
+                gen.score(MSG, ["1", "2"])
+        res = PairwiseJudge(gen, verdict_tokens=4).judge(["Reverse: ab"], ["ba"], ["ab"])
+        assert res.method == ("generate" if gen.logprobs_supported is False else "logprobs")
+        assert 0.0 <= res.judge_prob[0] <= 1.0 and res.consistent.dtype == bool
