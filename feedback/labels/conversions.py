@@ -1,0 +1,516 @@
+"""Conversions between data kinds: listwise -> pairwise, pairwise -> listwise, -> binary, -> sft.
+
+All functions are column operations (PyArrow compute + NumPy over the flattened lists); none
+loops over rows in Python. Tables may carry the internal columns ``_row`` (source row number of
+the record a row came from) and ``_nrec`` (how many source records were merged into the row);
+they are carried to the output so the accounting can say which records were written.
+
+A tie (equal scores, or a pairwise row with ``tie`` true) is never silently lost: a pairwise
+output cannot hold one, so tie pairs are counted in ``Stats.tie_pairs`` and records left with
+no pair at all are dropped by rule with a reason; listwise and binary outputs keep ties when
+``ties="keep"``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feedback.labels.errors import LabelsError
+
+STRATEGIES = ("all-pairs", "best-vs-worst", "best-vs-rest", "adjacent")
+INTERNAL = ("_row", "_nrec")
+
+
+@dataclass
+class Stats:
+    """What a conversion did to the rows it was given (record-level drops + pair-level detail)."""
+
+    dropped: Counter = field(default_factory=Counter)  # reason -> source records dropped by rule
+    tie_pairs: int = 0  # pairs left out because a pairwise output cannot hold a tie
+    identical_pairs: int = 0  # pairs left out because both responses are the same text
+    extra: dict = field(default_factory=dict)
+    # ``_row`` values of input rows that reached the output, when not visible in the output's
+    # own ``_row`` (pairwise -> listwise merges many rows into one)
+    contributed: np.ndarray | None = None
+
+    def merge(self, other: "Stats") -> None:
+        self.dropped.update(other.dropped)
+        self.tie_pairs += other.tie_pairs
+        self.identical_pairs += other.identical_pairs
+        for key, value in other.extra.items():
+            self.extra[key] = self.extra.get(key, 0) + value if isinstance(value, (int, float)) else value
+
+
+def _nrec(table: pa.Table) -> np.ndarray:
+    if "_nrec" in table.column_names:
+        return table.column("_nrec").to_numpy().astype(np.int64)
+    return np.ones(table.num_rows, dtype=np.int64)
+
+
+def _drop_rows(table: pa.Table, mask: np.ndarray, reason: str, stats: Stats) -> pa.Table:
+    """Remove rows by rule, counting their source records under ``reason``."""
+    if mask.any():
+        stats.dropped[reason] += int(_nrec(table)[mask].sum())
+        table = table.filter(pa.array(~mask))
+    return table
+
+
+def _carry(table: pa.Table, rows: np.ndarray) -> dict[str, pa.Array]:
+    """Internal bookkeeping columns of ``table`` taken at ``rows``."""
+    idx = pa.array(rows)
+    return {name: table.column(name).take(idx) for name in INTERNAL if name in table.column_names}
+
+
+def _flat(col) -> pa.Array:
+    """The values of a list column, honouring slicing (``list_flatten`` does)."""
+    return pc.list_flatten(col)
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def descending_order(scores_flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions into the flat score array, each row's block sorted by score (high first).
+
+    Equal scores keep their input order (stable), so ``best`` is the first of tied best ones.
+    """
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    return np.lexsort((-scores_flat, row_of))
+
+
+_PAIR_TABLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _all_pairs_table(k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """``A[K, q], B[K, q]``: the q-th (a, b), a < b, of C(K, 2) sorted positions (row-major)."""
+    if k_max not in _PAIR_TABLES:
+        c_max = k_max * (k_max - 1) // 2
+        a_tab = np.zeros((k_max + 1, max(c_max, 1)), dtype=np.int64)
+        b_tab = np.zeros_like(a_tab)
+        for k in range(2, k_max + 1):
+            a, b = np.triu_indices(k, 1)
+            a_tab[k, : len(a)] = a
+            b_tab[k, : len(b)] = b
+        _PAIR_TABLES[k_max] = (a_tab, b_tab)
+    return _PAIR_TABLES[k_max]
+
+
+def pair_positions(lengths: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For rows of ``lengths`` responses sorted best-first: (row, a, b) of every pair.
+
+    ``a`` is the better position (smaller), ``b`` the worse one, both 0-based within the row.
+    all-pairs gives C(K,2) pairs per row (InstructGPT), best-vs-worst 1, best-vs-rest and
+    adjacent K-1.
+    """
+    k = lengths.astype(np.int64)
+    k2 = np.where(k >= 2, k, 0)
+    if strategy == "all-pairs":
+        per_row = k2 * (k2 - 1) // 2
+    elif strategy == "best-vs-worst":
+        per_row = (k2 >= 2).astype(np.int64)
+    elif strategy in ("best-vs-rest", "adjacent"):
+        per_row = np.maximum(k2 - 1, 0)
+    else:
+        raise LabelsError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    total = int(per_row.sum())
+    row = np.repeat(np.arange(len(k), dtype=np.int64), per_row)
+    q = np.arange(total, dtype=np.int64) - np.repeat(_starts(per_row), per_row)
+    if strategy == "all-pairs":
+        a_tab, b_tab = _all_pairs_table(int(k.max()) if len(k) else 2)
+        kr = k[row]
+        a, b = a_tab[kr, q], b_tab[kr, q]
+    elif strategy == "best-vs-worst":
+        a, b = np.zeros(total, dtype=np.int64), k[row] - 1
+    elif strategy == "best-vs-rest":
+        a, b = np.zeros(total, dtype=np.int64), q + 1
+    else:
+        a, b = q, q + 1
+    return row, a, b
+
+
+def listwise_to_pairwise(table: pa.Table, strategy: str = "all-pairs", source: str = "human") -> tuple[pa.Table, Stats]:
+    """Listwise rows (``responses`` [K], ``scores`` [K]) -> pairwise rows, ``margin`` = score gap.
+
+    Pairs with equal scores are left out (a pair cannot hold a tie; counted in
+    ``stats.tie_pairs``); a row whose responses all tie yields no pair and its records are
+    dropped by rule. Output row order: input row order, then pair order within the row.
+    """
+    stats = Stats()
+    if table.num_rows == 0:
+        return _empty_pairwise(table), stats
+    responses = table.column("responses").combine_chunks()
+    scores = table.column("scores").combine_chunks()
+    lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_scores = _flat(scores).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_text = _flat(responses)
+    order = descending_order(flat_scores, lengths)
+    row, a, b = pair_positions(lengths, strategy)
+    base = _starts(lengths)[row]
+    chosen_pos, rejected_pos = order[base + a], order[base + b]
+    margin = flat_scores[chosen_pos] - flat_scores[rejected_pos]
+    chosen = flat_text.take(pa.array(chosen_pos))
+    rejected = flat_text.take(pa.array(rejected_pos))
+    tie = margin == 0
+    same = pc.equal(chosen, rejected).to_numpy(zero_copy_only=False)
+    keep = ~tie & ~same
+    stats.tie_pairs = int(tie.sum())
+    stats.identical_pairs = int((same & ~tie).sum())
+    produced = np.bincount(row[keep], minlength=table.num_rows) > 0
+    if not produced.all():
+        nrec = _nrec(table)
+        all_tie = ~produced & (lengths >= 2)
+        stats.dropped["all responses tie (a pair cannot hold a tie)"] += int(nrec[all_tie].sum())
+        stats.dropped["fewer than two responses"] += int(nrec[~produced & (lengths < 2)].sum())
+        stats.dropped += Counter()  # drop zero counts
+    if not keep.all():
+        keep_idx = np.flatnonzero(keep)
+        row, chosen, rejected, margin = row[keep_idx], chosen.take(pa.array(keep_idx)), rejected.take(pa.array(keep_idx)), margin[keep_idx]
+    rows = pa.array(row)
+    out = {
+        "prompt_id": table.column("prompt_id").take(rows),
+        "prompt": table.column("prompt").take(rows),
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": pa.array(margin, pa.float64()),
+        "source": pa.array(np.full(len(row), source, dtype=object), pa.string()) if len(row) else pa.array([], pa.string()),
+    }
+    out.update(_carry(table, row))
+    return pa.table(out), stats
+
+
+def _empty_pairwise(table: pa.Table) -> pa.Table:
+    from schemas.kinds import schema_for
+
+    out = schema_for("pairwise").empty_table()
+    for name in INTERNAL:
+        if name in table.column_names:
+            out = out.append_column(name, pa.array([], pa.int64()))
+    return out
+
+
+# -- pairwise -> listwise ----------------------------------------------------------------------
+
+
+def bradley_terry(winner: np.ndarray, loser: np.ndarray, weight: np.ndarray, n_items: int,
+                  prior: float = 0.1, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
+    """Bradley-Terry strengths (log scale) by the MM algorithm (Hunter 2004), all groups at once.
+
+    P(i beats j) = p_i / (p_i + p_j) (survey eq. 1 with r = log p). Comparisons are given as
+    arrays of length M (``weight`` 0.5 on each side encodes a kept tie). Items of different
+    prompts never meet, so one vectorized update fits every prompt's model together. A
+    ``prior`` of virtual half-wins and half-losses against a unit-strength item keeps the
+    estimate finite when an item never loses (or never wins). Returns log p, shape [n_items].
+    """
+    wins = np.bincount(winner, weights=weight, minlength=n_items) + prior
+    p = np.ones(n_items)
+    i_idx = np.concatenate([winner, loser])
+    j_idx = np.concatenate([loser, winner])
+    w2 = np.concatenate([weight, weight])
+    for _ in range(iterations):
+        denom = np.bincount(i_idx, weights=w2 / (p[i_idx] + p[j_idx]), minlength=n_items) + 2 * prior / (p + 1.0)
+        new = wins / denom
+        new /= np.exp(np.mean(np.log(new)))  # fix the scale (the model is invariant to it)
+        if np.max(np.abs(np.log(new) - np.log(p))) < tol:
+            p = new
+            break
+        p = new
+    return np.log(p)
+
+
+def copeland(winner: np.ndarray, loser: np.ndarray, weight: np.ndarray, n_items: int) -> np.ndarray:
+    """Copeland score per item: head-to-head majorities won minus lost (each opponent once)."""
+    lo, hi = np.minimum(winner, loser), np.maximum(winner, loser)
+    sign = np.where(winner == lo, 1.0, -1.0) * weight * 2 * (winner != loser)
+    # a tie (weight 0.5 each way) contributes +w and -w: net zero
+    key = lo * n_items + hi
+    uniq, inv = np.unique(key, return_inverse=True)
+    net = np.bincount(inv, weights=sign, minlength=len(uniq))
+    a, b = uniq // n_items, uniq % n_items
+    score = np.zeros(n_items)
+    np.add.at(score, a, np.sign(net))
+    np.add.at(score, b, -np.sign(net))
+    return score
+
+
+def cyclic_groups(winner: np.ndarray, loser: np.ndarray, weight: np.ndarray, group_of_item: np.ndarray,
+                  n_items: int) -> np.ndarray:
+    """Groups (prompts) whose head-to-head majority graph has a directed cycle (intransitive).
+
+    Repeatedly removes items that beat no remaining item (sinks); what cannot be removed lies
+    on or above a cycle. Vectorized over all groups; at most ``max items per group`` rounds.
+    """
+    lo, hi = np.minimum(winner, loser), np.maximum(winner, loser)
+    sign = np.where(winner == lo, 1.0, -1.0) * weight * (winner != loser)
+    key = lo * n_items + hi
+    uniq, inv = np.unique(key, return_inverse=True)
+    net = np.bincount(inv, weights=sign, minlength=len(uniq))
+    decided = net != 0
+    a, b = uniq[decided] // n_items, uniq[decided] % n_items
+    src = np.where(net[decided] > 0, a, b)  # majority winner -> loser
+    dst = np.where(net[decided] > 0, b, a)
+    alive = np.ones(n_items, dtype=bool)
+    edge_alive = np.ones(len(src), dtype=bool)
+    while True:
+        out_deg = np.bincount(src[edge_alive], minlength=n_items)
+        sinks = alive & (out_deg == 0)
+        if not sinks.any():
+            break
+        alive &= ~sinks
+        edge_alive &= alive[dst]
+        if not edge_alive.any():
+            break
+    return np.unique(group_of_item[src[edge_alive]])
+
+
+def pairwise_to_listwise(table: pa.Table, ties: str = "drop") -> tuple[pa.Table, Stats]:
+    """Group pairs by prompt and order each prompt's responses by a Bradley-Terry fit.
+
+    ``scores`` are the fitted log-strengths (higher is better). Copeland's method is computed
+    as a check (``stats.extra['copeland_disagreements']`` counts prompts where the two orders
+    differ) and prompts whose head-to-head majorities form a cycle are listed in
+    ``stats.extra['intransitive_prompts']``. Tie pairs count half a win each way when
+    ``ties="keep"`` and are dropped by rule otherwise.
+    """
+    import pandas as pd
+
+    stats = Stats()
+    if "tie" in table.column_names:
+        tie = pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False)
+        if ties == "drop":
+            table = _drop_rows(table, tie, "tie (--ties drop)", stats)
+            tie = np.zeros(table.num_rows, dtype=bool)
+    else:
+        tie = np.zeros(table.num_rows, dtype=bool)
+    n = table.num_rows
+    if n == 0:
+        return _empty_listwise(), stats
+    if "_row" in table.column_names:
+        stats.contributed = table.column("_row").to_numpy()
+    pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
+    chosen = table.column("chosen").to_numpy(zero_copy_only=False)
+    rejected = table.column("rejected").to_numpy(zero_copy_only=False)
+    group_codes, group_uniques = pd.factorize(pid)
+    item_keys = pd.MultiIndex.from_arrays([np.concatenate([group_codes, group_codes]), np.concatenate([chosen, rejected])])
+    item_codes, item_uniques = pd.factorize(item_keys)
+    n_items = len(item_uniques)
+    winner, loser = item_codes[:n], item_codes[n:]
+    weight = np.where(tie, 0.5, 1.0)
+    # a tie counts half a win each way: add the reversed half-comparison
+    w_all = np.concatenate([winner, loser[tie]])
+    l_all = np.concatenate([loser, winner[tie]])
+    wt_all = np.concatenate([weight, weight[tie]])
+    strength = bradley_terry(w_all, l_all, wt_all, n_items)
+    cope = copeland(w_all, l_all, wt_all, n_items)
+    group_of_item = np.asarray(item_uniques.get_level_values(0))
+    text_of_item = np.asarray(item_uniques.get_level_values(1), dtype=object)
+    order = np.lexsort((-strength, group_of_item))
+    sorted_groups = group_of_item[order]
+    counts = np.bincount(group_of_item, minlength=len(group_uniques))
+    # Copeland check: does the Copeland score ever rank an item above one BT puts higher?
+    cope_sorted = cope[order]
+    same_group = sorted_groups[1:] == sorted_groups[:-1]
+    inversions = same_group & (cope_sorted[1:] > cope_sorted[:-1])
+    stats.extra["copeland_disagreements"] = int(len(np.unique(sorted_groups[1:][inversions])))
+    cyc = cyclic_groups(w_all, l_all, wt_all, group_of_item, n_items)
+    stats.extra["intransitive_prompts"] = [str(group_uniques[g]) for g in cyc]
+    first_row = np.full(len(group_uniques), n, dtype=np.int64)
+    np.minimum.at(first_row, group_codes, np.arange(n))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    out = {
+        "prompt_id": pa.array(group_uniques.astype(object), pa.string()),
+        "prompt": table.column("prompt").take(pa.array(first_row)),
+        "responses": pa.ListArray.from_arrays(offsets, pa.array(text_of_item[order], pa.string())),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(np.round(strength[order], 6), pa.float64())),
+        "_row": table.column("_row").take(pa.array(first_row)) if "_row" in table.column_names else pa.array(first_row),
+        "_nrec": pa.array(np.bincount(group_codes, weights=_nrec(table), minlength=len(group_uniques)).astype(np.int64)),
+    }
+    return pa.table(out), stats
+
+
+def _empty_listwise() -> pa.Table:
+    from schemas.kinds import schema_for
+
+    t = schema_for("listwise").empty_table()
+    return t.append_column("_row", pa.array([], pa.int64())).append_column("_nrec", pa.array([], pa.int64()))
+
+
+# -- to binary / sft ---------------------------------------------------------------------------
+
+
+def pairwise_to_binary(table: pa.Table, ties: str = "drop") -> tuple[pa.Table, Stats]:
+    """KTO-style unpairing: chosen -> label true, rejected -> label false (2 rows per pair).
+
+    A kept tie gives both responses the same label: true, or false when the tie says both
+    are bad (``both_bad``, e.g. arena's "tie (bothbad)").
+    """
+    stats = Stats()
+    tie = pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False) if "tie" in table.column_names \
+        else np.zeros(table.num_rows, dtype=bool)
+    if ties == "drop" and tie.any():
+        table = _drop_rows(table, tie, "tie (--ties drop)", stats)
+        tie = tie[~tie]
+    both_bad = pc.fill_null(table.column("both_bad"), False).to_numpy(zero_copy_only=False) \
+        if "both_bad" in table.column_names else np.zeros(table.num_rows, dtype=bool)
+    n = table.num_rows
+    rows = np.repeat(np.arange(n), 2)
+    label = np.tile([True, False], n)
+    tie2, bad2 = np.repeat(tie, 2), np.repeat(both_bad, 2)
+    label = np.where(tie2, ~bad2, label)
+    response = pc.if_else(pa.array(np.tile([True, False], n)), table.column("chosen").take(pa.array(rows)),
+                          table.column("rejected").take(pa.array(rows)))
+    out = {
+        "prompt_id": table.column("prompt_id").take(pa.array(rows)),
+        "prompt": table.column("prompt").take(pa.array(rows)),
+        "response": response,
+        "label": pa.array(label, pa.bool_()),
+    }
+    out.update(_carry(table, rows))
+    return pa.table(out), stats
+
+
+def listwise_to_binary(table: pa.Table, threshold: float | None = None, top_k: int = 1,
+                       ties: str = "drop") -> tuple[pa.Table, Stats]:
+    """Listwise -> binary: by ``threshold`` (score >= threshold is desirable) or top/bottom k.
+
+    Top/bottom k: the k best responses are desirable, the k worst undesirable, the middle is
+    left out (counted in ``stats.extra['responses_left_out']``). With ``ties="drop"`` a row
+    whose best and worst scores are equal is dropped by rule; with ``ties="keep"`` its
+    responses all become desirable.
+    """
+    stats = Stats()
+    responses = table.column("responses").combine_chunks()
+    lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+    scores = _flat(table.column("scores").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+    row_of = np.repeat(np.arange(table.num_rows), lengths)
+    if threshold is not None:
+        take = np.arange(len(scores))
+        label = scores >= threshold
+    else:
+        order = descending_order(scores, lengths)
+        pos = np.arange(len(scores)) - np.repeat(_starts(lengths), lengths)  # position in sorted row
+        k_row = lengths[row_of]
+        kk = np.minimum(top_k, k_row // 2)
+        best = pos < kk
+        worst = pos >= k_row - kk
+        top = np.maximum.reduceat(scores, _starts(lengths)) if len(scores) else np.zeros(0)
+        bottom = np.minimum.reduceat(scores, _starts(lengths)) if len(scores) else np.zeros(0)
+        all_tie = (top == bottom)[row_of]
+        if ties == "drop":
+            dropped_rows = top == bottom
+            if dropped_rows.any():
+                stats.dropped["all responses tie (--ties drop)"] += int(_nrec(table)[dropped_rows].sum())
+            best &= ~all_tie
+            worst &= ~all_tie
+        else:
+            best |= all_tie
+            worst &= ~all_tie
+        chosen_pos = order[best | worst]
+        take = np.sort(chosen_pos)
+        label_sorted = np.zeros(len(scores), dtype=bool)
+        label_sorted[order[best]] = True
+        label = label_sorted[take]
+        stats.extra["responses_left_out"] = int(len(scores) - len(take))
+    rows = row_of[take]
+    out = {
+        "prompt_id": table.column("prompt_id").take(pa.array(rows)),
+        "prompt": table.column("prompt").take(pa.array(rows)),
+        "response": _flat(responses).take(pa.array(take)),
+        "label": pa.array(label, pa.bool_()),
+    }
+    out.update(_carry(table, rows))
+    return pa.table(out), stats
+
+
+def to_sft(table: pa.Table, kind: str) -> tuple[pa.Table, Stats]:
+    """The preferred response of each row: chosen (pairwise), best (listwise), label true (binary)."""
+    stats = Stats()
+    if kind == "pairwise":
+        tie = pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False) if "tie" in table.column_names \
+            else np.zeros(table.num_rows, dtype=bool)
+        table = _drop_rows(table, tie, "tie (no preferred response)", stats)
+        response = table.column("chosen")
+    elif kind == "binary":
+        bad = ~pc.fill_null(table.column("label"), False).to_numpy(zero_copy_only=False)
+        table = _drop_rows(table, bad, "label false (not an SFT target)", stats)
+        response = table.column("response")
+    elif kind == "listwise":
+        responses = table.column("responses").combine_chunks()
+        lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+        scores = _flat(table.column("scores").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+        order = descending_order(scores, lengths)
+        response = _flat(responses).take(pa.array(order[_starts(lengths)]))
+    else:
+        raise LabelsError(f"cannot make sft rows from {kind}")
+    out = {"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt"), "response": response}
+    out.update({n: table.column(n) for n in INTERNAL if n in table.column_names})
+    return pa.table(out), stats
+
+
+# -- ratings -> listwise -----------------------------------------------------------------------
+
+ASPECT_PREFIX = "aspect:"
+
+
+def parse_aspect(spec: str | None, available: list[str], default: str | None) -> dict[str, float]:
+    """``helpfulness`` | ``mean`` | ``helpfulness=0.7,honesty=0.3`` -> {aspect: weight}."""
+    spec = (spec or default or "mean").strip()
+    if spec == "mean":
+        return {a: 1.0 for a in available}
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, w = part.partition("=")
+        name = name.strip()
+        if name not in available:
+            raise LabelsError(f"unknown aspect {name!r}; this file has: {', '.join(available) or 'none'}")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            raise LabelsError(f"aspect weight {w!r} is not a number (use e.g. helpfulness=0.7,honesty=0.3)") from None
+    return weights
+
+
+def aspects_of(table: pa.Table) -> list[str]:
+    return [c[len(ASPECT_PREFIX):] for c in table.column_names if c.startswith(ASPECT_PREFIX)]
+
+
+def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str | None = None) -> tuple[pa.Table, Stats]:
+    """Per-aspect ratings (columns ``aspect:<name>``, lists aligned with ``responses``) -> scores.
+
+    ``scores`` = weighted mean of the chosen aspects. A response lacking a used rating (``N/A``)
+    is left out of its row (``stats.extra['unrated_responses']``); a row left with fewer than
+    two rated responses is dropped by rule.
+    """
+    stats = Stats()
+    names = aspects_of(table)
+    if not names:
+        return table, stats
+    weights = parse_aspect(aspect, names, default)
+    responses = table.column("responses").combine_chunks()
+    lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+    total = np.zeros(int(lengths.sum()))
+    known = np.ones(len(total), dtype=bool)
+    for name, w in weights.items():
+        vals = _flat(table.column(ASPECT_PREFIX + name).combine_chunks()).cast(pa.float64())
+        arr = vals.to_numpy(zero_copy_only=False)
+        known &= ~np.isnan(arr)
+        total += w * np.nan_to_num(arr)
+    score = total / sum(weights.values())
+    row_of = np.repeat(np.arange(table.num_rows), lengths)
+    keep = np.flatnonzero(known)
+    stats.extra["unrated_responses"] = int(len(total) - len(keep))
+    new_len = np.bincount(row_of[keep], minlength=table.num_rows)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(new_len)]).astype(np.int32))
+    out = table.drop_columns([ASPECT_PREFIX + n for n in names] + ["responses"] + (["scores"] if "scores" in table.column_names else []))
+    out = out.append_column("responses", pa.ListArray.from_arrays(offsets, _flat(responses).take(pa.array(keep))))
+    out = out.append_column("scores", pa.ListArray.from_arrays(offsets, pa.array(score[keep], pa.float64())))
+    out = _drop_rows(out, new_len < 2, "fewer than two rated responses", stats)
+    stats.extra["aspect"] = ",".join(f"{k}={v:g}" for k, v in weights.items())
+    return out, stats

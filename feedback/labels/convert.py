@@ -1,0 +1,372 @@
+"""The conversion pipeline: read a label file, validate, convert kinds, write, account for every row.
+
+``convert_labels_file(IN, OUT, from_fmt, to_fmt, ...)`` streams record batches through
+read -> parse -> validate (``schemas.validate``) -> kind conversion -> write and returns a
+``Report`` whose accounting always adds up: every source record is written, quarantined
+(bad row, with a reason) or dropped by rule (a tie a pair cannot hold, a blank row, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feedback.labels import conversions as cv
+from feedback.labels.errors import LabelsError
+from feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format
+from feedback.labels.io import BATCH_ROWS, FileWriter, iter_file_batches
+from schemas.validate import QUARANTINE_SCHEMA, validate
+
+TIES = ("drop", "keep")
+INTERNAL_COLUMNS = ("_row", "_nrec", "tie", "both_bad")
+
+
+@dataclass
+class Options:
+    strategy: str = "all-pairs"
+    ties: str = "drop"
+    aspect: str | None = None
+    aggregate: str = "majority"
+    threshold: float | None = None
+    top_k: int = 1
+    style: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Report:
+    """Accounting in source records: ``read == written + quarantined + dropped``."""
+
+    source_format: str
+    target_format: str
+    read: int = 0
+    written: int = 0
+    quarantined: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    quarantine_reasons: Counter = field(default_factory=Counter)
+    rows_out: int = 0
+    tie_pairs: int = 0
+    identical_pairs: int = 0
+    info: dict = field(default_factory=dict)
+    output: str | None = None
+    quarantine_path: str | None = None
+
+    @property
+    def dropped_total(self) -> int:
+        return int(sum(self.dropped.values()))
+
+    @property
+    def adds_up(self) -> bool:
+        return self.read == self.written + self.quarantined + self.dropped_total
+
+    def line(self) -> str:
+        return (f"read {self.read} = written {self.written} + quarantined {self.quarantined} + "
+                f"dropped-by-rule {self.dropped_total} (records); {self.rows_out} {self.target_format} rows out")
+
+    def details(self) -> list[str]:
+        out = []
+        for reason, n in self.quarantine_reasons.most_common():
+            out.append(f"  quarantined {n}: {reason}")
+        for reason, n in self.dropped.most_common():
+            out.append(f"  dropped-by-rule {n}: {reason}")
+        if self.tie_pairs:
+            out.append(f"  tie pairs left out (a pair cannot hold a tie): {self.tie_pairs}")
+        if self.identical_pairs:
+            out.append(f"  pairs of identical texts left out: {self.identical_pairs}")
+        for key in ("agreement_summary", "aspect"):
+            if key in self.info:
+                out.append(f"  {self.info[key]}")
+        if self.info.get("intransitive_prompts") is not None:
+            out.append(f"  Bradley-Terry order: {len(self.info['intransitive_prompts'])} prompts with intransitive "
+                       f"cycles; Copeland disagrees on {self.info.get('copeland_disagreements', 0)}")
+        return out
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "written": self.written, "quarantined": self.quarantined,
+                "dropped_by_rule": self.dropped_total, "dropped_reasons": dict(self.dropped),
+                "quarantine_reasons": dict(self.quarantine_reasons), "rows_out": self.rows_out,
+                "tie_pairs_left_out": self.tie_pairs, "identical_pairs_left_out": self.identical_pairs}
+
+
+def target_kind(fmt: Format) -> str:
+    if fmt.name in CANONICAL:
+        return fmt.name
+    if fmt.export is None:
+        raise LabelsError(f"format {fmt.name!r} is import-only; export formats: "
+                          f"{', '.join(n for n, f in _formats().items() if f.export)}")
+    return fmt.kind
+
+
+def _formats():
+    from feedback.labels.formats import FORMATS
+
+    return FORMATS
+
+
+def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """Raw batches of the input: a store dataset folder (canonical kinds) or a file."""
+    from schemas.store import is_dataset, iter_batches
+
+    if Path(path).is_dir():
+        if not is_dataset(path):
+            raise LabelsError(f"{path}: a folder but not an alignflow dataset (no manifest.json)")
+        for batch in iter_batches(path, batch_rows):
+            yield pa.Table.from_batches([batch])
+        return
+    yield from iter_file_batches(path, batch_rows)
+
+
+def _whole(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    tables = list(batches)
+    if tables:
+        yield pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _strip(table: pa.Table) -> pa.Table:
+    return table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
+
+
+def _tie_mask(table: pa.Table) -> np.ndarray:
+    if "tie" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False)
+
+
+def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple[pa.Table, cv.Stats]:
+    """Canonical rows of kind ``src`` -> ``dst`` (rows keep ``_row`` / ``_nrec``)."""
+    if src == dst == "pairwise":
+        stats = cv.Stats()
+        tie = _tie_mask(table)
+        reason = "tie (--ties drop)" if options.ties == "drop" else "tie (a pair cannot hold a tie)"
+        return cv._drop_rows(table, tie, reason, stats), stats
+    if src == dst == "listwise":
+        stats = cv.Stats()
+        if options.ties == "drop":
+            scores = table.column("scores").combine_chunks()
+            same = pc.equal(pc.list_value_length(scores), 0)
+            if len(scores):
+                lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False).astype(np.int64)
+                flat = pc.list_flatten(scores).to_numpy(zero_copy_only=False)
+                starts = cv._starts(lengths)
+                hi = np.maximum.reduceat(flat, starts) if len(flat) else np.zeros(0)
+                lo = np.minimum.reduceat(flat, starts) if len(flat) else np.zeros(0)
+                same = hi == lo
+            table = cv._drop_rows(table, np.asarray(same, dtype=bool), "all responses tie (--ties drop)", stats)
+        return table, stats
+    if src == dst:
+        return table, cv.Stats()
+    if src == "listwise" and dst == "pairwise":
+        return cv.listwise_to_pairwise(table, options.strategy)
+    if src == "pairwise" and dst == "listwise":
+        return cv.pairwise_to_listwise(table, options.ties)
+    if src == "pairwise" and dst == "binary":
+        return cv.pairwise_to_binary(table, options.ties)
+    if src == "listwise" and dst == "binary":
+        return cv.listwise_to_binary(table, options.threshold, options.top_k, options.ties)
+    if dst == "sft" and src in ("pairwise", "listwise", "binary"):
+        return cv.to_sft(table, src)
+    raise LabelsError(f"cannot convert {src} rows to {dst} (known: listwise->pairwise|binary|sft, "
+                      f"pairwise->listwise|binary|sft, binary->sft)")
+
+
+def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table]) -> pa.Table:
+    """Run the canonical checks; quarantined rows are reported by their source row numbers."""
+    if parsed.quarantine is not None and parsed.quarantine.num_rows:
+        quarantine.append(parsed.quarantine)
+        report.quarantined += parsed.quarantine.num_rows
+        for r in parsed.quarantine.column("reason").to_pylist():
+            report.quarantine_reasons[r] += 1
+    kind = "listwise" if parsed.kind == "ratings" else parsed.kind
+    result = validate(parsed.table, kind)
+    if result.quarantined.num_rows:
+        idx = result.quarantined.column("row").to_numpy()
+        src_rows = parsed.table.column("_row").to_numpy()[idx]
+        nrec = parsed.table.column("_nrec").to_numpy()[idx]
+        q = result.quarantined.set_column(0, "row", pa.array(src_rows.astype(np.int64)))
+        quarantine.append(q.cast(QUARANTINE_SCHEMA))
+        report.quarantined += int(nrec.sum())
+        for reason, n in zip(q.column("reason").to_pylist(), nrec):
+            report.quarantine_reasons[reason] += int(n)
+    return result.valid
+
+
+class _Sink:
+    """Where converted rows go: a store dataset (canonical kinds) or an export file."""
+
+    def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int):
+        from schemas.store import DatasetWriter
+
+        self.fmt, self.kind, self.options = fmt, kind, options
+        self.out = out
+        self.rows_per_shard = rows_per_shard
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        if fmt.name in CANONICAL and not _looks_like_file(out):
+            import shutil
+
+            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+            self.store = DatasetWriter(out, kind, provenance, overwrite=True)
+            self.file = None
+        else:
+            self.store = None
+            self.file = FileWriter(out)
+
+    def write(self, table: pa.Table) -> None:
+        if self.store is not None:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+            if self.pending_rows >= self.rows_per_shard:
+                self._flush()
+        elif table.num_rows:
+            self.file.write(self.fmt.export(table, self.options.as_dict()))
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.store.write_shard(pa.concat_tables(self.pending, promote_options="permissive"))
+            self.pending, self.pending_rows = [], 0
+
+    def close(self, extra: dict) -> Path:
+        if self.store is not None:
+            self._flush()
+            return self.store.commit(extra)
+        return self.file.close()
+
+    def abort(self) -> None:
+        if self.store is not None:
+            self.store.abort()
+        else:
+            self.file.abort()
+
+
+def _looks_like_file(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(e) for e in (".jsonl", ".json", ".parquet", ".csv", ".gz"))
+
+
+def convert_labels_file(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    from_format: str,
+    to_format: str,
+    options: Options | None = None,
+    *,
+    quarantine_path: str | os.PathLike | None = None,
+    batch_rows: int = BATCH_ROWS,
+    rows_per_shard: int = 250_000,
+    flow: str = "alignflow convert",
+) -> Report:
+    """Convert ``source`` (format ``from_format``) into ``out`` (format ``to_format``).
+
+    ``out`` is a store dataset folder for the canonical kinds (pairwise, listwise, binary, sft)
+    unless its name ends in a file extension; external formats are written as a file whose
+    encoding is taken from the extension. Returns the ``Report`` (accounting adds up).
+    """
+    from schemas.store import QUARANTINE_KIND, sha256_file, write_dataset
+
+    options = options or Options()
+    if options.ties not in TIES:
+        raise LabelsError(f"unknown --ties {options.ties!r}; use drop or keep")
+    if options.strategy not in cv.STRATEGIES:
+        raise LabelsError(f"unknown --strategy {options.strategy!r}; known: {', '.join(cv.STRATEGIES)}")
+    src_fmt, dst_fmt = get_format(from_format), get_format(to_format)
+    kind_out = target_kind(dst_fmt)
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise LabelsError(f"{source}: no such file")
+    report = Report(src_fmt.name, dst_fmt.name)
+    file_sha = sha256_file(source) if source.is_file() else None
+    provenance = {"flow": flow, "source_format": src_fmt.name, "source_file": str(source),
+                  "source_sha256": file_sha, "target_format": dst_fmt.name, "options": options.as_dict()}
+    if source.is_dir():
+        from schemas.store import read_manifest
+
+        provenance["parent_datasets"] = [str(source)]
+        provenance["source_manifest_kind"] = read_manifest(source)["kind"]
+    needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
+    batches = source_batches(source, src_fmt, batch_rows)
+    if needs_whole:
+        batches = _whole(batches)
+    quarantine: list[pa.Table] = []
+    stats = cv.Stats()
+    sink = None
+    offset = 0
+    try:
+        for raw in batches:
+            ctx = ReadContext(str(source), src_fmt.name, offset, options.aspect, options.aggregate)
+            parsed = src_fmt.read(raw, ctx)
+            offset += raw.num_rows
+            report.read += _records_read(raw, parsed)
+            report.dropped.update(parsed.dropped)
+            report.info.update({k: v for k, v in parsed.info.items() if v is not None})
+            table = _validated(parsed, report, quarantine)
+            kind = "listwise" if parsed.kind == "ratings" else parsed.kind
+            if parsed.kind == "ratings":
+                table, st = cv.ratings_to_listwise(table, options.aspect, src_fmt.default_aspect)
+                stats.merge(st)
+                report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
+            canon_rows = table.column("_row")
+            canon_nrec = table.column("_nrec").to_numpy()
+            converted, st = convert_kind(table, kind, kind_out, options)
+            stats.merge(st)
+            if st.contributed is not None:
+                produced = np.isin(canon_rows.to_numpy(), st.contributed)
+            elif converted.num_rows:
+                produced = pc.is_in(canon_rows, value_set=pc.unique(converted.column("_row"))).to_numpy(zero_copy_only=False)
+            else:
+                produced = np.zeros(len(canon_rows), dtype=bool)
+            written = int(canon_nrec[produced].sum())
+            report.written += written
+            unexplained = int(canon_nrec.sum()) - written - int(sum(st.dropped.values()))
+            report.dropped.update(st.dropped)
+            if unexplained:
+                report.dropped["no output row"] += unexplained
+            report.rows_out += converted.num_rows
+            if sink is None:
+                sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
+            sink.write(_strip(converted))
+        if sink is None:  # empty input
+            sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
+        report.tie_pairs, report.identical_pairs = stats.tie_pairs, stats.identical_pairs
+        for key in ("intransitive_prompts", "copeland_disagreements", "unrated_responses", "responses_left_out"):
+            if key in stats.extra:
+                report.info[key] = stats.extra[key]
+        report.dropped = +report.dropped
+        extra = {"accounting": report.as_dict(),
+                 **{k: v for k, v in report.info.items() if k in ("agreement", "aspect", "copeland_disagreements")}}
+        if "intransitive_prompts" in report.info:
+            extra["intransitive_prompts"] = report.info["intransitive_prompts"][:1000]
+        report.output = str(sink.close(extra))
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if sink.file is not None:
+        import json
+
+        side = out.with_name(out.name + ".manifest.json")
+        side.write_text(json.dumps({"provenance": provenance, **extra}, indent=2, default=str))
+    if quarantine_path is not None:
+        qt = pa.concat_tables(quarantine) if quarantine else QUARANTINE_SCHEMA.empty_table()
+        write_dataset(quarantine_path, qt, QUARANTINE_KIND,
+                      {**provenance, "flow": flow, "what": "rows refused by the conversion"}, overwrite=True)
+        report.quarantine_path = str(quarantine_path)
+    if not report.adds_up:  # a bug, never bad input: say so loudly
+        raise AssertionError(f"accounting does not add up: {report.line()}")
+    return report
+
+
+def _records_read(raw: pa.Table, parsed: Parsed) -> int:
+    """Records of a raw batch: its rows, except the oasst tree export (records = messages)."""
+    if parsed.info.get("message_trees") is not None and "message_id" not in raw.column_names:
+        total = int(parsed.table.column("_nrec").to_numpy().sum()) if parsed.table.num_rows else 0
+        return total + (parsed.quarantine.num_rows if parsed.quarantine is not None else 0) + int(sum(parsed.dropped.values()))
+    return raw.num_rows

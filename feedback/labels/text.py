@@ -1,0 +1,76 @@
+"""Transcripts in the Anthropic HH style (``\\n\\nHuman: ...\\n\\nAssistant: ...``), as columns.
+
+``split_transcripts`` turns a string column into (prompt turns, final answer); ``join_transcripts``
+does the reverse. Both use PyArrow string kernels: markers are swapped for control characters
+and the text is split on them, so no row is looked at in Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.kinds import MESSAGE, MESSAGES
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+_MSG = "\x1e"
+_ROLE = "\x1f"
+
+
+def split_last_turn(text: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """(everything before the last ``Assistant:`` marker, the final answer, has-marker mask)."""
+    parts = pc.split_pattern(text, ASSISTANT, max_splits=1, reverse=True)
+    n_parts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    ok = n_parts == 2
+    prefix = pc.list_element(parts, 0)
+    answer = pc.if_else(pa.array(ok), pc.list_element(_pad(parts), 1), pa.scalar(None, pa.string()))
+    return prefix, pc.utf8_trim_whitespace(answer), ok
+
+
+def _pad(parts: pa.Array) -> pa.Array:
+    """Lists of length 1 padded with "" so that element 1 exists everywhere."""
+    return pc.if_else(pc.less(pc.list_value_length(parts), 2),
+                      pa.scalar(["", ""], pa.list_(pa.string())), parts)
+
+
+def prefix_to_messages(prefix: pa.Array) -> pa.Array:
+    """``\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c`` -> [user a, assistant b, user c]."""
+    marked = pc.replace_substring(prefix, HUMAN, _MSG + "user" + _ROLE)
+    marked = pc.replace_substring(marked, ASSISTANT, _MSG + "assistant" + _ROLE)
+    turns = pc.split_pattern(marked, _MSG)
+    lengths = pc.list_value_length(turns).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(turns)
+    # the text before the first marker (normally empty) is not a turn
+    first = np.zeros(len(flat), dtype=bool)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    first[starts[lengths > 0]] = True
+    keep = ~first
+    flat = flat.filter(pa.array(keep))
+    pieces = pc.split_pattern(flat, _ROLE, max_splits=1)
+    role = pc.list_element(pieces, 0)
+    content = pc.utf8_trim_whitespace(pc.list_element(_pad(pieces), 1))
+    messages = pa.StructArray.from_arrays([role, content], fields=list(MESSAGE))
+    new_lengths = np.maximum(lengths - 1, 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, messages, type=MESSAGES)
+
+
+def split_transcripts(text: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
+    """A transcript column -> (prompt messages, prefix text, final answer, has-marker mask)."""
+    prefix, answer, ok = split_last_turn(text)
+    return prefix_to_messages(prefix), prefix, answer, ok
+
+
+def join_transcripts(prompt: pa.Array, response: pa.Array) -> pa.Array:
+    """Prompt messages + final answer -> one HH transcript per row (the exporter's inverse)."""
+    prompt = prompt.combine_chunks() if isinstance(prompt, pa.ChunkedArray) else prompt
+    flat = pc.list_flatten(prompt)
+    role = pc.struct_field(flat, "role")
+    marker = pc.if_else(pc.equal(role, "assistant"), ASSISTANT + " ", HUMAN + " ")
+    turns = pc.binary_join_element_wise(marker, pc.struct_field(flat, "content"), "")
+    lengths = pc.list_value_length(prompt).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    head = pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
+    return pc.binary_join_element_wise(head, pc.cast(response, pa.string()), ASSISTANT + " ")

@@ -1,0 +1,60 @@
+"""``alignflow formats`` and ``alignflow convert``: human labels between formats and kinds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flows.commands.common import console, fail, user_errors
+
+
+def formats() -> None:
+    """List the label formats: what each holds, import/export, ties."""
+    from rich.table import Table
+
+    from feedback.labels.formats import FORMATS
+
+    table = Table(title="label formats (--from / --to)")
+    for name in ("format", "kind", "import", "export", "ties", "holds"):
+        table.add_column(name, overflow="fold")
+    for fmt in FORMATS.values():
+        table.add_row(fmt.name, fmt.kind, "yes" if fmt.read else "-", "yes" if fmt.export else "-",
+                      "yes" if fmt.ties else "-", fmt.holds)
+    console.print(table)
+    console.print("files: .jsonl .json .jsonl.gz .parquet .csv .xlsx (read); .jsonl .json .jsonl.gz .parquet .csv "
+                  "(write); canonical kinds go to a dataset folder unless OUT has a file extension")
+
+
+def convert(
+    source: Path = typer.Argument(..., help="Input label file (or a dataset folder for the canonical kinds)."),
+    out: Path = typer.Argument(..., help="Output: a dataset folder (canonical kinds) or a file (.jsonl, .json, .parquet, .gz, .csv)."),
+    from_format: str = typer.Option(..., "--from", help="Input format (see `alignflow formats`)."),
+    to_format: str = typer.Option(..., "--to", help="Output format or kind: pairwise, listwise, binary, sft, trl-preference, ..."),
+    strategy: str = typer.Option("all-pairs", "--strategy", help="listwise -> pairwise: all-pairs, best-vs-worst, best-vs-rest, adjacent."),
+    ties: str = typer.Option("drop", "--ties", help="drop: ties are dropped by rule; keep: kept in listwise/binary outputs."),
+    aspect: str = typer.Option(None, "--aspect", help="Rating aspect, 'mean' or a mix 'a=0.7,b=0.3'; pku: helpfulness|safety|is_safe; graded-pairwise: acceptable."),
+    aggregate: str = typer.Option("majority", "--aggregate", help="Several annotators per item: majority or mean."),
+    threshold: float = typer.Option(None, "--threshold", help="listwise -> binary: score >= threshold is desirable (default: top/bottom k)."),
+    top_k: int = typer.Option(1, "--top-k", help="listwise -> binary: k best desirable, k worst undesirable."),
+    style: str = typer.Option(None, "--style", help="trl exports: standard, conversational or implicit (default: by the prompts)."),
+    quarantine: Path = typer.Option(None, "--quarantine", help="Write refused rows (row, reason, record) as a quarantine dataset here."),
+) -> None:
+    """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule."""
+    from feedback.labels import LabelsError, Options, convert_labels_file
+
+    with user_errors(LabelsError):
+        report = convert_labels_file(source, out, from_format, to_format,
+                                     Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
+                                             threshold=threshold, top_k=top_k, style=style),
+                                     quarantine_path=quarantine)
+    console.print(report.line(), highlight=False)
+    for line in report.details():
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"wrote {report.output}" + (f"; quarantine: {report.quarantine_path}" if report.quarantine_path else ""),
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(formats)
+    app.command()(convert)

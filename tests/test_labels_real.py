@@ -1,0 +1,66 @@
+"""The four real label files in shared/data/human-labels, with exact counts (README.txt there)."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import pytest
+
+from feedback.labels import Options, convert_labels_file
+from schemas.store import read_dataset, read_manifest
+
+
+def test_hh_rlhf_quarantines_divergent_and_empty(human_labels, tmp_path):
+    # 2,312 rows: 5 transcripts diverge before the last assistant turn and 4 end with an empty
+    # answer (disjoint sets) -> quarantined, with those reasons; 2,303 pairs written.
+    report = convert_labels_file(human_labels / "hh-rlhf_harmless-base_test.jsonl.gz", tmp_path / "hh", "hh-rlhf",
+                                 "pairwise", quarantine_path=tmp_path / "q")
+    assert (report.read, report.written, report.quarantined, report.dropped_total) == (2312, 2303, 9, 0)
+    assert report.quarantine_reasons == {"transcripts diverge before the last assistant turn": 5,
+                                         "empty text in chosen": 4}
+    table = read_dataset(tmp_path / "hh")
+    assert table.num_rows == 2303
+    assert table.column("prompt")[0].as_py()[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    manifest = read_manifest(tmp_path / "hh")
+    assert manifest["provenance"]["source_sha256"] == "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"
+    assert manifest["provenance"]["accounting"]["quarantined"] == 9
+    q = read_dataset(tmp_path / "q")
+    assert q.num_rows == 9 and read_manifest(tmp_path / "q")["kind"] == "quarantine"
+
+
+def test_alpaca_eval_draws_are_identical_outputs(human_labels, tmp_path):
+    # preference 1:584, 2:205, 0:16; the 16 draws have identical outputs -> "chosen == rejected".
+    report = convert_labels_file(human_labels / "alpaca_eval_gpt4_annotations_alpaca-7b.json", tmp_path / "a",
+                                 "alpaca-eval", "pairwise")
+    assert (report.read, report.written, report.quarantined) == (805, 789, 16)
+    assert report.quarantine_reasons == {"chosen == rejected": 16}
+    table = read_dataset(tmp_path / "a")
+    assert table.num_rows == 789 and set(table.column("source").to_pylist()) == {"ai"}
+
+
+def test_oasst_sibling_ranks_become_listwise(human_labels, tmp_path):
+    report = convert_labels_file(human_labels / "oasst1_en_validation.jsonl", tmp_path / "o", "oasst", "listwise")
+    # 418 ranked groups (one per rank-0 message); 1 group has a single ranked reply.
+    assert (report.read, report.written, report.quarantined) == (2022, 1550, 0)
+    assert report.dropped == {"prompter turn without ranked replies": 361, "unranked reply": 110,
+                              "single ranked reply (no ranking)": 1}
+    table = read_dataset(tmp_path / "o")
+    assert table.num_rows == 418
+    lengths = pc.list_value_length(table.column("responses")).to_pylist()
+    assert sum(lengths) == 1132 and max(lengths) == 5
+    assert all(s == sorted(s, reverse=True) for s in table.column("scores").to_pylist())
+
+
+def test_tulu_sheet_aggregates_annotators_and_reports_agreement(human_labels, tmp_path):
+    report = convert_labels_file(human_labels / "tulu1_human_eval_annotations.xlsx", tmp_path / "t",
+                                 "graded-pairwise", "pairwise")
+    assert (report.read, report.written, report.quarantined) == (1302, 707, 40)
+    assert report.dropped == {"blank row": 152, "tie (--ties drop)": 403}
+    ag = report.info["agreement"]
+    assert (ag["items"], ag["annotations"]) == (139, 310)
+    assert ag["percent_agreement"] == pytest.approx(0.624, abs=1e-3)
+    assert ag["krippendorff_alpha_nominal"] == pytest.approx(0.399, abs=1e-3)
+    table = read_dataset(tmp_path / "t")
+    assert table.num_rows == 635
+    margins = table.column("margin").to_pylist()  # mean strength of the majority's votes
+    assert min(margins) == 1.0 and max(margins) == 2.0 and 1.0 < sorted(set(margins))[1] < 2.0
+    assert read_manifest(tmp_path / "t")["provenance"]["agreement"]["items"] == 139
