@@ -1,0 +1,152 @@
+"""``alignflow train`` and ``alignflow precompute-ref``: offline preference training.
+
+``alignflow train DATASET --model PATH --loss NAME [--param k=v ...] --output DIR`` takes every
+field of ``transformers.TrainingArguments`` as an extra option, the way transformers' and TRL's
+CLIs do (``--per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-6``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from flows.commands.common import console, fail, user_errors
+
+# Our defaults where TrainingArguments' would waste time on a laptop run; any option overrides.
+FAST_DEFAULTS = {
+    "report_to": "none",
+    "save_strategy": "no",  # the final model is always saved to --output
+    "logging_steps": "10",
+    "dataloader_num_workers": "0",
+    "eval_strategy": "no",
+    "dataloader_pin_memory": "false",
+}
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``k=v`` with v read as JSON when it parses (numbers, true/false, null), else a string."""
+    if "=" not in text:
+        raise ValueError(f"--param {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def training_arguments(extra: List[str], output: Path):
+    """``TrainingArguments`` from extra CLI options (HfArgumentParser), with FAST_DEFAULTS."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")}
+    argv = list(extra)
+    for key, value in FAST_DEFAULTS.items():
+        if key not in given:
+            argv += [f"--{key}", value]
+    if "output_dir" not in given:
+        argv += ["--output_dir", str(output)]
+    parser = HfArgumentParser(TrainingArguments)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except SystemExit:
+        raise ValueError(f"unrecognised training option(s) in: {' '.join(extra)} "
+                         "(options are the fields of transformers.TrainingArguments)") from None
+    return args
+
+
+def train(
+    ctx: typer.Context,
+    dataset: Path = typer.Argument(..., help="Pairwise, listwise or binary dataset folder."),
+    model: str = typer.Option(..., "--model", help="Policy checkpoint (folder or hub id); also the reference unless --ref-model."),
+    loss: str = typer.Option("dpo", "--loss", help="Loss name of trainers.losses (dpo, ipo, simpo, kto, lipo, ...)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="Loss parameter key=value (repeatable), e.g. beta=0.1."),
+    output: Path = typer.Option(..., "--output", help="Where the trained checkpoint goes."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for absent ref columns (default: the initial policy)."),
+    layout: str = typer.Option("packed", "--layout", help="packed: each prompt computed once for all its responses; plain: one row per response."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens."),
+) -> None:
+    """Train a policy with any per-sequence loss; extra options are TrainingArguments fields."""
+    import os
+
+    with user_errors():
+        from trainers.losses import resolve_params
+
+        params = dict(parse_param(p) for p in (param or []))
+        resolve_params(loss, params)  # unknown loss / parameter -> one line, before heavy imports run
+        if layout not in ("packed", "plain"):
+            raise ValueError(f"--layout {layout!r}: expected packed or plain")
+        from schemas.store import read_dataset, read_manifest
+
+        manifest = read_manifest(dataset)
+        kind = manifest["kind"]
+        from trainers.preference import loss_kind
+
+        loss_kind(loss, kind)
+        args = training_arguments(ctx.args, output)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.collators import pretokenize
+    from trainers.preference import PreferenceTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with user_errors(OSError):
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        policy = AutoModelForCausalLM.from_pretrained(model)
+        examples = pretokenize(read_dataset(dataset), kind, tokenizer, max_length)
+        had_ref = bool(examples) and all("ref_logps" in e for e in examples)
+        reference = None
+        if ref_model is not None:
+            reference = AutoModelForCausalLM.from_pretrained(ref_model)
+        trainer = PreferenceTrainer(policy, args, examples, kind=kind, loss=loss, loss_params=params,
+                                    processing_class=tokenizer, layout=layout, ref_model=reference)
+    ref_record = manifest.get("provenance", {}).get("reference")
+    if not trainer.needs_ref:
+        source, used = "none (reference-free loss)", None
+    elif had_ref:
+        used = ref_record or {"reference_model": "unrecorded (ref columns without manifest record)"}
+        source = f"ref columns of {dataset} ({used.get('reference_model')})"
+    else:
+        used = {"reference_model": ref_model or model, "computed": "once, in memory, before training"}
+        source = f"computed once from {ref_model or model}"
+    console.print(f"train: {len(examples)} {kind} rows, loss={loss} {params or ''}, reference: {source}, "
+                  f"layout={trainer.layout}")
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(str(output))
+    tokenizer.save_pretrained(str(output))
+    record = {
+        "dataset": str(dataset), "model": model, "loss": loss, "loss_params": {k: repr(v) for k, v in params.items()},
+        "reference": used,
+        "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
+        "log_history": trainer.state.log_history,
+    }
+    (Path(output) / "alignflow_train.json").write_text(json.dumps(record, indent=2, default=str))
+    console.print(f"train: done in {result.metrics.get('train_runtime', 0):.1f} s, loss {result.training_loss:.4f}; "
+                  f"checkpoint in {output}")
+
+
+def precompute_ref(
+    dataset: Path = typer.Argument(..., help="Pairwise, listwise or binary dataset folder."),
+    model: str = typer.Option(..., "--model", help="Reference model (folder or hub id)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write here (default: replace DATASET atomically)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens (as in train)."),
+) -> None:
+    """Compute reference log-probs once and store them as ref_* columns (manifest records the model)."""
+    with user_errors(OSError):
+        from trainers.precompute import precompute_reference, reference_of
+
+        path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length)
+        record = reference_of(path)
+    console.print(f"precompute-ref: wrote reference columns to {path} "
+                  f"(reference {record['reference_model']}, weights sha256 {str(record.get('weights_sha256'))[:12]})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train)
+    app.command("precompute-ref")(precompute_ref)

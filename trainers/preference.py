@@ -1,0 +1,289 @@
+"""The preference trainer: any loss of ``trainers.losses`` on pairwise, listwise or binary data.
+
+``PreferenceTrainer`` is a ``transformers.Trainer`` (accelerate, DeepSpeed/FSDP, PEFT/LoRA, bf16,
+gradient accumulation, checkpoint/resume and report_to come with it). Each step:
+
+1. one forward pass over all sequences of the batch (``trainers.logprobs``; by default the
+   shared-prompt layout computes each prompt once for all its responses), giving policy
+   log-probs summed over response tokens and token counts;
+2. reference log-probs read from the batch (precomputed ``ref_*`` columns; the reference model
+   is never loaded during training; ``trainers.precompute`` fills them once beforehand);
+3. ``compute_loss(name, batch, **params)`` -> per-example losses -> batch mean.
+
+Logged (means over the steps since the last log): loss, rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies, kl/implicit, logps/*, lengths/chosen, lengths/rejected
+(listwise: best vs worst response by score; binary: desirable vs undesirable, and kl/kto_ref).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer
+
+from trainers.collators import collator_for
+from trainers.logprobs import SequenceBatch, resolve_layout, sequence_logps
+from trainers.losses import (BetaDPOState, MissingBatchKeyError, compute_loss, kto_kl_from_mismatched, loss_spec,
+                             pairwise_metrics, resolve_params)
+
+logger = logging.getLogger(__name__)
+
+# Losses that need more than per-sequence summaries (per-token vocabulary log-probs, top-k
+# logits, a value head); the summary trainer refuses them with this hint.
+NEEDS_MORE_THAN_SUMMARIES = {
+    "tdpo": "per-token log-probs of policy and reference over the vocabulary",
+    "cringe": "top-k logits of the policy",
+    "dro": "a value head V(x) and a reward column",
+    "nn": "K sampled responses and two reference models",
+}
+
+
+def loss_kind(name: str, data_kind: str) -> str:
+    """Check that loss ``name`` applies to ``data_kind`` data (ValueError otherwise)."""
+    spec = loss_spec(name)
+    if name in NEEDS_MORE_THAN_SUMMARIES:
+        raise ValueError(f"loss {name!r} needs {NEEDS_MORE_THAN_SUMMARIES[name]}; "
+                         "the preference trainer trains losses of per-sequence log-probs")
+    allowed = {"any": {"pairwise", "listwise", "binary"}}.get(spec.kind, set(spec.kind.split(" or ")))
+    if data_kind not in allowed:
+        raise ValueError(f"loss {name!r} takes {spec.kind} data, the dataset is {data_kind}")
+    return data_kind
+
+
+def _dummy_batch(kind: str, with_ref: bool) -> dict[str, torch.Tensor]:
+    b = {"pairwise": {"chosen_logps": torch.full((2,), -3.0), "rejected_logps": torch.full((2,), -4.0),
+                      "chosen_tokens": torch.full((2,), 3), "rejected_tokens": torch.full((2,), 4)},
+         "listwise": {"logps": torch.full((2, 3), -3.0), "tokens": torch.full((2, 3), 3),
+                      "scores": torch.tensor([[1.0, 0.0, 0.5]] * 2), "mask": torch.ones(2, 3, dtype=torch.bool)},
+         "binary": {"logps": torch.full((2,), -3.0), "tokens": torch.full((2,), 3),
+                    "label": torch.tensor([False, False]), "kl": torch.tensor(0.0)}}[kind]
+    if with_ref:
+        for key in [k for k in b if k.endswith("logps")]:
+            b["ref_" + key] = b[key] - 0.5
+    return b
+
+
+def needs_reference(name: str, kind: str) -> bool:
+    """Whether loss ``name`` reads ``ref_*`` keys (probed on a batch without them)."""
+    try:
+        compute_loss(name, _dummy_batch(kind, with_ref=False))
+    except MissingBatchKeyError as exc:
+        if "ref_" in str(exc):
+            return True
+        raise
+    return False
+
+
+def kto_balance_warning(labels: Sequence[bool], lambda_d: float, lambda_u: float) -> str | None:
+    """Survey 3.6.1: keep lambda_d*n_D / (lambda_u*n_U) in [1, 4/3]; the message if it is not."""
+    n_d = sum(1 for x in labels if x)
+    n_u = len(labels) - n_d
+    if n_u == 0 or lambda_u == 0:
+        return None if n_d == 0 else (f"KTO: no weighted undesirable examples (n_desirable={n_d}, n_undesirable={n_u}, "
+                                      f"lambda_u={lambda_u}); survey 3.6.1 recommends a ratio in [1, 4/3]")
+    ratio = lambda_d * n_d / (lambda_u * n_u)
+    if 1.0 <= ratio <= 4.0 / 3.0 + 1e-12:
+        return None
+    lo, hi = n_u / max(n_d, 1), 4.0 / 3.0 * n_u / max(n_d, 1)
+    return (f"KTO: lambda_d*n_desirable/(lambda_u*n_undesirable) = {lambda_d}*{n_d}/({lambda_u}*{n_u}) = {ratio:.3f} "
+            f"is outside [1, 4/3] (survey 3.6.1); e.g. lambda_d/lambda_u in [{lo:.3f}, {hi:.3f}]")
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Pre-tokenized examples (``trainers.collators.pretokenize``) as a map-style dataset."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: the policy's log-probs must be those of the reference at step 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class PreferenceTrainer(Trainer):
+    """``transformers.Trainer`` for every per-sequence loss of the registry.
+
+    model: the policy (a causal LM). train_dataset: pre-tokenized examples (list or
+    ``ExampleDataset``) with reference log-probs when the loss needs them; if they are absent
+    they are computed once with ``ref_model`` (default: the policy before training, i.e. the
+    usual reference) before the first step. kind: pairwise | listwise | binary. loss,
+    loss_params: name and parameters of ``trainers.losses``. layout: "packed" (shared prompt)
+    or "plain". Other keyword arguments go to ``transformers.Trainer``.
+    """
+
+    def __init__(self, model, args, train_dataset, *, kind: str, loss: str = "dpo",
+                 loss_params: dict[str, Any] | None = None, pad_token_id: int | None = None,
+                 layout: str = "packed", ref_model=None, ref_batch_size: int = 32, **kwargs):
+        loss_kind(loss, kind)
+        params = dict(loss_params or {})
+        if loss == "beta_dpo" and params.get("m0") is None:
+            params["m0"] = BetaDPOState()  # running mean M0 of eq. 14, kept for the run
+        self.loss_name = loss
+        self.loss_params = resolve_params(loss, params)
+        self.kind = kind
+        self.metric_beta = float(self.loss_params.get("beta", 0.1)) if isinstance(
+            self.loss_params.get("beta", 0.1), (int, float)) else 0.1
+        examples = train_dataset.examples if isinstance(train_dataset, ExampleDataset) else list(train_dataset)
+        if pad_token_id is None:
+            tok = kwargs.get("processing_class")
+            pad_token_id = getattr(tok, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self.layout = resolve_layout(model, layout)
+        disable_dropout(model)
+        self.needs_ref = needs_reference(loss, kind)
+        self.with_kl = loss == "kto"
+        if loss == "kto":
+            problem = kto_balance_warning([e["label"] for e in examples], self.loss_params["lambda_d"],
+                                          self.loss_params["lambda_u"])
+            if problem:
+                warnings.warn(problem, stacklevel=2)
+                logger.warning(problem)
+        if loss == "npo" and any(e["label"] for e in examples):
+            n_true = sum(1 for e in examples if e["label"])
+            raise ValueError(f"loss 'npo' trains on undesirable responses only; the dataset has {n_true} label-true rows")
+        missing = self.needs_ref and not all("ref_logps" in e and (not self.with_kl or "ref_kl_logps" in e)
+                                             for e in examples)
+        if missing:
+            from trainers.precompute import fill_reference_logps
+
+            logger.warning("reference log-probs absent: computing them once with %s before training",
+                           "the given reference model" if ref_model is not None else "the initial policy")
+            fill_reference_logps(ref_model if ref_model is not None else model, examples, pad_token_id,
+                                 batch_size=ref_batch_size, with_kl=self.with_kl, layout=self.layout)
+        kwargs.setdefault("data_collator", collator_for(kind, pad_token_id, self.layout, self.with_kl))
+        args.remove_unused_columns = False
+        super().__init__(model=model, args=args, train_dataset=ExampleDataset(examples), **kwargs)
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # -- loss -------------------------------------------------------------------------------------
+    def loss_batch(self, model, inputs: dict) -> dict[str, torch.Tensor]:
+        """The loss batch of DESIGN.md ("Loss interface") from collated inputs: policy log-probs
+        from one forward pass plus the reference/label/score tensors of the collator."""
+        seqs = SequenceBatch(**inputs["seqs"])
+        logps, tokens = sequence_logps(model, seqs)
+        batch: dict[str, torch.Tensor] = {}
+        if self.kind == "pairwise":
+            batch.update(chosen_logps=logps[:, 0], rejected_logps=logps[:, 1],
+                         chosen_tokens=tokens[:, 0], rejected_tokens=tokens[:, 1])
+            for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_winrate", "rejected_winrate"):
+                if key in inputs:
+                    batch[key] = inputs[key]
+        elif self.kind == "listwise":
+            batch.update(logps=logps, tokens=tokens, scores=inputs["scores"], mask=inputs["mask"])
+            if "ref_logps" in inputs:
+                batch["ref_logps"] = inputs["ref_logps"]
+        else:
+            batch.update(logps=logps[:, 0], tokens=tokens[:, 0], label=inputs["label"])
+            if "ref_logps" in inputs:
+                batch["ref_logps"] = inputs["ref_logps"]
+            if self.with_kl:
+                # KTO eq. 33: reference point from the batch's mismatched pairs, no gradient
+                with torch.no_grad():
+                    kl_logps, kl_tokens = sequence_logps(model, SequenceBatch(**inputs["kl_seqs"]))
+                kl = kto_kl_from_mismatched(kl_logps[:, 0], inputs["ref_kl_logps"], kl_tokens[:, 0] > 0)
+                if self.accelerator.num_processes > 1:
+                    kl = self.accelerator.gather(kl.reshape(1)).mean()
+                batch["kl"] = kl
+        return batch
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        batch = self.loss_batch(model, inputs)
+        per_example = compute_loss(self.loss_name, batch, **self.loss_params)
+        loss = per_example.mean()
+        self._record_metrics(batch, per_example)
+        loss = loss.to(next(model.parameters()).dtype) if loss.dtype == torch.float64 and \
+            next(model.parameters()).dtype != torch.float64 else loss
+        return (loss, batch) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def _record_metrics(self, batch: dict[str, torch.Tensor], per_example: torch.Tensor) -> None:
+        for key, value in self.batch_metrics(batch).items():
+            self._metrics[key].append(float(value))
+
+    def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Detached 0-dim metrics of one batch (see module docstring)."""
+        beta = self.metric_beta
+        with torch.no_grad():
+            if self.kind == "pairwise":
+                view = batch
+            elif self.kind == "listwise":
+                view = _best_worst_view(batch)
+            else:
+                return _binary_metrics(batch, beta)
+            out = {"lengths/chosen": view["chosen_tokens"].double().mean(),
+                   "lengths/rejected": view["rejected_tokens"].double().mean()}
+            if "ref_chosen_logps" in view:
+                out.update(pairwise_metrics(view, beta))
+            else:  # reference-free run without reference columns: what can be said without them
+                out.update({"logps/chosen": view["chosen_logps"].mean(), "logps/rejected": view["rejected_logps"].mean(),
+                            "rewards/accuracies": (view["chosen_logps"] / view["chosen_tokens"].clamp(min=1)
+                                                   > view["rejected_logps"] / view["rejected_tokens"].clamp(min=1)
+                                                   ).double().mean()})
+            return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+        for key, values in self._metrics.items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def _best_worst_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Listwise batch seen as pairs (best-scored response, worst-scored response) for metrics."""
+    mask = batch["mask"].bool()
+    scores = batch["scores"].masked_fill(~mask, -math.inf)
+    best = scores.argmax(-1, keepdim=True)
+    worst = batch["scores"].masked_fill(~mask, math.inf).argmin(-1, keepdim=True)
+    view = {}
+    for key in ("logps", "tokens", "ref_logps"):
+        if key in batch:
+            prefix = "ref_" if key == "ref_logps" else ""
+            base = "logps" if key != "tokens" else "tokens"
+            view[f"{prefix}chosen_{base}"] = batch[key].gather(-1, best).squeeze(-1)
+            view[f"{prefix}rejected_{base}"] = batch[key].gather(-1, worst).squeeze(-1)
+    return view
+
+
+def _binary_metrics(batch: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    label = batch["label"].bool()
+    tokens = batch["tokens"].double()
+    out: dict[str, torch.Tensor] = {}
+    for name, sel in (("chosen", label), ("rejected", ~label)):
+        if bool(sel.any()):
+            out[f"lengths/{name}"] = tokens[sel].mean()
+            out[f"logps/{name}"] = batch["logps"][sel].double().mean()
+            if "ref_logps" in batch:
+                out[f"rewards/{name}"] = (beta * (batch["logps"] - batch["ref_logps"]))[sel].double().mean()
+    if "ref_logps" in batch:
+        r = batch["logps"] - batch["ref_logps"]
+        out["kl/implicit"] = (-r).double().mean()
+        out["rewards/accuracies"] = ((r > 0) == label).double().mean()
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if "kl" in batch:
+        out["kl/kto_ref"] = torch.as_tensor(batch["kl"]).double()
+    return out
