@@ -1,0 +1,209 @@
+"""Shared machinery of on-policy methods: encode samples, per-token log-probs, KL, evaluation.
+
+Conventions (all right-padded, one row per (prompt, response)):
+
+- ``TokenBatch.input_ids`` ``[B, T]``: ``prompt | response (+ eos if it finished) | pad``.
+- Per-token tensors are indexed by ACTION: column ``t`` of a ``[B, T-1]`` tensor is about token
+  ``input_ids[:, t+1]`` predicted from ``input_ids[:, :t+1]``; ``action_mask`` ``[B, T-1]`` is
+  True on response tokens only. Responses are contiguous, so "the next action" of a response
+  action is column ``t+1`` while ``action_mask[:, t+1]`` holds.
+
+Sampling goes through a ``schemas.generator.Generator`` built by the flow's
+``PolicyGeneratorFactory`` around the live policy: trainers never construct backends.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from schemas.generator import Generation, Messages, SamplingParams
+
+
+def as_messages(prompt: str | Messages) -> Messages:
+    """A plain-text prompt becomes one user turn (the DESIGN's prompt convention)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def prompt_text_of(prompt: Messages) -> str:
+    """The last user turn's text (what a programmatic reward like the toy task reads)."""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
+    """Token ids of the prompt with the assistant header (chat template when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        # text first, then ids without extra specials: the same ids the hf generator samples after
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "\n".join(m["content"] for m in prompt) + "\n"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_response(tokenizer: Any, response: str, finished: bool = True) -> list[int]:
+    """Response ids, plus eos when the sample ended by itself (a truncated sample gets none)."""
+    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if finished and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded ``prompt | response | pad`` rows; see the module docstring for shapes."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    action_mask: torch.Tensor  # [B, T-1] bool: column t is response token input_ids[:, t+1]
+
+    @property
+    def actions(self) -> torch.Tensor:
+        return self.input_ids[:, 1:]
+
+
+def make_token_batch(prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]],
+                     pad_id: int) -> TokenBatch:
+    """Lay out B (prompt, response) id lists as a right-padded ``TokenBatch``."""
+    rows = [list(p) + list(r) for p, r in zip(prompts_ids, responses_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts_ids, responses_ids)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(rows[i], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, len(p):n] = True
+    return TokenBatch(input_ids, attention_mask, response_mask[:, 1:])
+
+
+def encode_samples(tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
+                   finished: Sequence[bool] | None = None) -> TokenBatch:
+    """Tokenise aligned prompts and responses into one ``TokenBatch``."""
+    finished = finished if finished is not None else [True] * len(responses)
+    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    r_ids = [encode_response(tokenizer, r, f) for r, f in zip(responses, finished)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return make_token_batch(p_ids, r_ids, pad)
+
+
+def gather_token_logprobs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[actions]`` in float32: ``[B, T-1, V]``, ``[B, T-1]`` -> ``[B, T-1]``."""
+    logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+    return logits.gather(-1, actions[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def forward_token_logprobs(model: torch.nn.Module, batch: TokenBatch,
+                           return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-action log-probs ``[B, T-1]`` (zero off the response) and optionally the last hidden
+    state at the predicting positions ``[B, T-1, H]`` (what a value head reads)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                output_hidden_states=return_hidden, use_cache=False)
+    logps = gather_token_logprobs(out.logits[:, :-1], batch.actions) * batch.action_mask
+    hidden = out.hidden_states[-1][:, :-1] if return_hidden else None
+    return logps, hidden
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A detached, eval-mode copy (the reference policy, or the previous iterate pi^t)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def sequence_kl(policy: torch.nn.Module, ref: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Monte-Carlo KL(pi || pi_ref) per sample, ``sum_t log pi(a_t) - log pi_ref(a_t)``: ``[B]``.
+
+    Unbiased when the responses were sampled from ``policy``."""
+    lp, _ = forward_token_logprobs(policy, batch)
+    rlp, _ = forward_token_logprobs(ref, batch)
+    return (lp - rlp).sum(-1)
+
+
+@dataclass
+class Spend:
+    """Counters every online method reports: sampled responses and judge/reward calls (items)."""
+
+    generations: int = 0
+    judge_calls: int = 0
+
+    def add(self, generations: int = 0, judge_calls: int = 0) -> None:
+        self.generations += generations
+        self.judge_calls += judge_calls
+
+
+def sample(generator: Any, prompts: Sequence[Messages], k: int, sampling: SamplingParams,
+           spend: Spend | None = None) -> list[list[Generation]]:
+    """``k`` samples per prompt from ``generator``; counts them in ``spend``."""
+    out = generator.generate(list(prompts), n=k, sampling=sampling)
+    if spend is not None:
+        spend.add(generations=sum(len(g) for g in out))
+    return out
+
+
+def finished_flags(gens: Sequence[Generation], max_new_tokens: int) -> list[bool]:
+    """A sample that used the whole token budget was cut off: it gets no eos when re-encoded."""
+    return [g.n_tokens < max_new_tokens for g in gens]
+
+
+def score(reward_fn: Any, prompts: Sequence[Messages], responses: Sequence[str],
+          spend: Spend | None = None) -> torch.Tensor:
+    """Rewards as a float32 tensor ``[N]``; counts ``N`` judge calls."""
+    if spend is not None:
+        spend.add(judge_calls=len(responses))
+    return torch.as_tensor(list(reward_fn(list(prompts), list(responses))), dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate(make_generator: Any, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Messages],
+             reward_fn: Any, sampling: SamplingParams, ref: torch.nn.Module | None = None,
+             k: int = 1) -> dict:
+    """Mean reward of ``k`` samples per prompt (and mean KL to ``ref`` when given).
+
+    Evaluation spend is not counted in the training budget."""
+    was_training = model.training
+    model.eval()
+    gens = make_generator(model, tokenizer).generate(list(prompts), n=k, sampling=sampling)
+    flat_p = [p for p, g in zip(prompts, gens) for _ in g]
+    flat_g = [x for g in gens for x in g]
+    rewards = score(reward_fn, flat_p, [g.text for g in flat_g])
+    out = {"reward": float(rewards.mean()), "responses": [g.text for g in flat_g]}
+    if ref is not None:
+        batch = encode_samples(tokenizer, flat_p, [g.text for g in flat_g],
+                               finished_flags(flat_g, sampling.max_new_tokens))
+        out["kl"] = float(sequence_kl(model, ref, batch).mean())
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings shared by the online trainers."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
+
+
+def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Any, max_grad_norm: float) -> float:
+    """Backward, clip, step; returns the pre-clip gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    return float(norm)
