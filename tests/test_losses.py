@@ -145,7 +145,7 @@ def make_batch(case: str, B: int = 6, *, seed: int = 0, dtype=torch.float64, K: 
 
 
 def _cringe_tensors(gen, B, T, dtype, prefix):
-    return {f"{prefix}topk_logits": _uniform(gen, (B, T, 4), -3.0, 3.0, dtype),
+    return {f"{prefix}topk_logits": _uniform(gen, (B, T, 6), -3.0, 3.0, dtype),
             f"{prefix}token_logits": _uniform(gen, (B, T), -3.0, 3.0, dtype),
             f"{prefix}token_mask": torch.rand(B, T, generator=gen) < 0.8}
 

@@ -27,11 +27,14 @@ def sequential_kl(ref_vocab_logps: torch.Tensor, policy_vocab_logps: torch.Tenso
     response position (teacher-forced on y); token_mask: ``[B,T]`` bool, False at prompt/padding.
     Reference entries of -inf (probability 0) contribute 0; policy log-probs must be finite.
     """
-    finite = torch.isfinite(ref_vocab_logps)
-    ref = torch.where(finite, ref_vocab_logps, torch.zeros_like(ref_vocab_logps))
-    p_ref = torch.where(finite, ref.exp(), torch.zeros_like(ref))
-    per_position = (p_ref * (ref - policy_vocab_logps)).sum(-1)
-    return torch.where(as_bool(token_mask), per_position, torch.zeros_like(per_position)).sum(-1)
+    mask = as_bool(token_mask).unsqueeze(-1)
+    # Clean inputs before any arithmetic: padding positions may hold anything (even nan) without
+    # reaching value or gradient, and a zero-probability (-inf) reference entry contributes 0.
+    use = mask & torch.isfinite(ref_vocab_logps)
+    ref = torch.where(use, ref_vocab_logps, torch.zeros_like(ref_vocab_logps))
+    pol = torch.where(mask, policy_vocab_logps, torch.zeros_like(policy_vocab_logps))
+    p_ref = torch.where(use, ref.exp(), torch.zeros_like(ref))
+    return (p_ref * (ref - pol)).sum(dim=(-1, -2))
 
 
 def _seq_kls(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
