@@ -92,6 +92,9 @@ def normalize_prompt_columns(table: pa.Table) -> pa.Table:
         return table
     prompts = to_messages_array(table.column("prompt"))
     table = table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts)
+    if "prompt_id" in table.column_names and table.column("prompt_id").null_count == 0:
+        given = table.column("prompt_id").cast(pa.string())  # every id given: nothing to hash
+        return table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", given)
     ids = prompt_ids(prompts.fill_null(pa.scalar([], MESSAGES)) if prompts.null_count else prompts)
     if "prompt_id" in table.column_names:
         given = table.column("prompt_id").cast(pa.string())

@@ -81,9 +81,24 @@ def descending_order(scores_flat: np.ndarray, lengths: np.ndarray) -> np.ndarray
     """Positions into the flat score array, each row's block sorted by score (high first).
 
     Equal scores keep their input order (stable), so ``best`` is the first of tied best ones.
+    Rows of up to 64 responses are sorted as one padded [rows, K_max] matrix (a short sort per
+    row, much faster than a global lexsort); longer rows fall back to the lexsort.
     """
-    row_of = np.repeat(np.arange(len(lengths)), lengths)
-    return np.lexsort((-scores_flat, row_of))
+    n = len(lengths)
+    k_max = int(lengths.max()) if n else 0
+    if n == 0 or len(scores_flat) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = _starts(lengths)
+    if k_max > 64 or not np.isfinite(scores_flat).all():
+        row_of = np.repeat(np.arange(n), lengths)
+        return np.lexsort((-scores_flat, row_of))
+    row_of = np.repeat(np.arange(n), lengths)
+    pos = np.arange(len(scores_flat)) - starts[row_of]
+    padded = np.full((n, k_max), np.inf)
+    padded[row_of, pos] = -scores_flat
+    order2d = np.argsort(padded, axis=1, kind="stable")
+    valid = np.arange(k_max)[None, :] < lengths[:, None]
+    return (order2d + starts[:, None])[valid]
 
 
 _PAIR_TABLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -156,34 +171,54 @@ def listwise_to_pairwise(table: pa.Table, strategy: str = "all-pairs", source: s
     base = _starts(lengths)[row]
     chosen_pos, rejected_pos = order[base + a], order[base + b]
     margin = flat_scores[chosen_pos] - flat_scores[rejected_pos]
+    tie = margin == 0
+    stats.tie_pairs = int(tie.sum())
+    if stats.tie_pairs:  # filter positions before taking any text (one take per column)
+        keep = np.flatnonzero(~tie)
+        row, chosen_pos, rejected_pos, margin = row[keep], chosen_pos[keep], rejected_pos[keep], margin[keep]
     chosen = flat_text.take(pa.array(chosen_pos))
     rejected = flat_text.take(pa.array(rejected_pos))
-    tie = margin == 0
-    same = pc.equal(chosen, rejected).to_numpy(zero_copy_only=False)
-    keep = ~tie & ~same
-    stats.tie_pairs = int(tie.sum())
-    stats.identical_pairs = int((same & ~tie).sum())
-    produced = np.bincount(row[keep], minlength=table.num_rows) > 0
+    same = pc.equal(chosen, rejected)
+    stats.identical_pairs = int(pc.sum(same).as_py() or 0)
+    if stats.identical_pairs:
+        keep = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
+        row, margin = row[keep], margin[keep]
+        chosen, rejected = chosen.take(pa.array(keep)), rejected.take(pa.array(keep))
+    produced = np.bincount(row, minlength=table.num_rows) > 0
     if not produced.all():
         nrec = _nrec(table)
         all_tie = ~produced & (lengths >= 2)
         stats.dropped["all responses tie (a pair cannot hold a tie)"] += int(nrec[all_tie].sum())
         stats.dropped["fewer than two responses"] += int(nrec[~produced & (lengths < 2)].sum())
-        stats.dropped += Counter()  # drop zero counts
-    if not keep.all():
-        keep_idx = np.flatnonzero(keep)
-        row, chosen, rejected, margin = row[keep_idx], chosen.take(pa.array(keep_idx)), rejected.take(pa.array(keep_idx)), margin[keep_idx]
-    rows = pa.array(row)
+        stats.dropped = +stats.dropped  # drop zero counts
     out = {
-        "prompt_id": table.column("prompt_id").take(rows),
-        "prompt": table.column("prompt").take(rows),
+        "prompt_id": table.column("prompt_id").take(pa.array(row)),
+        "prompt": repeat_rows(table.column("prompt"), row),
         "chosen": chosen,
         "rejected": rejected,
         "margin": pa.array(margin, pa.float64()),
-        "source": pa.array(np.full(len(row), source, dtype=object), pa.string()) if len(row) else pa.array([], pa.string()),
+        "source": pa.repeat(source, len(row)) if len(row) else pa.array([], pa.string()),
     }
     out.update(_carry(table, row))
     return pa.table(out), stats
+
+
+def repeat_rows(lists, rows: np.ndarray) -> pa.Array:
+    """``lists.take(rows)`` for a list column when ``rows`` is non-decreasing (each row repeated).
+
+    Arrow's generic take on nested lists is slow; here the child values are gathered with
+    one (sequential) take and the offsets are computed with NumPy.
+    """
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    if lists.null_count:
+        return lists.take(pa.array(rows))
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = _starts(lengths) + (lists.offsets[0].as_py() if len(lists) else 0)
+    new_len = lengths[rows]
+    child_idx = np.repeat(starts[rows] - np.concatenate([[0], np.cumsum(new_len)[:-1]]), new_len) + np.arange(int(new_len.sum()))
+    child = lists.values.take(pa.array(child_idx))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(new_len)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, child, type=lists.type)
 
 
 def _empty_pairwise(table: pa.Table) -> pa.Table:

@@ -125,6 +125,48 @@ def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH
     yield from iter_file_batches(path, batch_rows)
 
 
+def prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]:
+    """Read the next batch in a background thread while this one is converted.
+
+    Arrow's readers and kernels release the GIL, so reading, converting and writing overlap
+    on two cores; ``depth`` bounds how many batches wait (memory stays flat).
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="labels-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def _whole(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
     tables = list(batches)
     if tables:
@@ -210,6 +252,8 @@ class _Sink:
         self.rows_per_shard = rows_per_shard
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
+        self._future = None  # the shard being written in the background (one at a time)
+        self._pool = None
         if fmt.name in CANONICAL and not _looks_like_file(out):
             import shutil
 
@@ -230,17 +274,39 @@ class _Sink:
             self.file.write(self.fmt.export(table, self.options.as_dict()))
 
     def _flush(self) -> None:
-        if self.pending:
-            self.store.write_shard(pa.concat_tables(self.pending, promote_options="permissive"))
-            self.pending, self.pending_rows = [], 0
+        """Hand the pending rows to the writer thread (Parquet encoding releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not self.pending:
+            return
+        shard = pa.concat_tables(self.pending, promote_options="permissive")
+        self.pending, self.pending_rows = [], 0
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels-writer")
+        self._future = self._pool.submit(self.store.write_shard, shard)
+
+    def _wait(self) -> None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
 
     def close(self, extra: dict) -> Path:
         if self.store is not None:
             self._flush()
+            self._wait()
+            if self._pool is not None:
+                self._pool.shutdown()
             return self.store.commit(extra)
         return self.file.close()
 
     def abort(self) -> None:
+        if self._pool is not None:
+            try:
+                self._wait()
+            except Exception:  # the error being handled is the one to report
+                pass
+            self._pool.shutdown()
         if self.store is not None:
             self.store.abort()
         else:
@@ -260,7 +326,7 @@ def convert_labels_file(
     options: Options | None = None,
     *,
     quarantine_path: str | os.PathLike | None = None,
-    batch_rows: int = BATCH_ROWS,
+    batch_rows: int = 16_384,
     rows_per_shard: int = 250_000,
     flow: str = "alignflow convert",
 ) -> Report:
@@ -293,8 +359,7 @@ def convert_labels_file(
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
     needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
     batches = source_batches(source, src_fmt, batch_rows)
-    if needs_whole:
-        batches = _whole(batches)
+    batches = _whole(batches) if needs_whole else prefetch(batches)
     quarantine: list[pa.Table] = []
     stats = cv.Stats()
     sink = None
