@@ -513,6 +513,15 @@ def test_kto_closed_form_and_reference_point():
     close(out[1::2], sigmoid(-1.0))
 
 
+def test_kto_reference_point_carries_no_gradient():
+    batch = make_batch("kto", B=6)
+    batch["kl"] = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    batch["logps"] = batch["logps"].clone().requires_grad_(True)
+    compute_loss("kto", batch).sum().backward()
+    assert batch["logps"].grad.abs().sum() > 0
+    assert batch["kl"].grad is None or (batch["kl"].grad == 0).all()
+
+
 def test_kto_kl_helpers_pair_every_example_with_another():
     for B in (2, 3, 5, 8):
         idx = kto_mismatched_indices(B)

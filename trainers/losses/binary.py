@@ -75,7 +75,7 @@ def npo(batch: Batch, *, beta: float = 0.1) -> torch.Tensor:
     return -(2.0 / beta) * logsig(-beta * (logps - ref))
 
 
-@register("dro", kind="binary", equation="37-39", checks={"beta": positive})
+@register("dro", kind="binary", equation="37-39", checks={"beta": positive}, extra_keys=("value", "reward?"))
 def dro(batch: Batch, *, beta: float = 1.0) -> torch.Tensor:
     """DRO-V, eq. 37: ``0.5*(reward - V(x) - beta*r)**2``.
 

@@ -210,7 +210,8 @@ def softmax(batch: Batch, *, beta: float = 0.1) -> torch.Tensor:
     return -torch.where(mask, target * log_p, torch.zeros_like(s)).sum(-1)
 
 
-@register("bt", kind="listwise", equation="1", checks={"margin": real})
+@register("bt", kind="listwise or pairwise", equation="1", checks={"margin": real},
+          extra_keys=("rewards", "chosen_rewards", "rejected_rewards", "margin?"))
 def bt(batch: Batch, *, margin: float = 0.0) -> torch.Tensor:
     """Bradley-Terry reward-model loss, eq. 1: mean over the C(K,2) pairs of a prompt of
     ``-ls(reward_w - reward_l - margin)`` (eq. 1's 1/C(K,2); tied pairs are left out and the mean

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._util import clamped_exp, clamped_expm1, log1mexp, logsig, mean_logp, need
-from .registry import boolean, in_range, non_negative, one_of, optional_positive_int, positive, real, register
+from .registry import in_range, non_negative, one_of, optional_positive_int, positive, real, register
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -181,7 +181,8 @@ def gpo(batch: Batch, *, beta: float = 0.1, f: str = "logistic") -> torch.Tensor
     raise ValueError(f"unknown GPO function {f!r}")
 
 
-@register("sppo", kind="pairwise", equation="60-61", checks={"beta": positive})
+@register("sppo", kind="pairwise", equation="60-61", checks={"beta": positive},
+          extra_keys=("chosen_winrate?", "rejected_winrate?"))
 def sppo(batch: Batch, *, beta: float = 0.1) -> torch.Tensor:
     """SPPO, eq. 60-61, on a pair: ``(r_w - (p_w - 0.5)/beta)**2 + (r_l - (p_l - 0.5)/beta)**2``.
 
@@ -260,7 +261,8 @@ def beta_dpo(batch: Batch, *, beta: float = 0.1, alpha: float = 0.6, m0: Any = N
 
 
 @register("nn", kind="pairwise", equation="53",
-          checks={"gamma": positive, "alpha": positive, "K": optional_positive_int})
+          checks={"gamma": positive, "alpha": positive, "K": optional_positive_int},
+          extra_keys=("sample_logps", "ref_sample_logps", "sample_mask?"))
 def negating_negatives(batch: Batch, *, gamma: float = 0.1, alpha: float = 0.1, K: int | None = None) -> torch.Tensor:
     """Negating Negatives (D2O), eq. 53:
     ``-ls((gamma/K)*sum_i (sample_logps_i - ref_sample_logps_i) - alpha*(rejected_logps - ref_rejected_logps))``.

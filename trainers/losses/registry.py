@@ -33,6 +33,8 @@ class LossSpec:
     equation: str
     defaults: dict[str, Any]
     checks: dict[str, Check] = field(default_factory=dict)
+    # batch keys beyond the kind's standard ones, as in the docstring; a trailing "?" marks an optional key
+    extra_keys: tuple[str, ...] = ()
 
     def describe_params(self) -> str:
         if not self.defaults:
@@ -43,7 +45,8 @@ class LossSpec:
 _SPECS: dict[str, LossSpec] = {}
 
 
-def register(name: str, *, kind: str, equation: str, checks: Mapping[str, Check] | None = None):
+def register(name: str, *, kind: str, equation: str, checks: Mapping[str, Check] | None = None,
+             extra_keys: tuple[str, ...] = ()):
     """Decorator: register ``fn`` under ``name``. Its keyword-only parameters are the loss's
     parameters; every one of them must have a check in ``checks``."""
 
@@ -57,7 +60,7 @@ def register(name: str, *, kind: str, equation: str, checks: Mapping[str, Check]
             raise TypeError(f"loss {name!r}: parameters without a check: {sorted(missing)}")
         if name in _SPECS:
             raise TypeError(f"loss {name!r} registered twice")
-        _SPECS[name] = LossSpec(name, fn, kind, equation, defaults, dict(checks or {}))
+        _SPECS[name] = LossSpec(name, fn, kind, equation, defaults, dict(checks or {}), tuple(extra_keys))
         LOSSES[name] = fn
         return fn
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ._util import as_bool, logsig, mean_logp, need
 from .pairwise import implicit_rewards
-from .registry import in_range, non_negative, one_of, positive, positive_int, real, register
+from .registry import non_negative, one_of, positive, positive_int, real, register
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -48,7 +48,9 @@ def _seq_kls(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register("tdpo", kind="pairwise", equation="25-28",
-          checks={"beta": positive, "alpha": non_negative, "variant": one_of("tdpo1", "tdpo2")})
+          checks={"beta": positive, "alpha": non_negative, "variant": one_of("tdpo1", "tdpo2")},
+          extra_keys=("chosen_seq_kl", "rejected_seq_kl", "chosen_vocab_logps", "ref_chosen_vocab_logps",
+                      "rejected_vocab_logps", "ref_rejected_vocab_logps", "chosen_token_mask", "rejected_token_mask"))
 def tdpo(batch: Batch, *, beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2") -> torch.Tensor:
     """TDPO, eq. 28: ``-ls(u - delta)`` with ``u = beta*D`` and
     ``delta = beta*(SeqKL_l - SeqKL_w)``, SeqKL = D_SeqKL(x, y; pi_ref || pi_theta) (eq. 27).
@@ -119,7 +121,9 @@ def cringe_token_contrast(topk_logits: torch.Tensor, token_logits: torch.Tensor,
 
 
 @register("cringe", kind="binary or pairwise", equation="29-30",
-          checks={"alpha": non_negative, "k": positive_int, "b": real, "tau": positive})
+          checks={"alpha": non_negative, "k": positive_int, "b": real, "tau": positive},
+          extra_keys=("[rejected_]token_logits", "[rejected_]topk_logits", "[rejected_]token_mask",
+                      "[rejected_]sampled_index?"))
 def cringe(batch: Batch, *, alpha: float = 1.0, k: int = 5, b: float = 0.0, tau: float = 1.0) -> torch.Tensor:
     """CRINGE: binary eq. 29, or pairwise gated eq. 30 when the batch has ``chosen_logps``.
 
