@@ -372,12 +372,13 @@ def convert_labels_file(
             report.read += _records_read(raw, parsed)
             report.dropped.update(parsed.dropped)
             report.info.update({k: v for k, v in parsed.info.items() if v is not None})
-            table = _validated(parsed, report, quarantine)
             kind = "listwise" if parsed.kind == "ratings" else parsed.kind
-            if parsed.kind == "ratings":
-                table, st = cv.ratings_to_listwise(table, options.aspect, src_fmt.default_aspect)
+            if parsed.kind == "ratings":  # scores from the chosen aspects, before the listwise checks
+                parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect)
                 stats.merge(st)
+                report.dropped.update(st.dropped)
                 report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
+            table = _validated(parsed, report, quarantine)
             canon_rows = table.column("_row")
             canon_nrec = table.column("_nrec").to_numpy()
             converted, st = convert_kind(table, kind, kind_out, options)
