@@ -1,0 +1,248 @@
+"""Flows: configs, deployments, task runners, retries and shard isolation, align_from_prompts.
+
+Fast tests use a fake generation backend (no model); the flow tests run on the embedded
+Prefect server of the session (PREFECT_HOME is a temp folder, see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from flows import tasks
+from flows.config import AlignConfig, GenerateFeedbackConfig, describe, load_config
+from schemas.generator import Generation
+from schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One embedded Prefect server for the flow tests of the session (slow machines: 90 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config("align", ROOT / "flows/configs/demo.yaml", ["iterations=3", "train.params.beta=0.25",
+                                                                    "generation.k=6"])
+    assert isinstance(cfg, AlignConfig)
+    assert cfg.iterations == 3 and cfg.train.params == {"beta": 0.25} and cfg.generation.k == 6
+    assert cfg.train.loss == "dpo" and cfg.feedback.judge == "verifier"
+
+
+@pytest.mark.parametrize("override, field", [("train.lossx=1", "train.lossx"), ("generation.k=0", "generation.k"),
+                                             ("train.loss=nope", "train")])
+def test_bad_config_names_file_and_field(override, field):
+    with pytest.raises(ValueError) as err:
+        load_config("align", ROOT / "flows/configs/demo.yaml", [override])
+    text = str(err.value)
+    assert "demo.yaml" in text and f"field {field}" in text and "\n" not in text
+
+
+def test_every_config_field_is_documented():
+    from flows.config import CONFIGS
+
+    for name, model in CONFIGS.items():
+        rows = describe(model)
+        assert rows, name
+        undocumented = [r[0] for r in rows if not r[2].strip() and r[0] != "name" or not r[2].strip()
+                        and name != "convert_labels"]
+        assert not undocumented, f"{name}: fields without description: {undocumented}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployments and task runners (no server needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_prefect_yaml_deployments_load_with_schedules():
+    from flows.runtime import load_deployments, read_deployments
+
+    specs = {d["name"]: d for d in read_deployments(ROOT / "prefect.yaml")}
+    deployments = {d.name: d for d in load_deployments(ROOT / "prefect.yaml")}
+    assert set(deployments) == set(specs) and "nightly-generate-feedback" in deployments
+    nightly = deployments["nightly-generate-feedback"]
+    assert nightly.flow_name == "generate-feedback"
+    cron = nightly.schedules[0].schedule
+    assert cron.cron == "0 2 * * *" and cron.timezone == "UTC"
+    # The nightly parameters are a valid generate_feedback config.
+    GenerateFeedbackConfig.model_validate(nightly.parameters["config"])
+    assert deployments["align-from-prompts"].flow_name == "align-from-prompts"
+
+
+def test_task_runner_option():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runtime import make_task_runner
+
+    assert isinstance(make_task_runner("threads", 3), ThreadPoolTaskRunner)
+    assert isinstance(make_task_runner("dask", 2), DaskTaskRunner)
+    with pytest.raises(ValueError, match="unknown task runner"):
+        make_task_runner("mpi")
+
+
+def test_transient_errors_are_classified():
+    class HTTPError(Exception):
+        def __init__(self, status):
+            self.status_code = status
+
+    assert tasks.is_transient(ConnectionError()) and tasks.is_transient(TimeoutError())
+    assert tasks.is_transient(HTTPError(503)) and tasks.is_transient(HTTPError(429))
+    assert not tasks.is_transient(HTTPError(400)) and not tasks.is_transient(ValueError("bad prompt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset building (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+def _scored(rewards: list[list[float]]) -> pa.Table:
+    rows = {"prompt": [], "response": [], "reward": []}
+    for p, rs in enumerate(rewards):
+        for k, r in enumerate(rs):
+            rows["prompt"].append(f"Copy exactly: p{p}")
+            rows["response"].append(f"r{p}-{k}" + "x" * k)
+            rows["reward"].append(r)
+    from schemas.prompts import normalize_prompt_columns
+
+    return normalize_prompt_columns(pa.table(rows))
+
+
+def test_preference_tables_from_scored_samples():
+    scored = _scored([[0.1, 0.9, 0.5], [0.3, 0.3, 0.3], [1.0, 0.0, 0.2]])
+    pairs = tasks.preference_table(scored, "pairwise")
+    assert pairs.num_rows == 2  # the all-tied prompt gives no pair
+    assert pairs.column("chosen").to_pylist() == ["r0-1x", "r2-0"]
+    assert pairs.column("rejected").to_pylist() == ["r0-0", "r2-1x"]
+    binary = tasks.preference_table(scored, "binary")
+    # above / below the prompt's mean reward; rows at the mean (and the all-tied prompt) are dropped
+    assert binary.column("response").to_pylist() == ["r0-0", "r0-1x", "r2-0", "r2-1x", "r2-2xx"]
+    assert binary.column("label").to_pylist() == [False, True, True, False, False]
+    listwise = tasks.preference_table(scored, "listwise")
+    assert listwise.column("scores").to_pylist()[0] == [0.1, 0.9, 0.5]
+
+
+def test_length_bias_sign():
+    longer_wins = pa.table({"chosen": ["aaaa", "bbbbb"], "rejected": ["a", "bb"]})
+    shorter_wins = pa.table({"chosen": ["a", "bb"], "rejected": ["aaaa", "bbbbb"]})
+    assert tasks.length_bias(longer_wins, "pairwise") == pytest.approx(1.0)
+    assert tasks.length_bias(shorter_wins, "pairwise") == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows with a fake backend: retries with backoff, a failed shard does not poison the others
+# ---------------------------------------------------------------------------------------------
+
+class FakeGenerator:
+    """Deterministic responses; raises on prompts listed in ``fail`` (a transient backend error)."""
+
+    name = "fake"
+
+    def __init__(self, model: str, failures: dict, calls: list):
+        self.model_name = model
+        self.failures, self.calls = failures, calls
+
+    def generate(self, prompts, n=1, sampling=None):
+        words = [p[-1]["content"] for p in prompts]
+        self.calls.append(tuple(words))
+        for w in words:
+            if self.failures.get(w, 0) > 0:
+                self.failures[w] -= 1
+                raise tasks.TransientBackendError(f"server busy on {w!r}")
+        rng = np.random.default_rng(sampling.seed)
+        return [[Generation(text=w.split(": ")[1][: 1 + int(rng.integers(0, 4))], n_tokens=3, logp=-1.0)
+                 for _ in range(n)] for w in words]
+
+    def score(self, prompt, continuations):
+        return [-1.0] * len(continuations)
+
+
+@pytest.fixture
+def fake_backend():
+    state = {"failures": {}, "calls": []}
+
+    def factory(model, **_):
+        return FakeGenerator(model, state["failures"], state["calls"])
+
+    tasks.BACKEND_FACTORIES["fake"] = factory
+    tasks.clear_generators()
+    yield state
+    tasks.BACKEND_FACTORIES.pop("fake", None)
+    tasks.clear_generators()
+
+
+def _prompts(path: Path, n: int) -> str:
+    from feedback.toy_task import ToyTask
+
+    write_dataset(path, pa.table({"prompt": ToyTask().prompts(n, seed=3)}), "prompts")
+    return str(path)
+
+
+def _feedback_config(tmp: Path, prompts: str, **over) -> GenerateFeedbackConfig:
+    data = {"name": "t", "output": str(tmp / "run"), "model": "fake-model", "prompts": prompts,
+            "generation": {"backend": "fake", "k": 3, "shard_size": 2, "retries": 2, "retry_delays": [0, 0]},
+            "feedback": {"judge": "verifier", "kind": "pairwise"}}
+    data.update(over)
+    return GenerateFeedbackConfig.model_validate(data)
+
+
+def _run_generate_feedback(cfg):
+    from flows.generate_feedback import generate_feedback
+    from flows.runtime import prefect_session
+
+    with prefect_session():
+        return generate_feedback(config=cfg.model_dump(mode="json"), return_state=True)
+
+
+def test_retries_and_failed_shard_isolation(tmp_path, fake_backend, prefect_server):
+    prompts = _prompts(tmp_path / "prompts", 8)  # 4 shards of 2 prompts
+    words = read_dataset(prompts).column("prompt").to_pylist()
+    flaky, broken = words[2][0]["content"], words[4][0]["content"]  # shard 1 and shard 2
+    fake_backend["failures"].update({flaky: 1, broken: 99})
+    cfg = _feedback_config(tmp_path, prompts)
+
+    state = _run_generate_feedback(cfg)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="1 of 4 shards failed"):
+        state.result()
+    shards = tmp_path / "run" / "shards"
+    done = sorted(p.name for p in shards.glob("samples-*") if (p / "manifest.json").exists())
+    assert done == ["samples-00000", "samples-00001", "samples-00003"]  # flaky shard recovered by a retry
+    assert sum(flaky in c for c in fake_backend["calls"]) == 2  # one failure, one retry
+    assert sum(broken in c for c in fake_backend["calls"]) == 3  # first try + 2 retries
+
+    fake_backend["failures"].clear()  # the backend recovers; the rerun redoes only shard 2
+    fake_backend["calls"].clear()
+    state = _run_generate_feedback(cfg)
+    assert state.is_completed()
+    assert fake_backend["calls"] == [(words[4][0]["content"], words[5][0]["content"])]
+    stats = state.result()
+    pairs = read_dataset(stats["dataset"])
+    assert stats["rows"] == pairs.num_rows and stats["rows"] + stats["quarantined"] + stats["dropped"] == 8
+    assert read_dataset(stats["samples"]).num_rows == 8 * 3
+
+
+def test_plain_steps_match_flow_shards(tmp_path, fake_backend, prefect_server):
+    """The step functions without Prefect produce the same datasets (the benchmark's baseline)."""
+    from flows.generate_feedback import run_generate_feedback
+
+    prompts = _prompts(tmp_path / "prompts", 6)
+    cfg = _feedback_config(tmp_path, prompts, output=str(tmp_path / "plain"))
+    stats = run_generate_feedback(cfg, tasks.PlainSteps(cfg.output))
+    cfg2 = _feedback_config(tmp_path, prompts, output=str(tmp_path / "flow"))
+    flow_stats = _run_generate_feedback(cfg2).result()
+    for key in ("samples", "dataset"):
+        a, b = read_manifest(stats[key]), read_manifest(flow_stats[key])
+        assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
