@@ -103,7 +103,7 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).to(logps.dtype), mask)
-    return loss, {"clipfrac": float(clipfrac), "approx_kl": float(masked_mean(old_logps - logps, mask))}
+    return loss, {"clipfrac": clipfrac.item(), "approx_kl": masked_mean(old_logps - logps, mask).item()}
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -191,7 +191,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     prompts = [ro.as_messages(p) for p in prompts]
     eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or cfg.sampling
+    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="ppo")
     report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn,
@@ -236,7 +236,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
                 ro.step(optimizer, loss, all_params, cfg.max_grad_norm)
         report.history.append({
             "step": step, "reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
-            "policy_loss": float(pg), "value_loss": float(vf), **stats,
+            "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=ref)

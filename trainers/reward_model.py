@@ -164,13 +164,3 @@ def train_reward_model(model: nn.Module, tokenizer: Any, train: Sequence[RankedE
     pairs = sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in train)
     return {"train_loss": last_loss, "eval_accuracy_before": acc_before, "eval_accuracy": acc_after,
             "pairs": pairs, "wall_s": time.perf_counter() - t0}
-
-
-class RewardModelFn:
-    """A ``schemas.online.RewardFn`` over a trained reward model ("distilled" rewards, 3.2.2)."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any):
-        self.model, self.tokenizer = model.eval(), tokenizer
-
-    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
-        return reward_scores(self.model, self.tokenizer, list(prompts), list(responses)).tolist()

@@ -79,7 +79,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     params = [p for p in policy.parameters() if p.requires_grad]
     prompts = [ro.as_messages(p) for p in prompts]
     eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or cfg.sampling
+    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="rloo")
     report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)["reward"]
@@ -104,7 +104,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         loss = rloo_loss(logps, adv)
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "reward": float(scores.mean()), "kl": float(kl.mean()),
-                               "loss": float(loss)})
+                               "loss": loss.item()})
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]

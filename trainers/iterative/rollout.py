@@ -163,6 +163,14 @@ def score(reward_fn: Any, prompts: Sequence[Messages], responses: Sequence[str],
     return torch.as_tensor(list(reward_fn(list(prompts), list(responses))), dtype=torch.float32)
 
 
+def eval_sampling_of(sampling: SamplingParams, seed: int) -> SamplingParams:
+    """Evaluation sampling with a FIXED seed: before/after comparisons then use the same random
+    numbers (common random numbers), so their difference has far less noise."""
+    import dataclasses
+
+    return sampling if sampling.seed is not None else dataclasses.replace(sampling, seed=10_000 + seed)
+
+
 @torch.no_grad()
 def evaluate(make_generator: Any, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Messages],
              reward_fn: Any, sampling: SamplingParams, ref: torch.nn.Module | None = None,
@@ -176,7 +184,7 @@ def evaluate(make_generator: Any, model: torch.nn.Module, tokenizer: Any, prompt
     flat_p = [p for p, g in zip(prompts, gens) for _ in g]
     flat_g = [x for g in gens for x in g]
     rewards = score(reward_fn, flat_p, [g.text for g in flat_g])
-    out = {"reward": float(rewards.mean()), "responses": [g.text for g in flat_g]}
+    out = {"reward": float(rewards.mean()), "rewards": rewards.tolist(), "responses": [g.text for g in flat_g]}
     if ref is not None:
         batch = encode_samples(tokenizer, flat_p, [g.text for g in flat_g],
                                finished_flags(flat_g, sampling.max_new_tokens))

@@ -1,0 +1,119 @@
+"""``alignflow online METHOD`` and ``alignflow token-rewards``: reward models, on-policy RL and
+iterative / online alignment (issue 6).
+
+Methods: reward-model, preference-model, ppo, rloo, iterative-dpo, self-rewarding, cringe,
+sppo, nash-md, dno, paft, token-rewards. Heavy imports stay inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.commands.common import console, fail, user_errors
+
+METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "self-rewarding", "cringe",
+           "sppo", "nash-md", "dno", "paft", "token-rewards")
+
+
+def _params(items: List[str]) -> dict:
+    out = {}
+    for text in items:
+        if "=" not in text:
+            raise ValueError(f"--param {text!r}: expected key=value")
+        key, value = text.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _judge_spec(text: str) -> dict:
+    """``verifier`` | ``reward_model:PATH`` | ``pairwise_llm:PATH`` | ``rubric:PATH``."""
+    kind, _, path = text.partition(":")
+    if kind not in ("verifier", "reward_model", "pairwise_llm", "rubric"):
+        raise ValueError(f"--judge {text!r}: expected verifier, reward_model:PATH, pairwise_llm:PATH or rubric:PATH")
+    if kind != "verifier" and not path:
+        raise ValueError(f"--judge {kind} needs a model path: {kind}:PATH")
+    return {"type": kind, **({"model": path} if path else {})}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("online")
+    def online(
+        method: str = typer.Argument(..., help=f"one of: {', '.join(METHODS)}"),
+        model: Path = typer.Option(..., "--model", "-m", help="starting policy checkpoint (e.g. the toy world's SFT model)"),
+        output: Path = typer.Option(..., "--output", "-o", help="run folder: model/ and report.json"),
+        judge: str = typer.Option("verifier", help="verifier | reward_model:PATH | pairwise_llm:PATH | rubric:PATH"),
+        reward: str = typer.Option("direct", help="direct (judge score is the reward) or distilled (train a BT RM first)"),
+        preference: str = typer.Option("reward", help="nash methods: reward | judge | PATH of a preference model"),
+        data: Optional[Path] = typer.Option(None, help="pairwise/listwise dataset (reward-model, preference-model)"),
+        prompts: int = typer.Option(64, help="training prompts (toy task)"),
+        eval_prompts: int = typer.Option(32, help="held-out prompts"),
+        param: List[str] = typer.Option([], "--param", "-p", help="method config override key=value (repeatable)"),
+        seed: int = typer.Option(0),
+        device: str = typer.Option("cpu"),
+    ) -> None:
+        """Train with an online / RL method and write the run report (reward gain, KL, spend)."""
+        if method not in METHODS:
+            fail(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        if not model.exists():
+            fail(f"{model}: model checkpoint not found")
+        with user_errors():
+            from flows.online import OnlineRunConfig, run_online
+
+            cfg = OnlineRunConfig(method=method, model=str(model), output=str(output), judge=_judge_spec(judge),
+                                  reward=reward, preference=preference, data=str(data) if data else None,
+                                  prompts=prompts, eval_prompts=eval_prompts, params=_params(param), seed=seed,
+                                  device=device)
+            report = run_online(cfg)
+        shown = {k: report[k] for k in ("reward_before", "reward_after", "reward_gain", "kl_to_ref", "generations",
+                                        "judge_calls", "wall_s", "eval_accuracy", "eval_accuracy_before",
+                                        "reward_by_beam", "termination") if k in report}
+        console.print_json(json.dumps(shown, default=float))
+        console.print(f"report: {output / 'report.json'}")
+
+    @app.command("token-rewards")
+    def token_rewards_cmd(
+        policy: Path = typer.Option(..., help="the DPO-trained policy checkpoint"),
+        ref: Path = typer.Option(..., help="its reference checkpoint"),
+        prompt: str = typer.Option(..., help="the prompt (one user turn)"),
+        response: Optional[str] = typer.Option(None, help="a response to explain token by token"),
+        beam: int = typer.Option(0, help="> 0: generate with reward-guided beam search of this size instead"),
+        beta: float = typer.Option(0.1),
+        objective: str = typer.Option("q", help="beam ranking: q (beta*log pi) or reward (beta*log pi/pi_ref)"),
+        max_new_tokens: int = typer.Option(24),
+    ) -> None:
+        """Per-token implicit rewards beta*log(pi/pi_ref) of a response (where it went wrong),
+        or a reward-guided beam search (survey 3.4.1)."""
+        for p in (policy, ref):
+            if not p.exists():
+                fail(f"{p}: checkpoint not found")
+        if response is None and beam <= 0:
+            fail("give --response to explain, or --beam N to generate")
+        with user_errors():
+            from rich.table import Table
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from trainers.token_rewards import beam_search, token_rewards
+
+            tok = AutoTokenizer.from_pretrained(str(policy))
+            pol = AutoModelForCausalLM.from_pretrained(str(policy)).eval()
+            rf = AutoModelForCausalLM.from_pretrained(str(ref)).eval()
+            if beam > 0:
+                text, score = beam_search(pol, rf, tok, prompt, beam_size=beam, beta=beta,
+                                          max_new_tokens=max_new_tokens, objective=objective)
+                console.print_json(json.dumps({"response": text, "score": score, "beam": beam}))
+                response = text
+            rows = token_rewards(pol, rf, tok, prompt, response, beta=beta)
+            table = Table("token", "reward", "log pi", "log pi_ref")
+            worst = min(range(len(rows)), key=lambda i: rows[i].reward) if rows else -1
+            for i, r in enumerate(rows):
+                style = "bold red" if i == worst else None
+                table.add_row(repr(r.token), f"{r.reward:+.4f}", f"{r.logp:.3f}", f"{r.ref_logp:.3f}", style=style)
+            console.print(table)
+            console.print(f"total implicit reward: {sum(r.reward for r in rows):+.4f}; lowest at token {worst}")

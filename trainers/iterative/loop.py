@@ -1,0 +1,306 @@
+"""Generate-judge-train rounds: iterative DPO, self-rewarding, pairwise CRINGE, SPPO, DNO.
+
+One round t (survey 3.1.3, 3.5, 3.11):
+
+1. sample responses to this round's prompts from the current policy pi^t (and an enhancer:
+   a hotter temperature, or rejection sampling = K samples ranked by the oracle);
+2. judge them and build pairs (method below);
+3. train a few epochs with the method's loss, the reference being pi^t (refreshed every round;
+   ``refresh_reference=False`` keeps the SFT reference);
+4. evaluate on held-out prompts and apply the termination rule (``termination.py``): stop
+   when iteration t does not beat t-1 significantly (binomial test, position-debiased judge
+   or reward comparisons) or the held-out reward stops rising.
+
+| method | oracle | pair / target | loss |
+| --- | --- | --- | --- |
+| ``iterative-dpo`` | reward_fn | best vs worst of K (rejection) or main vs enhancer (temperature) | ``dpo`` |
+| ``self-rewarding`` | judge_factory(pi^t): the model's own rubric scores (3.5.1) | best vs worst of K | ``dpo`` |
+| ``cringe`` | reward_fn, K = 4 (3.5.2) | best vs worst | ``cringe`` (pairwise, eq. 30) |
+| ``sppo`` | preference_fn, win-rates P(y_i > pi^t) = mean_j P(y_i > y_j) (eq. 60-61) | best vs worst + win-rates | ``sppo`` |
+| ``dno`` | preference_fn over K samples + the gold response, win-rate ranking (eq. 62) | top vs bottom if the win-rate gap >= ``dno_margin`` | ``dpo`` vs pi^t |
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from schemas.generator import Messages, SamplingParams
+from schemas.online import OnlineReport
+from trainers.iterative import rollout as ro
+from trainers.iterative.termination import count_outcomes, should_stop, winrate_test
+from trainers.losses import compute_loss, cringe_topk_excluding
+from trainers.rloo import response_logps
+
+METHODS = ("iterative-dpo", "self-rewarding", "cringe", "sppo", "dno")
+
+
+@dataclass
+class IterativeConfig:
+    method: str = "iterative-dpo"
+    rounds: int = 3
+    prompts_per_round: int = 32
+    k: int = 4
+    enhancer: str = "rejection"  # or "temperature"
+    enhancer_temperature: float = 1.5
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    beta: float = 0.1
+    loss_params: dict = field(default_factory=dict)  # extra loss parameters (e.g. cringe alpha, k)
+    refresh_reference: bool = True
+    dno_margin: float = 0.25  # DNO's large-margin filter on the win-rate gap
+    terminate: bool = True  # apply the termination rule between rounds
+    alpha: float = 0.05  # level of the binomial test
+    min_reward_delta: float = 0.0
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=24))
+    layout: str = "packed"
+    seed: int = 0
+
+
+@dataclass
+class Pair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+    chosen_winrate: float = 1.0
+    rejected_winrate: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Pair construction
+# --------------------------------------------------------------------------------------------
+def best_worst(scores: Sequence[float]) -> tuple[int, int] | None:
+    """Indices of the highest and the lowest score (first on ties); None if all are equal."""
+    hi = max(range(len(scores)), key=lambda i: scores[i])
+    lo = min(range(len(scores)), key=lambda i: scores[i])
+    return None if scores[hi] == scores[lo] else (hi, lo)
+
+
+def winrate_matrix(preference_fn: Any, prompt: Messages, responses: Sequence[str],
+                   spend: ro.Spend | None = None) -> torch.Tensor:
+    """``P[i, j] = P(y_i > y_j | x)`` for all pairs, from C(K,2) debiased judgements (the
+    other half is ``1 - P``); the diagonal is 1/2. ``[K, K]``."""
+    k = len(responses)
+    idx = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    probs = preference_fn([prompt] * len(idx), [responses[i] for i, _ in idx], [responses[j] for _, j in idx])
+    if spend is not None:
+        spend.add(judge_calls=len(idx))
+    mat = torch.full((k, k), 0.5)
+    for (i, j), p in zip(idx, probs):
+        mat[i, j], mat[j, i] = float(p), 1.0 - float(p)
+    return mat
+
+
+def winrates(mat: torch.Tensor) -> torch.Tensor:
+    """``P(y_i > pi^t | x)`` estimated as the mean over the other K-1 samples (eq. 61's sum / K)."""
+    k = mat.shape[0]
+    return (mat.sum(1) - mat.diagonal()) / (k - 1)
+
+
+def build_pairs(cfg: IterativeConfig, prompts: Sequence[Messages], samples: Sequence[Sequence[str]],
+                reward_fn: Any = None, preference_fn: Any = None, gold: dict | None = None,
+                spend: ro.Spend | None = None) -> list[Pair]:
+    """The round's training pairs for ``cfg.method`` (see the module table)."""
+    pairs: list[Pair] = []
+    if cfg.method in ("iterative-dpo", "self-rewarding", "cringe"):
+        flat_p = [p for p, s in zip(prompts, samples) for _ in s]
+        flat = ro.score(reward_fn, flat_p, [x for s in samples for x in s], spend).tolist()
+        pos = 0
+        for p, s in zip(prompts, samples):
+            sc = flat[pos:pos + len(s)]
+            pos += len(s)
+            bw = best_worst(sc)
+            if bw is not None and s[bw[0]] != s[bw[1]]:
+                pairs.append(Pair(p, s[bw[0]], s[bw[1]]))
+        return pairs
+    if cfg.method == "sppo":
+        for p, s in zip(prompts, samples):
+            w = winrates(winrate_matrix(preference_fn, p, s, spend))
+            bw = best_worst(w.tolist())
+            if bw is not None and s[bw[0]] != s[bw[1]]:
+                pairs.append(Pair(p, s[bw[0]], s[bw[1]], float(w[bw[0]]), float(w[bw[1]])))
+        return pairs
+    if cfg.method == "dno":
+        for p, s in zip(prompts, samples):
+            key = ro.prompt_text_of(p)
+            cands = list(s) + ([gold[key]] if gold and key in gold else [])
+            w = winrates(winrate_matrix(preference_fn, p, cands, spend))
+            bw = best_worst(w.tolist())
+            if bw is not None and float(w[bw[0]] - w[bw[1]]) >= cfg.dno_margin and cands[bw[0]] != cands[bw[1]]:
+                pairs.append(Pair(p, cands[bw[0]], cands[bw[1]], float(w[bw[0]]), float(w[bw[1]])))
+        return pairs
+    raise ValueError(f"unknown iterative method {cfg.method!r}; known: {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# One training epoch over pairs
+# --------------------------------------------------------------------------------------------
+def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], k: int) -> dict:
+    """Top-k logits (negative token excluded) and the negative token's logit over the rejected
+    responses' tokens, the extra tensors the pairwise ``cringe`` loss reads."""
+    batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs])
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
+    topk, tok = cringe_topk_excluding(logits.float(), batch.actions, k)
+    return {"rejected_topk_logits": topk, "rejected_token_logits": tok, "rejected_token_mask": batch.action_mask}
+
+
+def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair],
+              ref_logps: torch.Tensor) -> torch.Tensor:
+    """Mean loss of the method over a minibatch of pairs; ``ref_logps`` ``[B, 2]`` (chosen, rejected)."""
+    logps, tokens = response_logps(policy, tokenizer, [x.prompt for x in pairs],
+                                   [[x.chosen, x.rejected] for x in pairs], layout=cfg.layout)
+    batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
+             "ref_chosen_logps": ref_logps[:, 0], "ref_rejected_logps": ref_logps[:, 1],
+             "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
+    params = dict(cfg.loss_params)
+    if cfg.method == "cringe":
+        k = params.setdefault("k", 5)
+        batch.update(_cringe_rejected_tensors(policy, tokenizer, pairs, k))
+        return compute_loss("cringe", batch, **params).mean()
+    if cfg.method == "sppo":
+        batch["chosen_winrate"] = torch.tensor([x.chosen_winrate for x in pairs], dtype=logps.dtype)
+        batch["rejected_winrate"] = torch.tensor([x.rejected_winrate for x in pairs], dtype=logps.dtype)
+        return compute_loss("sppo", batch, beta=cfg.beta, **params).mean()
+    return compute_loss("dpo", batch, beta=cfg.beta, **params).mean()
+
+
+def train_on_pairs(cfg: IterativeConfig, policy: nn.Module, ref: nn.Module, tokenizer: Any,
+                   pairs: Sequence[Pair], optimizer: torch.optim.Optimizer, gen: torch.Generator) -> list[float]:
+    """``cfg.epochs`` passes over the pairs; reference log-probs computed once up front."""
+    with torch.no_grad():
+        ref_logps = torch.cat([
+            response_logps(ref, tokenizer, [x.prompt for x in pairs[s:s + 64]],
+                           [[x.chosen, x.rejected] for x in pairs[s:s + 64]], layout=cfg.layout)[0]
+            for s in range(0, len(pairs), 64)])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    losses = []
+    policy.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(pairs), generator=gen)
+        for chunk in order.split(cfg.batch_size):
+            loss = pair_loss(cfg, policy, tokenizer, [pairs[i] for i in chunk.tolist()], ref_logps[chunk])
+            ro.step(optimizer, loss, params, cfg.max_grad_norm)
+            losses.append(loss.item())
+    policy.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out comparison of iterate t with t-1 (the termination rule's evidence)
+# --------------------------------------------------------------------------------------------
+def compare_iterates(prompts: Sequence[Messages], new: Sequence[str], old: Sequence[str],
+                     preference_fn: Any = None, reward_fn: Any = None, alpha: float = 0.05) -> dict:
+    """Binomial-test evidence that the new iterate beats the old on held-out prompts, judged
+    by ``preference_fn`` (position-debiased) when given, else by comparing rewards."""
+    if preference_fn is not None:
+        probs = [float(p) for p in preference_fn(list(prompts), list(new), list(old))]
+        judged_by = "preference (position-debiased)"
+    else:
+        rn, rold = reward_fn(list(prompts), list(new)), reward_fn(list(prompts), list(old))
+        probs = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(rn, rold)]
+        judged_by = "reward comparison"
+    wins, losses, ties = count_outcomes(probs)
+    out = winrate_test(wins, losses, ties, alpha)
+    out["judged_by"] = judged_by
+    return out
+
+
+def _sample_round(cfg: IterativeConfig, generator: Any, prompts: Sequence[Messages],
+                  spend: ro.Spend) -> list[list[str]]:
+    """K samples per prompt; the temperature enhancer adds K/2 hotter samples to K/2 normal ones."""
+    if cfg.enhancer == "temperature":
+        half = max(1, cfg.k // 2)
+        main = ro.sample(generator, prompts, half, cfg.sampling, spend)
+        hot = SamplingParams(**{**cfg.sampling.__dict__, "temperature": cfg.enhancer_temperature})
+        enh = ro.sample(generator, prompts, half, hot, spend)
+        return [[g.text for g in a] + [g.text for g in b] for a, b in zip(main, enh)]
+    if cfg.enhancer != "rejection":
+        raise ValueError(f"enhancer must be 'rejection' or 'temperature', not {cfg.enhancer!r}")
+    return [[g.text for g in gs] for gs in ro.sample(generator, prompts, cfg.k, cfg.sampling, spend)]
+
+
+def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
+                    config: IterativeConfig | None = None, *, reward_fn: Any = None,
+                    preference_fn: Any = None, judge_factory: Any = None, gold: dict | None = None,
+                    ref: nn.Module | None = None, eval_prompts: Sequence[Any] | None = None,
+                    eval_reward_fn: Any = None, eval_sampling: SamplingParams | None = None,
+                    ) -> tuple[nn.Module, OnlineReport]:
+    """Run up to ``config.rounds`` rounds of ``config.method``; returns (policy, report).
+
+    Oracles (from the flow): ``reward_fn`` (iterative-dpo, cringe), ``judge_factory`` building a
+    reward function on the live model (self-rewarding), ``preference_fn`` (sppo, dno; also the
+    termination rule's judge when given), ``gold`` {prompt text: gold response} (dno).
+    ``eval_reward_fn`` (default ``reward_fn``) measures progress on ``eval_prompts``.
+    """
+    cfg = config or IterativeConfig()
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown iterative method {cfg.method!r}; known: {', '.join(METHODS)}")
+    need = {"iterative-dpo": reward_fn, "cringe": reward_fn, "self-rewarding": judge_factory,
+            "sppo": preference_fn, "dno": preference_fn}[cfg.method]
+    if need is None:
+        raise ValueError(f"method {cfg.method!r} needs its oracle (see train_iterative's docstring)")
+    eval_reward_fn = eval_reward_fn or reward_fn
+    if eval_reward_fn is None:
+        raise ValueError("train_iterative needs eval_reward_fn (or reward_fn) to measure progress")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = [ro.as_messages(p) for p in prompts]
+    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
+    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
+    sft_ref = ref if ref is not None else ro.frozen_copy(policy)
+    ref_t = sft_ref
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    spend = ro.Spend()
+    report = OnlineReport(method=cfg.method)
+    generator = make_generator(policy, tokenizer)
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
+    report.reward_before = first["reward"]
+    rewards_hist = [first["reward"]]
+    prev_responses = first["responses"]
+    previous_state = None
+    for t in range(cfg.rounds):
+        idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
+        round_prompts = [prompts[i] for i in idx]
+        policy.eval()
+        samples = _sample_round(cfg, generator, round_prompts, spend)
+        oracle = judge_factory(policy, tokenizer) if cfg.method == "self-rewarding" else reward_fn
+        pairs = build_pairs(cfg, round_prompts, samples, oracle, preference_fn, gold, spend)
+        entry: dict = {"round": t + 1, "pairs": len(pairs)}
+        if pairs:
+            previous_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            entry["loss"] = float(sum(l := train_on_pairs(cfg, policy, ref_t, tokenizer, pairs, optimizer, gen)) / len(l))
+        ev = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
+        rewards_hist.append(ev["reward"])
+        entry["reward"] = ev["reward"]
+        if cfg.terminate:
+            evidence = compare_iterates(eval_prompts, ev["responses"], prev_responses, preference_fn,
+                                        eval_reward_fn, cfg.alpha)
+            stop, why = should_stop(evidence, rewards_hist, cfg.min_reward_delta)
+            entry["termination"] = {**evidence, "stop": stop, "reason": why}
+            report.termination = entry["termination"]
+            if stop and rewards_hist[-1] < rewards_hist[-2] and previous_state is not None:
+                # the newest iterate is worse on held-out reward: keep iteration t-1
+                policy.load_state_dict(previous_state)
+                entry["rolled_back"] = True
+                rewards_hist[-1] = rewards_hist[-2]
+            report.history.append(entry)
+            if stop:
+                break
+        else:
+            report.history.append(entry)
+        prev_responses = ev["responses"]
+        if cfg.refresh_reference:
+            ref_t = ro.frozen_copy(policy)
+    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
+    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.generations, report.judge_calls = spend.generations, spend.judge_calls
+    report.wall_s = time.perf_counter() - t0
+    report.extra["rounds_run"] = len(report.history)
+    return policy, report

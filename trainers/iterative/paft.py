@@ -1,0 +1,174 @@
+"""PAFT (survey 3.7.2, eq. 43): SFT and DPO trained in PARALLEL as LoRA adapters, then merged.
+
+Both adapters start from the same pretrained/SFT weights pi_pre (never one after the other, so
+neither forgets the other's gains):
+
+- adapter ``sft``: mean per-token NLL of the good responses plus an L1 penalty
+  ``l1 * sum |theta_lora|`` on its LoRA factors (SFT deltas are dense; the L1 term makes them
+  sparse like DPO's, which the paper found essential for merging);
+- adapter ``dpo``: the ``dpo`` loss with pi_pre (adapters disabled) as the reference.
+
+Steps alternate between the two adapters (each with its own optimizer). The merge (eq. 43)
+``pi_merge = f(pi_pre, delta_dpo, delta_sft)`` is peft's ``add_weighted_adapter`` (``cat``:
+exactly ``W_pre + w_sft*dW_sft + w_dpo*dW_dpo``; ``ties`` / ``dare_ties`` for sparse merging),
+folded into the base weights with ``merge_and_unload``.
+
+The online driver ``train_paft`` builds both data sets from on-policy samples judged by the
+reward function: SFT examples = each prompt's best sample, DPO pairs = best vs worst.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from schemas.generator import SamplingParams
+from schemas.online import OnlineReport
+from trainers.iterative import rollout as ro
+from trainers.iterative.loop import IterativeConfig, Pair, build_pairs
+from trainers.losses import compute_loss
+from trainers.rloo import response_logps
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class PAFTConfig:
+    rounds: int = 1
+    prompts_per_round: int = 32
+    k: int = 4
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-3
+    beta: float = 0.1
+    l1: float = 1e-5  # L1 weight on the SFT adapter's LoRA factors
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    weights: tuple[float, float] = (1.0, 1.0)  # (sft, dpo) merge weights
+    combination: str = "cat"
+    density: float = 0.5  # for ties / dare merges
+    max_grad_norm: float = 1.0
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=24))
+    seed: int = 0
+
+
+def add_paft_adapters(model: nn.Module, cfg: PAFTConfig) -> nn.Module:
+    """Wrap ``model`` with two LoRA adapters, ``sft`` and ``dpo`` (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora() -> LoraConfig:
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+    peft_model = get_peft_model(model, lora(), adapter_name="sft")
+    peft_model.add_adapter("dpo", lora())
+    return peft_model
+
+
+def adapter_params(peft_model: nn.Module, name: str) -> list[nn.Parameter]:
+    return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def l1_penalty(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    return sum(p.abs().sum() for p in params)
+
+
+def merge_adapters(peft_model: nn.Module, cfg: PAFTConfig) -> nn.Module:
+    """Eq. 43: one set of weights from pi_pre + the weighted SFT and DPO deltas."""
+    kwargs = {}
+    if cfg.combination in ("ties", "dare_ties", "dare_linear", "magnitude_prune"):
+        kwargs["density"] = cfg.density
+    peft_model.add_weighted_adapter(["sft", "dpo"], list(cfg.weights), adapter_name="merged",
+                                    combination_type=cfg.combination, **kwargs)
+    peft_model.set_adapter("merged")
+    return peft_model.merge_and_unload()
+
+
+def _sft_loss(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    logps, tokens = response_logps(model, tokenizer, prompts, [[r] for r in responses])
+    return compute_loss("sft", {"chosen_logps": logps[:, 0], "chosen_tokens": tokens[:, 0]}).mean()
+
+
+def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence[tuple[Any, str]],
+                        pairs: Sequence[Pair], cfg: PAFTConfig) -> tuple[nn.Module, dict]:
+    """Train the two adapters in parallel (alternating steps) and merge them; returns the
+    merged plain model and losses."""
+    peft_model = add_paft_adapters(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad(), peft_model.disable_adapter():
+        ref_logps = response_logps(peft_model, tokenizer, [p.prompt for p in pairs],
+                                   [[p.chosen, p.rejected] for p in pairs])[0] if pairs else None
+    opts = {}
+    for name in ("sft", "dpo"):
+        peft_model.set_adapter(name)
+        opts[name] = torch.optim.AdamW(adapter_params(peft_model, name), lr=cfg.lr)
+    hist = {"sft": [], "dpo": []}
+    n_steps = cfg.epochs * max(1, -(-max(len(sft_examples), len(pairs)) // cfg.batch_size))
+    for _ in range(n_steps):
+        # --- SFT adapter step: NLL of good responses + L1 sparsity
+        if sft_examples:
+            peft_model.set_adapter("sft")
+            params = adapter_params(peft_model, "sft")
+            idx = torch.randint(len(sft_examples), (min(cfg.batch_size, len(sft_examples)),), generator=gen).tolist()
+            ex = [sft_examples[i] for i in idx]
+            loss = _sft_loss(peft_model, tokenizer, [e[0] for e in ex], [e[1] for e in ex]) + cfg.l1 * l1_penalty(params)
+            ro.step(opts["sft"], loss, params, cfg.max_grad_norm)
+            hist["sft"].append(loss.item())
+        # --- DPO adapter step against pi_pre
+        if pairs:
+            peft_model.set_adapter("dpo")
+            params = adapter_params(peft_model, "dpo")
+            idx = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen)
+            sel = [pairs[i] for i in idx.tolist()]
+            logps, tokens = response_logps(peft_model, tokenizer, [p.prompt for p in sel],
+                                           [[p.chosen, p.rejected] for p in sel])
+            batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
+                     "ref_chosen_logps": ref_logps[idx, 0], "ref_rejected_logps": ref_logps[idx, 1],
+                     "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
+            loss = compute_loss("dpo", batch, beta=cfg.beta).mean()
+            ro.step(opts["dpo"], loss, params, cfg.max_grad_norm)
+            hist["dpo"].append(loss.item())
+    sparsity = {name: float(sum((p.abs() < 1e-6).sum() for p in adapter_params(peft_model, name)) /
+                            max(1, sum(p.numel() for p in adapter_params(peft_model, name))))
+                for name in ("sft", "dpo")}
+    merged = merge_adapters(peft_model, cfg)
+    merged.eval()
+    return merged, {"sft_loss": hist["sft"][-1:] or None, "dpo_loss": hist["dpo"][-1:] or None,
+                    "near_zero_share": sparsity}
+
+
+def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
+               reward_fn: Any, config: PAFTConfig | None = None, eval_prompts: Sequence[Any] | None = None,
+               eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, OnlineReport]:
+    """On-policy PAFT: sample K, judge, build SFT and DPO data, train both adapters in
+    parallel, merge; repeated ``rounds`` times. Returns (merged model, report)."""
+    cfg = config or PAFTConfig()
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = [ro.as_messages(p) for p in prompts]
+    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
+    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
+    sft_ref = ro.frozen_copy(policy)
+    spend = ro.Spend()
+    report = OnlineReport(method="paft")
+    report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)["reward"]
+    pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
+    for r in range(cfg.rounds):
+        idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
+        round_prompts = [prompts[i] for i in idx]
+        policy.eval()
+        gens = ro.sample(make_generator(policy, tokenizer), round_prompts, cfg.k, cfg.sampling, spend)
+        pairs = build_pairs(pair_cfg, round_prompts, [[g.text for g in gs] for gs in gens], reward_fn, spend=spend)
+        sft_examples = [(p.prompt, p.chosen) for p in pairs]
+        policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
+        report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
+    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=sft_ref)
+    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.generations, report.judge_calls = spend.generations, spend.judge_calls
+    report.wall_s = time.perf_counter() - t0
+    return policy, report
