@@ -1,0 +1,299 @@
+"""The ``hf`` generation backend: a transformers causal LM on CPU or GPU, in process.
+
+Sampling is a hand-written decode loop (prefill once, then one token per step with the KV
+cache) over LEFT-padded batches. Why not ``model.generate``: we need the model's own
+log-probabilities of each sampled token and per-row random streams.
+
+Determinism: with ``SamplingParams.seed = s`` the j-th sample of the i-th prompt of a call is
+drawn with Gumbel-max noise from its own ``torch.Generator`` seeded from (s, i, j). The result
+therefore does not depend on ``batch_size``, on the other prompts of the batch or on padding
+(up to float rounding of the logits). ``seed=None`` draws a fresh seed from torch's global RNG.
+
+Log-probs: ``Generation.logp`` is the sum over the generated tokens (the end-of-sequence token
+included when it was sampled) of ``log_softmax(logits)`` of the model at temperature 1, with no
+top-k / top-p truncation: the policy's likelihood of the text, what DPO-style losses and
+reference log-probs use, not the likelihood under the tempered/truncated sampling distribution.
+``token_logps`` holds the per-token terms. ``score`` uses the same definition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Any, Sequence
+
+from schemas.generator import Generation, Messages, SamplingParams
+
+
+def _as_messages(prompt: Any) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Temporarily set torch's intra-op CPU threads (process-wide; restored on exit)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFGenerator:
+    """A ``schemas.generator.Generator`` backed by a transformers causal LM.
+
+    Args:
+        model_or_path: a ``PreTrainedModel`` or a checkpoint folder / hub id.
+        tokenizer: defaults to the one saved with the checkpoint (needs a chat template).
+        device: "cpu", "cuda", ... (default: cuda if available).
+        batch_size: rows (prompt x sample) per forward pass.
+        dtype: torch dtype for a model loaded from a path (default float32).
+        trust_remote_code: passed to the Auto classes; off unless asked for.
+        num_threads: torch CPU threads while generating/scoring (restored afterwards); 1 is
+            fastest for tiny models on a busy machine (no OpenMP spinning). None: leave as is.
+    """
+
+    name = "hf"
+
+    def __init__(self, model_or_path: Any, tokenizer: Any = None, device: str | None = None,
+                 batch_size: int = 64, dtype: Any = None, trust_remote_code: bool = False,
+                 num_threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device or _default_device())
+        if isinstance(model_or_path, (str, Path)):
+            path = str(model_or_path)
+            self.model_name = path
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            model = model_or_path
+            self.model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        if tokenizer is None:
+            raise ValueError("HFGenerator needs a tokenizer when given a model object")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_ids = self._eos_ids()
+        self.num_threads = num_threads
+        # transformers >= 5 names the KV cache argument ``cache``; older releases ``past_key_values``.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        extra = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra:
+            ids.update(extra)
+        return {i for i in ids if i is not None}
+
+    # -- tokenization --------------------------------------------------------------------
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """Token ids of the chat-templated prompt, generation prompt included."""
+        text = self.tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, seqs: Sequence[list[int]]):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Any], n: int = 1,
+                 sampling: SamplingParams | None = None) -> list[list[Generation]]:
+        """``n`` responses for each prompt (a message list or plain text)."""
+        import torch
+
+        sampling = sampling or SamplingParams()
+        seed = sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        with cpu_threads(self.num_threads if self.device.type == "cpu" else None):
+            return self._generate(prompts, n, sampling, seed)
+
+    def _generate(self, prompts, n, sampling, seed) -> list[list[Generation]]:
+        encoded = [self.prompt_ids(p) for p in prompts]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        # Similar lengths together: less padding. Results go back to their (i, j) slot.
+        rows.sort(key=lambda r: len(encoded[r[0]]))
+        results: list[list[Generation | None]] = [[None] * n for _ in prompts]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            gens = self._generate_batch([encoded[i] for i, _ in chunk],
+                                        [_row_seed(seed, i, j) for i, j in chunk], sampling)
+            for (i, j), gen in zip(chunk, gens):
+                results[i][j] = gen
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _filter_logits(logits, sampling: SamplingParams):
+        """Temperature, top-k and top-p applied to logits [B, V] (masked entries -> -inf)."""
+        import torch
+
+        logits = logits / sampling.temperature
+        if sampling.top_k and sampling.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop_sorted = (probs.cumsum(-1) - probs) >= sampling.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def _generate_batch(self, seqs: list[list[int]], row_seeds: list[int],
+                        sampling: SamplingParams) -> list[Generation]:
+        import torch
+        from transformers import DynamicCache
+
+        batch = len(seqs)
+        max_new = sampling.max_new_tokens
+        greedy = sampling.temperature <= 0
+        with torch.inference_mode():
+            input_ids, mask = self._left_pad(seqs)
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            noise = None
+            if not greedy:
+                # Per-row Gumbel noise for every step, from the row's own generator: [B, max_new, V].
+                noise = torch.empty((batch, max_new, vocab), dtype=torch.float32)
+                for b, s in enumerate(row_seeds):
+                    g = torch.Generator().manual_seed(s)
+                    u = torch.rand((max_new, vocab), generator=g, dtype=torch.float32)
+                    noise[b] = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+                noise = noise.to(self.device)
+            eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()  # filled in place by every forward call below
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            next_pos = positions[:, -1:] + 1
+            tokens = torch.full((batch, max_new), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+            logps = torch.zeros((batch, max_new), dtype=torch.float32, device=self.device)
+            done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+            stop_texts = sampling.stop
+            for step in range(max_new):
+                logits = out.logits[:, -1, :].float()  # [B, V]
+                if greedy:
+                    token = logits.argmax(-1)
+                else:
+                    token = (self._filter_logits(logits, sampling) + noise[:, step, :]).argmax(-1)
+                token_logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+                active = ~done
+                tokens[:, step] = torch.where(active, token, tokens[:, step])
+                logps[:, step] = torch.where(active, token_logp, logps[:, step])
+                lengths += active.long()
+                done |= torch.isin(token, eos)
+                if stop_texts:
+                    done |= self._hit_stop(tokens[:, : step + 1], lengths, done, stop_texts)
+                if bool(done.all()) or step == max_new - 1:
+                    break
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=-1)
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                                 use_cache=True, **{self._cache_kwarg: cache})
+                next_pos = next_pos + 1
+        return [self._to_generation(tokens[b, : lengths[b]].tolist(), logps[b, : lengths[b]].tolist(), stop_texts)
+                for b in range(batch)]
+
+    def _hit_stop(self, tokens, lengths, done, stop_texts):
+        import torch
+
+        hit = torch.zeros_like(done)
+        for b in range(tokens.shape[0]):
+            if done[b]:
+                continue
+            text = self.tokenizer.decode(tokens[b, : lengths[b]].tolist(), skip_special_tokens=True)
+            hit[b] = any(s in text for s in stop_texts)
+        return hit
+
+    def _to_generation(self, token_ids: list[int], token_logps: list[float], stop_texts) -> Generation:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for stop in stop_texts:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return Generation(text=text, n_tokens=len(token_ids), logp=float(sum(token_logps)),
+                          token_logps=token_logps)
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(self, prompt: Any, continuations: Sequence[str]) -> list[float]:
+        """Summed log-probs of each continuation after the chat-templated prompt (no eos added)."""
+        return self.score_batch([prompt] * len(continuations), continuations)
+
+    def score_batch(self, prompts: Sequence[Any], continuations: Sequence[str], add_eos: bool = False,
+                    return_tokens: bool = False):
+        """Summed log-probs for many (prompt, continuation) pairs, batched.
+
+        The continuation is tokenized on its own (``add_special_tokens=False``) and appended to
+        the templated prompt; ``add_eos=True`` appends the end-of-sequence token as well (then
+        the sum equals ``Generation.logp`` of a sampled text that ended with eos).
+        Returns a list of floats, or (floats, token counts) with ``return_tokens=True``.
+        """
+        import torch
+
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        cache: dict[str, list[int]] = {}
+        pairs = []
+        for p, c in zip(prompts, continuations):
+            key = repr(p)
+            if key not in cache:
+                cache[key] = self.prompt_ids(p)
+            cont = self.tokenizer(c, add_special_tokens=False)["input_ids"]
+            if add_eos:
+                cont = cont + [self.tokenizer.eos_token_id]
+            pairs.append((cache[key], cont))
+        order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]) + len(pairs[k][1]))
+        scores = [0.0] * len(pairs)
+        threads = self.num_threads if self.device.type == "cpu" else None
+        with torch.inference_mode(), cpu_threads(threads):
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                seqs = [pairs[k][0] + pairs[k][1] for k in idx]
+                input_ids, mask = self._left_pad(seqs)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+                logp = logits[:, :-1, :].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+                width = input_ids.shape[1]
+                for row, k in enumerate(idx):
+                    n_cont = len(pairs[k][1])
+                    # Continuation tokens are the last n_cont of the row; token t is predicted at t-1.
+                    scores[k] = float(logp[row, width - 1 - n_cont:].sum()) if n_cont else 0.0
+        if return_tokens:
+            return scores, [len(p[1]) for p in pairs]
+        return scores
