@@ -73,6 +73,7 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's 
 
 def get_generator(backend: str, model: str, options: dict | None = None):
     """A cached generator of ``backend`` for ``model`` (one per process and configuration)."""
+    _quiet_transformers()
     options = dict(options or {})
     key = (backend, str(model), json.dumps(options, sort_keys=True, default=str))
     with _GENERATOR_LOCK:
@@ -111,6 +112,15 @@ def _make_generator(backend: str, model: str, options: dict):
 
         return VLLMGenerator(model, **options)
     raise ValueError(f"unknown generation backend {backend!r}")
+
+
+def _quiet_transformers() -> None:
+    """No per-load progress bars in flow output (the CLI shows its own progress)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return
+    hf_logging.disable_progress_bar()
 
 
 def clear_generators() -> None:
@@ -389,6 +399,7 @@ def precompute_reference(out: str, *, dataset: str, reference: str, batch_size: 
         return out
     from trainers.precompute import precompute_reference as precompute
 
+    _quiet_transformers()
     with _MODEL_LOCK:
         precompute(dataset, reference, output=out, batch_size=batch_size)
     return out
@@ -443,8 +454,11 @@ def run_training(spec: dict) -> str:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers.utils import logging as hf_logging
 
     from trainers.collators import pretokenize
+
+    hf_logging.disable_progress_bar()
     from trainers.preference import PreferenceTrainer
 
     train = spec["train"]
@@ -460,6 +474,9 @@ def run_training(spec: dict) -> str:
                              data_seed=int(spec.get("seed", 0)), **training_arguments(train, spec.get("seed", 0)))
     trainer = PreferenceTrainer(policy, args, examples, kind=kind, loss=train.get("loss", "dpo"),
                                 loss_params=dict(train.get("params") or {}), processing_class=tokenizer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to alignflow_train.json, not stdout
     result = trainer.train()
     trainer.save_model(str(output))  # on the main process only, after all ranks finish
     if trainer.is_world_process_zero():
@@ -483,11 +500,9 @@ def launch_distributed(spec: dict, processes: int, accelerate_config: str | None
     if accelerate_config:
         cmd += ["--config_file", str(accelerate_config)]
     else:
-        import torch
-
-        if not torch.cuda.is_available():
-            cmd += ["--cpu"]
-        cmd += ["--multi_gpu"] if torch.cuda.is_available() else []
+        # accelerate's multi-process launcher (torchrun underneath); on a machine without CUDA the
+        # workers train with use_cpu=True, so accelerate sets up MULTI_CPU with the gloo backend.
+        cmd += ["--multi_gpu"]
     cmd += ["-m", "flows.train_flow", "--worker", str(spec_file)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
