@@ -11,8 +11,10 @@ before the first iteration an optional Constitutional SFT stage (critique-revise
 the revisions) replaces the starting policy. The reference of iteration t is the policy that
 sampled its data (iterative DPO's refresh) or the starting policy (``train.reference``).
 
-Termination: after iteration t, stop when the held-out reward did not rise by more than
-``termination.min_gain`` over iteration t-1 (the evidence goes into ``report.json``).
+Termination (``trainers.iterative.termination``): after iteration t, stop when the held-out
+win-rate of t over t-1 (per prompt, by the judge's reward) is not significantly above one half
+(one-sided binomial test at ``termination.alpha``) or the held-out reward stopped rising; the
+evidence of every iteration goes into ``report.json``.
 
 The run folder holds everything: ``config.yaml``, per iteration ``iter-<t>/`` with the shard
 datasets, ``samples``, the preference dataset, its ``-ref`` copy, ``model/`` and
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from prefect import flow
 
@@ -89,7 +93,8 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
                              description=f"{config.name}: iteration {t} {config.feedback.kind} dataset "
                                          f"({feedback['dataset']})")
         policy = trained
-        stop, why = should_stop(history, config)
+        stop, why, evidence = should_stop(history, config)
+        history[-1]["termination"] = evidence
         if stop:
             stop_reason = why
             break
@@ -138,16 +143,36 @@ def _constitutional_sft(config: AlignConfig, steps: PlainSteps, run: Path, initi
                       epochs=config.constitutional.epochs, seed=config.seed)
 
 
-def should_stop(history: list[dict], config: AlignConfig) -> tuple[bool, str]:
-    """Termination rule: held-out reward of iteration t not above t-1 by more than min_gain."""
-    rule = config.termination
-    if rule.rule == "none" or len(history) < 2:
-        return False, ""
-    gain = history[-1]["reward"] - history[-2]["reward"]
-    if gain <= rule.min_gain:
-        return True, (f"held-out reward stopped rising at iteration {history[-1]['iteration']} "
-                      f"(gain {gain:+.4f} <= {rule.min_gain})")
-    return False, ""
+def termination_evidence(history: list[dict], config: AlignConfig) -> dict:
+    """Win-rate of the newest iterate over the previous one on the held-out prompts, tested.
+
+    A prompt is a win when its mean reward over the k held-out samples rose by more than
+    ``tie_band``, a loss when it fell by more, else a tie (same prompts and seeds each time).
+    """
+    from trainers.iterative.termination import winrate_test
+
+    new = np.asarray(history[-1]["prompt_rewards"])
+    old = np.asarray(history[-2]["prompt_rewards"])
+    band = config.termination.tie_band
+    wins, losses = int((new > old + band).sum()), int((new < old - band).sum())
+    evidence = winrate_test(wins, losses, len(new) - wins - losses, alpha=config.termination.alpha)
+    evidence["reward_gain"] = float(history[-1]["reward"] - history[-2]["reward"])
+    return evidence
+
+
+def should_stop(history: list[dict], config: AlignConfig) -> tuple[bool, str, dict | None]:
+    """The termination rule after the newest iteration: (stop, reason, evidence)."""
+    from trainers.iterative.termination import should_stop as rule_says_stop
+
+    if len(history) < 2:
+        return False, "", None
+    evidence = termination_evidence(history, config)
+    rewards = [h["reward"] for h in history]
+    rule = config.termination.rule
+    if rule == "none":
+        return False, "", evidence
+    stop, why = rule_says_stop(evidence if rule == "winrate" else None, rewards, config.termination.min_gain)
+    return stop, why, evidence
 
 
 def _artifact_row(feedback: dict, result: dict) -> dict:

@@ -112,12 +112,19 @@ class EvalConfig(_Strict):
 
 
 class TerminationConfig(_Strict):
-    """When iterating stops before ``iterations`` (survey 4.6 calls the rule open)."""
+    """When iterating stops before ``iterations`` (survey 4.6 calls the rule open).
 
-    rule: Literal["reward", "none"] = Field(
-        "reward", description="reward: stop when the held-out reward did not rise by more than min_gain "
-                              "over the previous iteration; none: run all iterations.")
+    The evidence (held-out win-rate of iteration t over t-1 with its one-sided binomial test,
+    and the reward gain) is computed and written into report.json whatever the rule.
+    """
+
+    rule: Literal["winrate", "reward", "none"] = Field(
+        "winrate", description="winrate: stop when the held-out win-rate of t over t-1 (per prompt, by the judge's "
+                               "reward) is not significantly above 1/2 or the reward stopped rising "
+                               "(trainers.iterative.termination); reward: only the reward rule; none: run all.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Level of the one-sided binomial test.")
     min_gain: float = Field(0.0, description="Smallest held-out reward gain that counts as rising.")
+    tie_band: float = Field(1e-9, ge=0, description="Per-prompt reward differences within this are ties.")
 
 
 class AlignConfig(_Strict):

@@ -199,7 +199,7 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
     if is_dataset(out):
         return out
     if source is None:
-        extra = max(8, n // 4) if exclude else 0  # room for excluded held-out prompts
+        extra = n // 2 + 8  # room for duplicates and excluded held-out prompts (small prompt spaces)
         table = pa.table({"prompt": toy_task(task).prompts(n + extra, seed=seed)})
     else:
         table = read_dataset(source, columns=["prompt_id", "prompt"])
@@ -208,6 +208,7 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
     from schemas.prompts import normalize_prompt_columns
 
     table = normalize_prompt_columns(table)
+    table = _first_per_prompt(table)
     if exclude:
         held = read_dataset(exclude, columns=["prompt_id"]).column("prompt_id")
         table = table.filter(pc.invert(pc.is_in(table.column("prompt_id"), value_set=held.combine_chunks())))
@@ -215,6 +216,14 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
     write_dataset(out, table, "prompts", {"flow": "prepare_prompts", "seed": seed, "source": source or "toy_task",
                                           "task": task or {}, "exclude": exclude}, overwrite=True)
     return out
+
+
+def _first_per_prompt(table: pa.Table) -> pa.Table:
+    """Rows with a prompt_id seen before dropped (one row per distinct prompt, order kept)."""
+    ids = table.column("prompt_id").combine_chunks()
+    codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes, return_index=True)
+    return table.take(pa.array(np.sort(first), pa.int64()))
 
 
 def shard_count(prompts: str, shard_size: int) -> int:
@@ -240,7 +249,7 @@ def generate_shard(out: str, *, prompts: str, shard: int, shard_size: int, model
         samples = sample_table(table, generator, k, _sampling(generation, seed),
                                batch_size=int(generation.get("batch_size", 64)))
     write_dataset(out, samples, "samples", {"flow": "generate_shard", "model": str(model), "backend": backend,
-                                            "shard": shard, "seed": seed, "sampling": generation,
+                                            "shard": shard, "seed": seed, "sampling": generation, "pid": os.getpid(),
                                             "parent_datasets": [prompts]}, overwrite=True)
     return out
 
@@ -543,9 +552,11 @@ def evaluate_policy(out: str, *, model: str, initial: str, prompts: str, judge: 
     flat_prompts = pa.array([m for m, rs in zip(messages, responses) for _ in rs])
     flat_responses = [r for rs in responses for r in rs]
     rewards = np.asarray(make_judge(judge).score(flat_prompts.to_pylist(), flat_responses), dtype=np.float64)
+    per_prompt = np.asarray(rewards, dtype=np.float64).reshape(len(messages), k).mean(axis=1)  # [P]
     result = {
         "model": str(model),
         "reward": float(np.mean(rewards)),
+        "prompt_rewards": [round(float(r), 6) for r in per_prompt],
         "reward_std": float(np.std(rewards)),
         "kl": float(np.mean(logp_policy - logp_initial)),
         "length": float(np.mean([len(r) for r in flat_responses])),

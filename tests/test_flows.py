@@ -7,7 +7,7 @@ Prefect server of the session (PREFECT_HOME is a temp folder, see conftest.py).
 from __future__ import annotations
 
 import json
-import threading
+import os
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +246,83 @@ def test_plain_steps_match_flow_shards(tmp_path, fake_backend, prefect_server):
     for key in ("samples", "dataset"):
         a, b = read_manifest(stats[key]), read_manifest(flow_stats[key])
         assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale-out and the full pipeline (real tiny models)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained char-level Llama (fast; generation mechanics only)."""
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    return str(save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _hf_feedback_config(out: Path, model: str, prompts: str, **generation) -> dict:
+    return {"name": "dask", "output": str(out), "model": model, "prompts": prompts, "seed": 3,
+            "generation": {"backend": "hf", "k": 4, "max_new_tokens": 16, "shard_size": 2, "device": "cpu",
+                           **generation},
+            "feedback": {"judge": "verifier", "kind": "pairwise"}}
+
+
+@pytest.mark.slow
+def test_dask_two_workers_shard_generation(tmp_path, tiny_model, prefect_server):
+    """generate_feedback on a local 2-worker Dask cluster gives the datasets of a plain run."""
+    from flows.generate_feedback import generate_feedback, run_generate_feedback
+    from flows.runtime import prefect_session, with_runner
+
+    prompts = _prompts(tmp_path / "prompts", 8)
+    plain_cfg = GenerateFeedbackConfig.model_validate(_hf_feedback_config(tmp_path / "plain", tiny_model, prompts))
+    plain = run_generate_feedback(plain_cfg, tasks.PlainSteps(plain_cfg.output))
+    cfg = _hf_feedback_config(tmp_path / "dask", tiny_model, prompts, shard_size=4)
+    cfg.update(task_runner="dask", workers=2)
+    cfg = GenerateFeedbackConfig.model_validate(cfg).model_dump(mode="json")
+    with prefect_session():
+        result = with_runner(generate_feedback, "dask", 2)(config=cfg)
+    pids = {read_manifest(p)["provenance"].get("pid") for p in (tmp_path / "dask" / "shards").glob("samples-*")}
+    assert len(list((tmp_path / "dask" / "shards").glob("samples-*"))) == 2
+    assert os.getpid() not in pids  # generation ran in the Dask worker processes
+    plain_rows = read_dataset(plain["samples"]).sort_by([("prompt_id", "ascending"), ("response", "ascending")])
+    dask_rows = read_dataset(result["samples"]).sort_by([("prompt_id", "ascending"), ("response", "ascending")])
+    assert plain_rows.select(["prompt_id", "response", "reward"]).equals(
+        dask_rows.select(["prompt_id", "response", "reward"]))
+
+
+
+def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
+    """A reduced align_from_prompts (1 iteration, few prompts) as a Prefect flow, then a cached rerun."""
+    from prefect.client.orchestration import get_client
+
+    from flows.align import align_from_prompts
+    from flows.runtime import prefect_session
+
+    out = tmp_path / "align"
+    cfg = load_config("align", ROOT / "flows/configs/demo.yaml", [
+        f"model={toy_world.path}", f"output={out}", "n_prompts=24", "iterations=1", "eval.n_prompts=12",
+        "generation.shard_size=12", "train.max_steps=4", "train.batch_size=4", "name=ci-align"])
+    cfg.toy_world = {}
+    with prefect_session():
+        report = align_from_prompts(config=cfg.model_dump(mode="json"))
+    assert [h["iteration"] for h in report["history"]] == [0, 1]
+    it = report["history"][1]
+    pairs = verify_dataset(it["dataset"])
+    assert pairs["kind"] == "pairwise" and pairs["num_rows"] == it["rows"] > 0
+    with_ref = read_dataset(out / "iter-1" / "pairwise-ref")
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(with_ref.column_names)
+    assert (out / "iter-1" / "model" / "config.json").exists() and Path(report["plot"]).stat().st_size > 1000
+    assert np.isfinite(it["kl"]) and 0.0 <= it["reward"] <= 1.0
+    assert it["termination"]["n"] == 12 and "p_value" in it["termination"]
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert "iter-1-pairwise" in keys
+
+    # A rerun of the finished run folder is all cache hits: same report, nothing retrained.
+    mtime = (out / "iter-1" / "model" / "config.json").stat().st_mtime_ns
+    with prefect_session():
+        again = align_from_prompts(config=cfg.model_dump(mode="json"))
+    assert again["history"] == report["history"]
+    assert (out / "iter-1" / "model" / "config.json").stat().st_mtime_ns == mtime

@@ -1,74 +1,214 @@
-"""``alignflow demo``: build the toy world and print its reward statistics.
+"""``alignflow run``, ``alignflow demo``, ``alignflow serve``: the flows from the command line.
 
-(The end-to-end ``alignflow run`` pipeline will join this module.) Heavy imports stay inside
-the command bodies so ``alignflow --help`` stays fast.
+``alignflow demo`` is the main job: it builds the toy world and runs ``align_from_prompts``
+(two iterations of DPO, samples labelled by the toy task's verifier through the judge
+interface) on the embedded Prefect default, then prints reward and KL per iteration.
+Heavy imports (prefect, torch, transformers) stay inside the command bodies so
+``alignflow --help`` stays fast.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from flows.commands.common import console, user_errors
+from flows.commands.common import console, fail, user_errors
 
 DEFAULT_RUNS = Path("alignflow-runs")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Prefect's INFO lines would interleave with the progress bars; keep warnings and errors."""
+    import os
+
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _execute(flow: str, config, verbose: bool) -> dict:
+    from flows.runtime import RichProgress, embedded_environment, run_flow
+
+    _quiet_prefect(verbose)
+    embedded_environment()
+    console.print(f"[bold]{flow}[/] -> run folder [bold]{config.output}[/]")
+    with RichProgress(console) as progress:
+        return run_flow(flow, config, progress=progress)
+
+
+def run(
+    flow: str = typer.Argument(..., help="Flow: align (align_from_prompts), generate_feedback, critique_revise, "
+                                         "train, convert_labels."),
+    config_file: Path = typer.Option(None, "--config", "-c", help="YAML config of the run (fields: --show-config)."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                  help="Override a field: key=value, dotted for nested "
+                                                       "(train.params.beta=0.2); repeatable."),
+    output: Path = typer.Option(None, "--output", "-o", help="Run folder (an existing one is resumed)."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print every field with its default and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
+) -> None:
+    """Run a flow from a YAML config; rerunning with the same --output resumes it."""
+    from flows.config import CONFIGS, describe, dump_config, flow_name, load_config
+    from flows.runtime import expand_output
+
+    with user_errors():
+        name = flow_name(flow)
+        if show_config:
+            _print_fields(CONFIGS[name])
+            return
+        config = load_config(name, config_file, list(overrides or []))
+        if output is not None:
+            config.output = str(output)
+        if hasattr(config, "output"):
+            config.output = expand_output(config.output, config.name)
+            dump_config(config, Path(config.output) / "config.yaml")
+    result = _execute(name, config, verbose)
+    if name == "align":
+        print_align_report(result)
+    else:
+        _print_result(result)
 
 
 def demo(
     output: Path = typer.Option(None, "--output", "-o",
-                                help="Folder for the toy world (default ./alignflow-runs/demo/seed-N)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of data, weights and sampling."),
+                                help="Run folder (default ./alignflow-runs/demo/seed-N; an existing one is resumed)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data, weights, sampling and training."),
+    model: str = typer.Option(None, "--model", help="Start from this checkpoint instead of the toy world."),
+    backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default), vllm, openai."),
+    judge: str = typer.Option(None, "--judge", help="verifier (default: the toy task's reward), pairwise_llm, "
+                                                    "rubric, reward_model."),
+    prompts: Path = typer.Option(None, "--prompts", help="Prompts dataset (default: the toy task's prompts)."),
+    iterations: int = typer.Option(None, "--iterations", help="Iterations (default 2)."),
     length_weight: float = typer.Option(0.0, "--length-weight",
-                                        help="Share of the reward paid for length (0 = length-neutral)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if a finished build is present."),
+                                        help="Share of the toy reward paid for length (0 = length-neutral)."),
+    config_file: Path = typer.Option(None, "--config", "-c", help="Another config instead of flows/configs/demo.yaml."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a field: key=value."),
+    fresh: bool = typer.Option(False, "--fresh", "--force",
+                               help="Delete the run folder first: rebuild the toy world, rerun every step."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
-    """Build the toy world (synthetic task + SFT'd tiny char-level Llama) and show its reward statistics."""
+    """The main job: build the toy world and align it with two iterations of DPO (reward should rise)."""
+    import shutil
+
+    from flows.config import dump_config, load_config
+    from flows.runtime import expand_output
+
+    sets = [f"seed={seed}"]
+    if model:
+        sets.append(f"model={model}")
+    if backend:
+        sets.append(f"generation.backend={backend}")
+    if judge:
+        sets.append(f"feedback.judge={judge}")
+    if prompts:
+        sets.append(f"prompts={prompts}")
+    if iterations:
+        sets.append(f"iterations={iterations}")
+    if length_weight:
+        sets.append(f"toy_world.task.length_weight={length_weight}")
+    with user_errors():
+        config = load_config("align", config_file or DEMO_CONFIG, sets + list(overrides or []))
+        config.output = expand_output(str(output or DEFAULT_RUNS / "demo" / f"seed-{seed}"), config.name)
+        run_dir = Path(config.output)
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        elif (run_dir / "report.json").exists():
+            console.print("[dim]this run folder holds a finished run: its steps are reused "
+                          "(--fresh starts over)[/]")
+        dump_config(config, run_dir / "config.yaml")
+    result = _execute("align", config, verbose)
+    print_align_report(result)
+
+
+def print_align_report(report: dict) -> None:
+    """Rich table of held-out reward and KL per iteration, then where the outputs are."""
     from rich.table import Table
 
-    from feedback.toy_task import ToyTask
-    from flows.toy_world import build_toy_world
-
-    out_dir = output or DEFAULT_RUNS / "demo" / f"seed-{seed}"
-    with user_errors():
-        task = ToyTask(length_weight=length_weight)
-        console.print(f"building the toy world in [bold]{out_dir}[/] (seed {seed}) ...")
-        world = build_toy_world(out_dir, seed=seed, task=task, force=force)
-    stats = world.stats
-    table = Table(title=f"toy world: samples at temperature {stats['temperature']}, "
-                        f"K={stats['k']} per prompt, {stats['n_prompts']} held-out prompts")
-    table.add_column("statistic")
-    table.add_column("value", justify="right")
-    rows = [
-        ("mean reward", f"{stats['mean_reward']:.3f}"),
-        ("mean quality (length-free)", f"{stats['mean_quality']:.3f}"),
-        ("exact answers", f"{stats['exact_match']:.1%}"),
-        ("within-prompt reward std", f"{stats['within_prompt_std']:.3f}"),
-        ("prompts with reward spread", f"{stats['frac_prompts_with_spread']:.1%}"),
-        ("mean best - worst of K", f"{stats['mean_max_minus_min']:.3f}"),
-        ("mean response length (chars)", f"{stats['mean_length']:.1f}"),
-        ("build seconds (data + SFT)", f"{stats.get('build_seconds', float('nan')):.1f}"),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
+    table = Table(title=f"{report['name']}: {report['loss']} on {report['kind']} data, judge {report['judge']}")
+    for column, justify in (("iteration", "right"), ("held-out reward", "right"), ("quality", "right"),
+                            ("KL to start", "right"), ("mean length", "right"), ("pairs / rows", "right"),
+                            ("reward of its samples", "right")):
+        table.add_column(column, justify=justify)
+    previous = None
+    for h in report["history"]:
+        arrow = "" if previous is None else (" [green]↑[/]" if h["reward"] > previous else " [red]↓[/]")
+        previous = h["reward"]
+        table.add_row(str(h["iteration"]), f"{h['reward']:.3f}{arrow}",
+                      "" if h.get("quality") is None else f"{h['quality']:.3f}", f"{h['kl']:.3f}",
+                      f"{h['length']:.1f}", str(h.get("rows", "")),
+                      "" if h.get("reward_before") is None else f"{h['reward_before']:.3f}")
     console.print(table)
-    console.print(f"checkpoint: [bold]{world.path}[/] (AutoModelForCausalLM / AutoTokenizer load it)")
-    _show_examples(world)
+    console.print(f"stop: {report['stop_reason']}")
+    run = Path(report["run_dir"])
+    console.print(f"run folder: [bold]{run}[/]")
+    for h in report["history"][1:]:
+        console.print(f"  iteration {h['iteration']}: dataset {h['dataset']}  checkpoint {h['model']}")
+    console.print(f"  plot: {report['plot']}   report: {run / 'report.json'}")
 
 
-def _show_examples(world, n_prompts: int = 3, k: int = 4) -> None:
-    """A few prompts with K samples each and their rewards."""
-    from feedback.generation.hf import HFGenerator
-    from schemas.generator import SamplingParams
+def _print_result(result) -> None:
+    import json
 
-    prompts = world.task.prompts(n_prompts, seed=world.config.seed + 2000)
-    generator = HFGenerator(world.path, device="cpu")
-    gens = generator.generate([[{"role": "user", "content": p}] for p in prompts], n=k,
-                              sampling=SamplingParams(temperature=1.0, max_new_tokens=24, seed=world.config.seed))
-    for prompt, samples in zip(prompts, gens):
-        shown = ", ".join(f"{g.text!r} ({world.task.reward(prompt, g.text):.2f})" for g in samples)
-        console.print(f"  {prompt!r} -> reference {world.task.reference(prompt)!r}: {shown}", highlight=False)
+    console.print_json(json.dumps(result, default=str))
+
+
+def _print_fields(model) -> None:
+    from rich.table import Table
+
+    from flows.config import describe
+
+    table = Table(title=f"{model.__name__} fields", show_lines=False)
+    table.add_column("field")
+    table.add_column("default")
+    table.add_column("description", overflow="fold")
+    for name, default, text in describe(model):
+        table.add_row(name, default, text)
+    console.print(table)
+
+
+def serve(
+    file: Path = typer.Option(Path("prefect.yaml"), "--file", "-f", help="prefect.yaml with the deployments."),
+    names: Optional[List[str]] = typer.Option(None, "--name", "-n", help="Serve only these deployments."),
+    list_only: bool = typer.Option(False, "--list", help="List the deployments and their schedules, then exit."),
+) -> None:
+    """Serve prefect.yaml's deployments (nightly generate_feedback included) from this process.
+
+    Needs a running Prefect server (``prefect server start``, PREFECT_API_URL set): schedules
+    live on the server. With --list only the file is read.
+    """
+    import os
+
+    from rich.table import Table
+
+    from flows.runtime import embedded_environment, load_deployments
+
+    embedded_environment()
+    with user_errors():
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file")
+        deployments = load_deployments(file, list(names or []) or None)
+    table = Table(title=f"deployments in {file}")
+    table.add_column("name")
+    table.add_column("flow")
+    table.add_column("schedule")
+    for dep in deployments:
+        sched = ", ".join(f"cron {s.schedule.cron} {s.schedule.timezone}" for s in (dep.schedules or [])
+                          if hasattr(s.schedule, "cron")) or "on demand"
+        table.add_row(dep.name, dep.flow_name, sched)
+    console.print(table)
+    if list_only:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        fail("serving schedules needs a persistent server: run `prefect server start` and set PREFECT_API_URL "
+             "(or use --list)")
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments)
 
 
 def register(app: typer.Typer) -> None:
+    app.command("run")(run)
     app.command("demo")(demo)
+    app.command("serve")(serve)
