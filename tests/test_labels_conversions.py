@@ -37,7 +37,7 @@ def test_listwise_to_pairwise_strategies(strategy, expected):
     # q2 has a tie x=y: all-pairs and best-vs-rest / adjacent leave it out and count it
     assert stats.tie_pairs == {"all-pairs": 1, "best-vs-worst": 0, "best-vs-rest": 1, "adjacent": 1}[strategy]
     assert out.column("prompt").to_pylist()[0] == [{"role": "user", "content": "q1"}]
-    assert set(out.column("_row").to_pylist()) == {0, 1}
+    assert set(stats.contributed.tolist()) == {0, 1}
 
 
 def test_all_tied_row_is_dropped_by_rule():

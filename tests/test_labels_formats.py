@@ -357,3 +357,28 @@ def test_quarantine_dataset_and_bad_input_errors(tmp_path):
     with pytest.raises(LabelsError, match="bad.xlsx: unreadable as xlsx"):
         convert_labels_file(tmp_path / "bad.xlsx", tmp_path / "o6", "graded-pairwise", "pairwise")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o6").exists()
+
+
+def test_streaming_readers_recover_when_a_later_block_changes_type(tmp_path, monkeypatch):
+    from feedback.labels import io as lio
+
+    monkeypatch.setattr(lio, "BLOCK_BYTES", 256)  # many small blocks
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "note": None} for i in range(40)]
+    rows[30]["note"] = "now a string"  # Arrow inferred null from the first block
+    write_jsonl(tmp_path / "s.jsonl", rows)
+    batches = list(lio.iter_file_batches(tmp_path / "s.jsonl", batch_rows=7))
+    got = [r for b in batches for r in b.select(["prompt", "note"]).to_pylist()]
+    assert [r["prompt"] for r in got] == [f"p{i}" for i in range(40)] and got[30]["note"] == "now a string"
+    lines = ["prompt,chosen,rejected,score"] + [f"p{i},c{i},r{i},{i}" for i in range(40)] + ["p40,c40,r40,high"]
+    (tmp_path / "s.csv").write_text("\n".join(lines) + "\n")
+    got = lio.read_file(tmp_path / "s.csv")
+    assert got.num_rows == 41 and got.column("prompt").to_pylist()[-1] == "p40"
+    assert [str(v) for v in got.column("score").to_pylist()][-2:] == ["39", "high"]
+
+
+def test_parquet_is_streamed_in_batches(tmp_path):
+    from feedback.labels import io as lio
+
+    pq.write_table(pa.table({"x": list(range(1000))}), tmp_path / "big.parquet", row_group_size=100)
+    sizes = [b.num_rows for b in lio.iter_file_batches(tmp_path / "big.parquet", batch_rows=64)]
+    assert sum(sizes) == 1000 and max(sizes) <= 64

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from feedback.labels.errors import LabelsError
 
 STRATEGIES = ("all-pairs", "best-vs-worst", "best-vs-rest", "adjacent")
-INTERNAL = ("_row", "_nrec")
+INTERNAL = ("_row", "_nrec", "_cid")  # source row, records merged, canonical row id
 
 
 @dataclass
@@ -34,8 +34,8 @@ class Stats:
     tie_pairs: int = 0  # pairs left out because a pairwise output cannot hold a tie
     identical_pairs: int = 0  # pairs left out because both responses are the same text
     extra: dict = field(default_factory=dict)
-    # ``_row`` values of input rows that reached the output, when not visible in the output's
-    # own ``_row`` (pairwise -> listwise merges many rows into one)
+    # ``_cid`` (else ``_row``) values of input rows that reached the output, when the output
+    # carries no such column per row (pairwise -> listwise merges many rows into one)
     contributed: np.ndarray | None = None
 
     def merge(self, other: "Stats") -> None:
@@ -199,7 +199,10 @@ def listwise_to_pairwise(table: pa.Table, strategy: str = "all-pairs", source: s
         "margin": pa.array(margin, pa.float64()),
         "source": pa.repeat(source, len(row)) if len(row) else pa.array([], pa.string()),
     }
-    out.update(_carry(table, row))
+    # which input rows reached the output, without a bookkeeping column per pair
+    key = "_cid" if "_cid" in table.column_names else "_row"
+    if key in table.column_names:
+        stats.contributed = table.column(key).to_numpy()[produced]
     return pa.table(out), stats
 
 
@@ -327,8 +330,9 @@ def pairwise_to_listwise(table: pa.Table, ties: str = "drop") -> tuple[pa.Table,
     n = table.num_rows
     if n == 0:
         return _empty_listwise(), stats
-    if "_row" in table.column_names:
-        stats.contributed = table.column("_row").to_numpy()
+    key = "_cid" if "_cid" in table.column_names else "_row"
+    if key in table.column_names:
+        stats.contributed = table.column(key).to_numpy()
     pid = table.column("prompt_id").to_numpy(zero_copy_only=False)
     chosen = table.column("chosen").to_numpy(zero_copy_only=False)
     rejected = table.column("rejected").to_numpy(zero_copy_only=False)

@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 from feedback.labels import conversions as cv
 from feedback.labels.errors import LabelsError
 from feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format
-from feedback.labels.io import BATCH_ROWS, FileWriter, iter_file_batches
+from feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
 from schemas.validate import QUARANTINE_SCHEMA, validate
 
 TIES = ("drop", "keep")
-INTERNAL_COLUMNS = ("_row", "_nrec", "tie", "both_bad")
+INTERNAL_COLUMNS = ("_row", "_nrec", "_cid", "tie", "both_bad")
 
 
 @dataclass
@@ -170,7 +170,7 @@ def prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]:
 def _whole(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
     tables = list(batches)
     if tables:
-        yield pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        yield concat_loose(tables)
 
 
 def _strip(table: pa.Table) -> pa.Table:
@@ -234,11 +234,22 @@ def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table]) -> pa
         src_rows = parsed.table.column("_row").to_numpy()[idx]
         nrec = parsed.table.column("_nrec").to_numpy()[idx]
         q = result.quarantined.set_column(0, "row", pa.array(src_rows.astype(np.int64)))
+        q = q.set_column(2, "record", pa.array([_public_record(r) for r in q.column("record").to_pylist()], pa.string()))
         quarantine.append(q.cast(QUARANTINE_SCHEMA))
         report.quarantined += int(nrec.sum())
         for reason, n in zip(q.column("reason").to_pylist(), nrec):
             report.quarantine_reasons[reason] += int(n)
     return result.valid
+
+
+def _public_record(record: str) -> str:
+    """A quarantined canonical row as JSON without the pipeline's bookkeeping columns."""
+    import json
+
+    row = json.loads(record)
+    for key in ("_row", "_nrec"):
+        row.pop(key, None)
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 class _Sink:
@@ -379,16 +390,17 @@ def convert_labels_file(
                 report.dropped.update(st.dropped)
                 report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
             table = _validated(parsed, report, quarantine)
-            canon_rows = table.column("_row")
+            canon_ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            table = table.append_column("_cid", canon_ids)
             canon_nrec = table.column("_nrec").to_numpy()
             converted, st = convert_kind(table, kind, kind_out, options)
             stats.merge(st)
             if st.contributed is not None:
-                produced = np.isin(canon_rows.to_numpy(), st.contributed)
+                produced = pc.is_in(canon_ids, value_set=pa.array(st.contributed)).to_numpy(zero_copy_only=False)
             elif converted.num_rows:
-                produced = pc.is_in(canon_rows, value_set=pc.unique(converted.column("_row"))).to_numpy(zero_copy_only=False)
+                produced = pc.is_in(canon_ids, value_set=pc.unique(converted.column("_cid"))).to_numpy(zero_copy_only=False)
             else:
-                produced = np.zeros(len(canon_rows), dtype=bool)
+                produced = np.zeros(len(canon_ids), dtype=bool)
             written = int(canon_nrec[produced].sum())
             report.written += written
             unexplained = int(canon_nrec.sum()) - written - int(sum(st.dropped.values()))

@@ -634,9 +634,12 @@ def _graded_acceptable(raw, ctx, q, use, prompt_all, dropped) -> Parsed:
     first = np.full(len(uniques), len(raw), dtype=np.int64)
     np.minimum.at(first, item, src[known])
     split = yes * 2 == total
-    # records: each sheet row rates two responses; credit a row to the item of its first response
-    nrec = np.zeros(len(uniques), dtype=np.int64)
-    np.add.at(nrec, item[: int(known[: len(use)].sum())], 1)
+    # records: each sheet row rates two responses; credit the row to the item of its first
+    # response with a known vote (so each record is counted once)
+    item_full = np.full(len(vote), -1, dtype=np.int64)
+    item_full[known] = item
+    credit = np.where(item_full[: len(use)] >= 0, item_full[: len(use)], item_full[len(use):])
+    nrec = np.bincount(credit[credit >= 0], minlength=len(uniques)).astype(np.int64)
     if split.any():
         dropped["acceptability split evenly"] += int(nrec[split].sum())
     keep = ~split

@@ -20,6 +20,7 @@ import pyarrow as pa
 from feedback.labels.errors import LabelsError
 
 BATCH_ROWS = 65_536
+BLOCK_BYTES = 1 << 24  # Arrow's JSON / CSV readers parse (and infer types) block by block
 READ_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".xlsx")
 WRITE_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
@@ -63,7 +64,34 @@ def read_file(path: str | os.PathLike) -> pa.Table:
     tables = list(iter_file_batches(path))
     if not tables:
         return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    return concat_loose(tables)
+
+
+def concat_loose(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate batches whose types may differ (streamed readers infer per block): columns
+    that cannot be promoted to one type become text (nested values as JSON)."""
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    types: dict[str, set] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(f.type)
+    mixed = {name for name, ts in types.items() if len({t for t in ts if not pa.types.is_null(t)}) > 1}
+    fixed = []
+    for t in tables:
+        for name in mixed & set(t.column_names):
+            col = t.column(name)
+            nested = pa.types.is_nested(col.type)
+            as_text = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) if nested else str(v)
+                                for v in col.to_pylist()], pa.string()) if nested or not pa.types.is_string(col.type) \
+                else col
+            t = t.set_column(t.schema.get_field_index(name), name, as_text)
+        fixed.append(t)
+    return pa.concat_tables(fixed, promote_options="permissive")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,16 +109,42 @@ def _slices(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 def _parquet_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    # pre_buffer=False: with Arrow's default the buffered column chunks of every row group read
+    # so far stay cached, so memory would grow with the file (measured: +60 bytes per row)
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows):
         yield pa.Table.from_batches([batch])
 
 
 def _csv_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """CSV in blocks; Arrow infers column types from the first block, so when a later block
+    disagrees (a number column that turns into text) the rest is read with every column as text."""
     import pyarrow.csv as pcsv
 
-    reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 24))
+    done = 0
+    try:
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES))
+        for batch in reader:
+            for table in _slices(pa.Table.from_batches([batch]), batch_rows):
+                yield table
+                done += table.num_rows
+        return
+    except pa.ArrowInvalid:
+        if done == 0:
+            raise
+    with pcsv.open_csv(path) as first:
+        header = first.schema.names
+    text_types = {name: pa.string() for name in header}
+    reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
+                           convert_options=pcsv.ConvertOptions(column_types=text_types))
+    skipped = 0
     for batch in reader:
-        yield from _slices(pa.Table.from_batches([batch]), batch_rows)
+        table = pa.Table.from_batches([batch])
+        if skipped < done:  # rows already yielded with the first block's types
+            drop = min(done - skipped, table.num_rows)
+            skipped += drop
+            table = table.slice(drop)
+        if table.num_rows:
+            yield from _slices(table, batch_rows)
 
 
 def _open_text(path: Path):
@@ -100,32 +154,44 @@ def _open_text(path: Path):
 
 
 def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
-    """JSON lines: Arrow's reader (one type for the whole file); Python's json as fallback.
+    """JSON lines, streamed: Arrow's reader block by block; Python's json where Arrow gives up.
 
-    Arrow infers types from the first block; label files often have a column that is null for
-    thousands of rows and then a string (or a struct whose keys vary), so the fallback parses
-    the lines with ``json`` and lets Arrow unify the types of the whole file.
+    Arrow infers types from the first block; label files often have a field that is null for
+    thousands of rows and then a string (or a struct whose keys vary). When a block does not
+    fit, the remaining lines are parsed with ``json`` in chunks of ``batch_rows`` (each chunk
+    gets its own Arrow types; the readers take any).
     """
     import pyarrow.json as pjson
 
-    opener = pa.input_stream(str(path), compression="gzip" if path.name.lower().endswith(".gz") else None)
+    done = 0
     try:
-        with opener as stream:
-            table = pjson.read_json(stream, read_options=pjson.ReadOptions(block_size=1 << 26))
-        yield from _slices(table, batch_rows)
+        stream = pa.input_stream(str(path), compression="gzip" if path.name.lower().endswith(".gz") else None)
+        with pjson.open_json(stream, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES)) as reader:
+            for batch in reader:
+                for table in _slices(pa.Table.from_batches([batch]), batch_rows):
+                    yield table
+                    done += table.num_rows
         return
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
-    rows = []
+    rows: list = []
+    seen = 0
     with _open_text(path) as fh:
         for number, line in enumerate(fh):
             if not line.strip():
                 continue
+            seen += 1
+            if seen <= done:  # already yielded by Arrow's reader
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise LabelsError(f"{path}: row {len(rows)}: line {number + 1} is not JSON ({exc.msg})") from None
-    yield from _slices(_from_records(rows, path), batch_rows)
+                raise LabelsError(f"{path}: row {seen - 1}: line {number + 1} is not JSON ({exc.msg})") from None
+            if len(rows) >= batch_rows:
+                yield _from_records(rows, path, seen - len(rows))
+                rows = []
+    if rows or not done:
+        yield _from_records(rows, path, seen - len(rows))
 
 
 def _read_json_document(path: Path) -> pa.Table:
@@ -144,10 +210,10 @@ def _read_json_document(path: Path) -> pa.Table:
     return _from_records(doc, path)
 
 
-def _from_records(rows: list, path: Path) -> pa.Table:
+def _from_records(rows: list, path: Path, first_row: int = 0) -> pa.Table:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise LabelsError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+            raise LabelsError(f"{path}: row {first_row + i}: expected a JSON object, got {type(row).__name__}")
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
