@@ -30,9 +30,17 @@ def gen():
 def test_prefix_cached_scorer_equals_plain_scoring(gen):
     judge = PairwiseJudge(gen)
     assert isinstance(judge.scorer, PrefixCachedScorer)
-    msgs = [judge.template.messages(f"Reverse: {w}", w[::-1], w) for w in ("abc", "xyz", "hello")]
-    conts = [["1", "2"], ["1", "2 because"], ["x", "22"]]
-    scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=2)
+    words = ("abc", "xyz", "hello")
+    # both orders of each pair: rows that share the request beyond the preamble (level-2 groups)
+    msgs = [judge.template.messages(f"Reverse: {w}", a, b) for w in words for a, b in ((w[::-1], w), (w, w[::-1]))]
+    conts = [["1", "2"], ["1", "2"], ["1", "2 because"], ["1", "2"], ["x", "22"], ["2", "1"]]
+    scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=4)
+    from feedback.judges.scoring import _common_prefix_len
+
+    rows = scorer._plan(msgs, [["1"]] * 6)[0]
+    P = _common_prefix_len(rows)  # the preamble
+    groups, ends = scorer._groups(rows, P, [10_000] * 6)
+    assert groups == [0, 0, 1, 1, 2, 2] and all(e >= P + 8 for e in ends)
     got = scorer.score_batch(msgs, conts)
     flat_p = [m for m, cs in zip(msgs, conts) for _ in cs]
     ref = gen.score_batch(flat_p, [c for cs in conts for c in cs])

@@ -134,35 +134,75 @@ class PrefixCachedScorer:
         self._prefix_cache = getattr(out, "cache", None) or out.past_key_values
         return self._prefix_cache
 
+    def _groups(self, rows: list[tuple[int, ...]], P: int, limits: list[int]) -> tuple[list[int], list[int]]:
+        """Second-level sharing: runs of consecutive rows whose common prefix extends at least
+        ``min_prefix`` tokens beyond ``P`` form a group (e.g. the two orders of one judged pair
+        share the request). Returns each row's group index and each group's prefix end L_g,
+        capped so every row keeps at least one token and all its target positions after it."""
+        runs: list[list[int]] = [[0]]
+        for b in range(1, len(rows)):
+            if _common_prefix_len([rows[runs[-1][0]], rows[b]]) - P >= self.min_prefix:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        group_of = [g for g, run in enumerate(runs) for _ in run]
+        ends = []
+        for run in runs:
+            lcp = _common_prefix_len([rows[i] for i in run]) if len(run) > 1 else P
+            ends.append(max(P, min([lcp] + [limits[i] for i in run])))
+        return group_of, ends
+
     def _row_logps(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]]) -> list[list[float]]:
-        """Log-probs at (position, token) pairs of each row; one batched forward."""
+        """Log-probs at (position, token) pairs of each row, with two levels of prefix sharing:
+        the batch-wide prefix P (cached across calls) and per-group prefixes [P, L_g) computed
+        once per group; then only each row's suffix [L_g, len) runs. Shapes: group pass
+        [G, M] with M = max(L_g - P); suffix pass [B, S]; attention mask [B, P + M + S]."""
         import torch
 
         device = self.model.device
-        first_target = min(pos for w in wanted for pos, _ in w)
-        P = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1, first_target)
+        limits = [min(len(r) - 1, min(pos for pos, _ in w)) for r, w in zip(rows, wanted)]
+        P = min(_common_prefix_len(rows), min(limits))
         use_prefix = P >= self.min_prefix
         P = P if use_prefix else 0
-        S = max(len(r) for r in rows) - P
+        group_of, ends = self._groups(rows, P, limits) if use_prefix else (list(range(len(rows))), [0] * len(rows))
+        G, B = len(ends), len(rows)
+        M = max(e - P for e in ends) if use_prefix else 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), S), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), P + S), dtype=torch.long)
-        mask[:, :P] = 1
-        for b, r in enumerate(rows):
-            input_ids[b, : len(r) - P] = torch.tensor(r[P:])
-            mask[b, P: len(r)] = 1
-        kwargs = {"attention_mask": mask.to(device),
-                  "position_ids": (P + torch.arange(S)).expand(len(rows), S).to(device)}
+        cache = None
         if use_prefix:
             cache = copy.deepcopy(self._prefix(rows[0][:P]))
-            cache.batch_repeat_interleave(len(rows))
+            cache.batch_select_indices(torch.zeros(G if M else B, dtype=torch.long, device=device))
+        if M:  # level 2: each group's shared tokens, once per group
+            firsts = [group_of.index(g) for g in range(G)]
+            g_ids = torch.full((G, M), pad, dtype=torch.long)
+            g_mask = torch.zeros((G, P + M), dtype=torch.long)
+            g_mask[:, :P] = 1
+            for g, b in enumerate(firsts):
+                n = ends[g] - P
+                g_ids[g, :n] = torch.tensor(rows[b][P: ends[g]])
+                g_mask[g, P: P + n] = 1
+            self.model(g_ids.to(device), attention_mask=g_mask.to(device),
+                       position_ids=(P + torch.arange(M)).expand(G, M).to(device), use_cache=True,
+                       **{self._cache_kw: cache})
+            cache.batch_select_indices(torch.tensor(group_of, device=device))
+        starts = [ends[group_of[b]] if use_prefix else 0 for b in range(B)]
+        S = max(len(r) - s for r, s in zip(rows, starts))
+        input_ids = torch.full((B, S), pad, dtype=torch.long)
+        mask = torch.zeros((B, P + M + S), dtype=torch.long)
+        positions = torch.zeros((B, S), dtype=torch.long)
+        mask[:, :P] = 1
+        for b, (r, s) in enumerate(zip(rows, starts)):
+            input_ids[b, : len(r) - s] = torch.tensor(r[s:])
+            mask[b, P: s] = 1  # its group's prefix (the rest of the M slots is another group's padding)
+            mask[b, P + M: P + M + len(r) - s] = 1
+            positions[b] = s + torch.arange(S)
+        kwargs = {"attention_mask": mask.to(device), "position_ids": positions.to(device),
+                  "use_cache": cache is not None}
+        if cache is not None:
             kwargs[self._cache_kw] = cache
-            kwargs["use_cache"] = True
-        else:
-            kwargs["use_cache"] = False
         logits = self.model(input_ids.to(device), **kwargs).logits  # [B, S, V]
         b_idx = torch.tensor([b for b, w in enumerate(wanted) for _ in w], device=device)
-        s_idx = torch.tensor([pos - P for w in wanted for pos, _ in w], device=device)
+        s_idx = torch.tensor([pos - starts[b] for b, w in enumerate(wanted) for pos, _ in w], device=device)
         tok = torch.tensor([t for w in wanted for _, t in w], device=device)
         picked = logits[b_idx, s_idx].float().log_softmax(-1).gather(-1, tok[:, None])[:, 0].tolist()
         out, k = [], 0
@@ -181,8 +221,9 @@ class PrefixCachedScorer:
             by_row.setdefault(row, []).extend(pairs)
         row_values: dict[tuple[int, int], float] = {}
         with torch.inference_mode():
+            order = sorted(range(len(rows)), key=lambda r: len(rows[r]))  # similar lengths: less padding
             for start in range(0, len(rows), self.batch_size):
-                chunk = list(range(start, min(start + self.batch_size, len(rows))))
+                chunk = order[start: start + self.batch_size]
                 wanted = [sorted(set(by_row[r])) for r in chunk]
                 values = self._row_logps([rows[r] for r in chunk], wanted)
                 for r, w, v in zip(chunk, wanted, values):

@@ -71,13 +71,17 @@ class PairwiseTemplate:
     normalised preference and costs nothing to include.
     """
 
+    # The answer format lives in the preamble and the ending is short (RLAIF's "Preferred
+    # Summary="): everything shared by all judged pairs precedes the sample, so a backend with
+    # prefix caching computes it once; only the sample and a few ending tokens differ per row.
     preamble: str = ("You are a careful, impartial judge. Read a user's request and two candidate "
                      "responses, and decide which response is better: more correct, more helpful, "
-                     "more honest and harmless. Ignore response length and order. " + DATA_NOTE)
+                     "more honest and harmless. Ignore response length and order. " + DATA_NOTE +
+                     " Answer with a single digit: 1 if response 1 is better, 2 if response 2 is.")
     exemplars: tuple[PairExemplar, ...] = ()
-    ending: str = "Which response is better? Answer with a single digit: 1 or 2."
-    cot_request: str = ("Which response is better? Explain your reasoning step by step in a few "
-                        "sentences, but do not state the final answer yet.")
+    ending: str = "Preferred response:"
+    cot_request: str = ("Before answering, explain step by step in a few sentences which response "
+                        "is better; do not state the final answer yet.")
     cot_ending: str = "Final answer, a single digit (1 or 2):"
     answer_prefix: str = ""
     answers: tuple[str, str] = ("1", "2")
