@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from feedback.toy_task import ToyTask
+from schemas.store import sha256_file
 
 MARKER = "toy_world.json"
 CHECKPOINT_DIR = "sft-model"
@@ -141,6 +142,7 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
         built = time.perf_counter()
         stats = evaluate_checkpoint(checkpoint, task, config)
     stats["build_seconds"] = round(built - started, 2)
+    stats["weights_sha256"] = sha256_file(checkpoint / "model.safetensors")
     stats["eval_seconds"] = round(time.perf_counter() - built, 2)
     payload = {"digest": digest, "config": asdict(config), "task": task.config(), "stats": stats,
                "checkpoint": CHECKPOINT_DIR}
@@ -159,6 +161,7 @@ def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -
     from trainers.sft import train_sft
     from trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     if checkpoint.exists():
         shutil.rmtree(checkpoint)
@@ -168,8 +171,10 @@ def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -
                             num_heads=config.num_heads, seed=config.seed)
     train_sft(model, tokenizer, examples, checkpoint, learning_rate=config.learning_rate,
               per_device_train_batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-              seed=config.seed, data_seed=config.seed, use_cpu=True, logging_steps=10_000)
+              seed=config.seed, data_seed=config.seed, use_cpu=True, logging_steps=10_000, quiet=True)
     shutil.rmtree(checkpoint / "trainer-state", ignore_errors=True)
+    if bars:
+        hf_logging.enable_progress_bar()
 
 
 def evaluate_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from trainers.toy_model import make_char_tokenizer, make_tiny_llama  # noqa: E40
 def generator():
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1)
-    return HFGenerator(model, tokenizer, device="cpu", batch_size=8, num_threads=1)
+    return HFGenerator(model, tokenizer, device="cpu", batch_size=8)
 
 
 def user(text: str) -> list[dict]:
@@ -122,3 +122,14 @@ def test_stop_string_truncates(generator):
         cut = plain.text.find(stop)
         assert stopped.text == (plain.text[:cut] if cut >= 0 else plain.text)
         assert stop not in stopped.text
+
+
+def test_live_model_mode_is_restored(generator):
+    generator.model.train()
+    try:
+        generator.generate(PROMPTS[:1], n=1, sampling=SamplingParams(max_new_tokens=3, seed=0))
+        generator.score(PROMPTS[0], ["ab"])
+        assert generator.model.training
+    finally:
+        generator.model.eval()
+    assert generator.num_threads == 1  # "auto" on a tiny CPU model

@@ -177,6 +177,6 @@ def test_demo_command_prints_reward_statistics(toy_world):
 
     from flows.cli import app
 
-    result = CliRunner().invoke(app, ["demo", "--output", str(toy_world.path.parent)])
+    result = CliRunner().invoke(app, ["demo", "--world-only", "--output", str(toy_world.path.parent)])
     assert result.exit_code == 0, result.output
     assert "mean reward" in result.output and f"{toy_world.stats['mean_reward']:.3f}" in result.output

@@ -116,7 +116,7 @@ def read_sft_dataset(path: str | Path) -> list[tuple[list[dict], str]]:
 
 
 def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length: int | None = None,
-              save: bool = True, **training_args: Any) -> Path:
+              save: bool = True, quiet: bool = False, **training_args: Any) -> Path:
     """Fine-tune ``model`` on ``examples`` and save the result as a checkpoint in ``output_dir``.
 
     Args:
@@ -127,6 +127,7 @@ def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length:
         output_dir: where the final checkpoint (weights, config, tokenizer) is written.
         max_length: truncate longer sequences (None: keep all).
         save: write the checkpoint (False: only train ``model`` in place).
+        quiet: print no training log lines.
         **training_args: forwarded to ``transformers.TrainingArguments`` (e.g. num_train_epochs,
             per_device_train_batch_size, learning_rate, seed, use_cpu, max_steps).
 
@@ -165,6 +166,11 @@ def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length:
     args = TrainingArguments(output_dir=str(output_dir / "trainer-state"), **defaults)
     trainer = _make_trainer_class()(model=model, args=args, train_dataset=rows,
                                     data_collator=PadCollator(tokenizer.pad_token_id))
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     result = trainer.train()
     model.eval()
     if save:

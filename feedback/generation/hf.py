@@ -70,40 +70,65 @@ class HFGenerator:
         batch_size: rows (prompt x sample) per forward pass.
         dtype: torch dtype for a model loaded from a path (default float32).
         trust_remote_code: passed to the Auto classes; off unless asked for.
-        num_threads: torch CPU threads while generating/scoring (restored afterwards); 1 is
-            fastest for tiny models on a busy machine (no OpenMP spinning). None: leave as is.
+        num_threads: torch CPU threads while generating/scoring (restored afterwards). "auto":
+            1 for a model under 20 M parameters on the CPU (as fast as more threads for such
+            a model, and immune to OpenMP spinning on a busy machine), else torch's setting.
+            None: leave torch's setting.
     """
 
     name = "hf"
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None, device: str | None = None,
                  batch_size: int = 64, dtype: Any = None, trust_remote_code: bool = False,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | str | None = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = torch.device(device or _default_device())
         if isinstance(model_or_path, (str, Path)):
             path = str(model_or_path)
             self.model_name = path
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
                                                          trust_remote_code=trust_remote_code)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = model.to(device or _default_device()).eval()
         else:
-            model = model_or_path
+            # A live model (e.g. the policy of an online trainer) stays where it is unless a
+            # device is named; its train/eval mode is restored after each call.
+            model = model_or_path if device is None else model_or_path.to(device)
             self.model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         if tokenizer is None:
             raise ValueError("HFGenerator needs a tokenizer when given a model object")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.model = model.to(self.device).eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.eos_ids = self._eos_ids()
+        if num_threads == "auto":
+            small = sum(p.numel() for p in self.model.parameters()) < 20_000_000
+            num_threads = 1 if small else None
         self.num_threads = num_threads
         # transformers >= 5 names the KV cache argument ``cache``; older releases ``past_key_values``.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode, no autograd, CPU thread setting; the model's mode is restored after."""
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), cpu_threads(self.num_threads if self.device.type == "cpu" else None):
+                yield
+        finally:
+            if was_training:
+                self.model.train()
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -141,7 +166,7 @@ class HFGenerator:
         seed = sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        with cpu_threads(self.num_threads if self.device.type == "cpu" else None):
+        with self._inference():
             return self._generate(prompts, n, sampling, seed)
 
     def _generate(self, prompts, n, sampling, seed) -> list[list[Generation]]:
@@ -182,6 +207,7 @@ class HFGenerator:
         from transformers import DynamicCache
 
         batch = len(seqs)
+        device = self.device
         max_new = sampling.max_new_tokens
         greedy = sampling.temperature <= 0
         with torch.inference_mode():
@@ -195,17 +221,17 @@ class HFGenerator:
                     g = torch.Generator().manual_seed(s)
                     u = torch.rand((max_new, vocab), generator=g, dtype=torch.float32)
                     noise[b] = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-                noise = noise.to(self.device)
-            eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+                noise = noise.to(device)
+            eos = torch.tensor(sorted(self.eos_ids), device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()  # filled in place by every forward call below
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
             next_pos = positions[:, -1:] + 1
-            tokens = torch.full((batch, max_new), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-            logps = torch.zeros((batch, max_new), dtype=torch.float32, device=self.device)
-            done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-            lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+            tokens = torch.full((batch, max_new), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+            logps = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+            done = torch.zeros(batch, dtype=torch.bool, device=device)
+            lengths = torch.zeros(batch, dtype=torch.long, device=device)
             stop_texts = sampling.stop
             for step in range(max_new):
                 logits = out.logits[:, -1, :].float()  # [B, V]
@@ -223,7 +249,7 @@ class HFGenerator:
                     done |= self._hit_stop(tokens[:, : step + 1], lengths, done, stop_texts)
                 if bool(done.all()) or step == max_new - 1:
                     break
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=-1)
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
                 out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                                  use_cache=True, **{self._cache_kwarg: cache})
                 next_pos = next_pos + 1
@@ -280,8 +306,7 @@ class HFGenerator:
             pairs.append((cache[key], cont))
         order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]) + len(pairs[k][1]))
         scores = [0.0] * len(pairs)
-        threads = self.num_threads if self.device.type == "cpu" else None
-        with torch.inference_mode(), cpu_threads(threads):
+        with self._inference():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 seqs = [pairs[k][0] + pairs[k][1] for k in idx]
