@@ -53,6 +53,7 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     gen = config.generation.model_dump()
     task_cfg: dict = {}
+    world: dict = {}
     if config.model is None:
         world = steps.call("build_world", out=str(run / "toy-world"), seed=config.seed, options=config.toy_world)
         initial, task_cfg = world["path"], world.get("task", {})
@@ -100,7 +101,7 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
             break
     report = {"name": config.name, "run_dir": str(run), "initial_model": initial, "final_model": policy,
               "loss": config.train.loss, "kind": config.feedback.kind, "judge": judge.get("type"),
-              "stop_reason": stop_reason, "history": history}
+              "stop_reason": stop_reason, "history": history, "world_stats": world.get("stats")}
     _write_json(run / "report.json", report)
     report["plot"] = str(plot_history(history, run / "reward_kl.png", title=f"{config.name}: {config.train.loss}"))
     _write_json(run / "report.json", report)

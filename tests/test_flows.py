@@ -104,6 +104,24 @@ def test_transient_errors_are_classified():
     assert not tasks.is_transient(HTTPError(400)) and not tasks.is_transient(ValueError("bad prompt"))
 
 
+def test_cli_run_show_config_errors_and_serve_list(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["run", "align", "--show-config"])
+    assert shown.exit_code == 0 and "train.loss" in shown.output and "termination.alpha" in shown.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iterations: 0\n")
+    res = runner.invoke(app, ["run", "align", "--config", str(bad)])
+    assert res.exit_code == 2 and "bad.yaml" in res.output and "iterations" in res.output
+    res = runner.invoke(app, ["run", "nope"])
+    assert res.exit_code == 2 and "unknown flow" in res.output
+    listed = runner.invoke(app, ["serve", "--list", "--file", str(ROOT / "prefect.yaml")])
+    assert listed.exit_code == 0 and "nightly-generate-feedback" in listed.output and "0 2 * * *" in listed.output
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset building (pure functions)
 # ---------------------------------------------------------------------------------------------

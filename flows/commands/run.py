@@ -87,6 +87,8 @@ def demo(
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a field: key=value."),
     fresh: bool = typer.Option(False, "--fresh", "--force",
                                help="Delete the run folder first: rebuild the toy world, rerun every step."),
+    world_only: bool = typer.Option(False, "--world-only",
+                                    help="Only build the toy world in --output and show its reward statistics."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
     """The main job: build the toy world and align it with two iterations of DPO (reward should rise)."""
@@ -95,6 +97,9 @@ def demo(
     from flows.config import dump_config, load_config
     from flows.runtime import expand_output
 
+    if world_only:
+        _world_only(output, seed, length_weight, fresh)
+        return
     sets = [f"seed={seed}"]
     if model:
         sets.append(f"model={model}")
@@ -122,6 +127,54 @@ def demo(
     print_align_report(result)
 
 
+def _world_only(output: Path | None, seed: int, length_weight: float, force: bool) -> None:
+    """The toy world alone (data + SFT), with its reward statistics and a few samples."""
+    from rich.table import Table
+
+    from feedback.toy_task import ToyTask
+    from flows.toy_world import build_toy_world
+
+    out_dir = output or DEFAULT_RUNS / "demo" / f"seed-{seed}"
+    with user_errors():
+        task = ToyTask(length_weight=length_weight)
+        console.print(f"building the toy world in [bold]{out_dir}[/] (seed {seed}) ...")
+        world = build_toy_world(out_dir, seed=seed, task=task, force=force)
+    stats = world.stats
+    table = Table(title=f"toy world: samples at temperature {stats['temperature']}, "
+                        f"K={stats['k']} per prompt, {stats['n_prompts']} held-out prompts")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    rows = [
+        ("mean reward", f"{stats['mean_reward']:.3f}"),
+        ("mean quality (length-free)", f"{stats['mean_quality']:.3f}"),
+        ("exact answers", f"{stats['exact_match']:.1%}"),
+        ("within-prompt reward std", f"{stats['within_prompt_std']:.3f}"),
+        ("prompts with reward spread", f"{stats['frac_prompts_with_spread']:.1%}"),
+        ("mean best - worst of K", f"{stats['mean_max_minus_min']:.3f}"),
+        ("mean response length (chars)", f"{stats['mean_length']:.1f}"),
+        ("build seconds (data + SFT)", f"{stats.get('build_seconds', float('nan')):.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    console.print(f"checkpoint: [bold]{world.path}[/] (AutoModelForCausalLM / AutoTokenizer load it)")
+    _show_examples(world)
+
+
+def _show_examples(world, n_prompts: int = 3, k: int = 4) -> None:
+    """A few prompts with K samples each and their rewards."""
+    from feedback.generation.hf import HFGenerator
+    from schemas.generator import SamplingParams
+
+    prompts = world.task.prompts(n_prompts, seed=world.config.seed + 2000)
+    generator = HFGenerator(world.path, device="cpu")
+    gens = generator.generate([[{"role": "user", "content": p}] for p in prompts], n=k,
+                              sampling=SamplingParams(temperature=1.0, max_new_tokens=24, seed=world.config.seed))
+    for prompt, samples in zip(prompts, gens):
+        shown = ", ".join(f"{g.text!r} ({world.task.reward(prompt, g.text):.2f})" for g in samples)
+        console.print(f"  {prompt!r} -> reference {world.task.reference(prompt)!r}: {shown}", highlight=False)
+
+
 def print_align_report(report: dict) -> None:
     """Rich table of held-out reward and KL per iteration, then where the outputs are."""
     from rich.table import Table
@@ -140,6 +193,10 @@ def print_align_report(report: dict) -> None:
                       f"{h['length']:.1f}", str(h.get("rows", "")),
                       "" if h.get("reward_before") is None else f"{h['reward_before']:.3f}")
     console.print(table)
+    world = report.get("world_stats")
+    if world:
+        console.print(f"toy world (the SFT start): reward {world['mean_reward']:.3f} on its own held-out prompts, "
+                      f"exact answers {world['exact_match']:.1%}, built in {world.get('build_seconds', 0):.0f} s")
     console.print(f"stop: {report['stop_reason']}")
     run = Path(report["run_dir"])
     console.print(f"run folder: [bold]{run}[/]")
