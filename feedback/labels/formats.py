@@ -207,7 +207,9 @@ def read_openai_comparisons(raw: pa.Table, ctx: ReadContext) -> Parsed:
     def field_or_empty(name):
         return pc.fill_null(pc.struct_field(info, name).cast(pa.string()), "") if name in names else pa.array([""] * len(raw))
 
-    body = field_or_empty("post") if "post" in names else field_or_empty("article")
+    # Reddit rows hold the text in ``post``, CNN/DailyMail rows in ``article``
+    body = pc.coalesce(*[pc.struct_field(info, n).cast(pa.string()) for n in ("post", "article") if n in names],
+                       pa.scalar("")) if {"post", "article"} & set(names) else field_or_empty("post")
     prompt_text = pc.binary_join_element_wise(
         pc.binary_join_element_wise("SUBREDDIT: r/", field_or_empty("subreddit"), ""),
         pc.binary_join_element_wise("TITLE: ", field_or_empty("title"), ""),

@@ -297,7 +297,7 @@ class FileWriter:
 
             if self._parquet is None:
                 self._parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-            self._parquet.write_table(table.cast(self._parquet.schema))
+            self._parquet.write_table(_align(table, self._parquet.schema))
         elif self.encoding == ".csv":
             self._write_csv(table)
         else:
@@ -367,6 +367,14 @@ class FileWriter:
                 except Exception:  # already broken; we only clean up
                     pass
         self.tmp.unlink(missing_ok=True)
+
+
+def _align(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A later batch in the first batch's schema (a column it lacks becomes null; one the
+    first batch lacked cannot be added to a Parquet file once started, so it is left out)."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _json_lines(table: pa.Table) -> list[str]:

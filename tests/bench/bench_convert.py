@@ -191,16 +191,19 @@ def main() -> None:
     if args.big_rows:
         make_listwise(big, args.big_rows, seed=2)
         big_run = _in_subprocess("ours", big, work / "pairs-big")
-        print(f"alignflow convert on {args.big_rows:,} rows: {big_run['pairs']:,} pairs in {big_run['seconds']:.1f}s "
-              f"= {big_run['pairs'] / big_run['seconds']:,.0f} pairs/s; peak RSS {big_run['maxrss_mb']:.0f} MB")
+        print(f"alignflow convert on {args.big_rows:,} rows: {big_run['pairs']:,} pairs in {big_run['seconds']:.1f}s wall "
+              f"/ {big_run['cpu']:.1f}s CPU = {big_run['pairs'] / big_run['seconds']:,.0f} pairs/s "
+              f"({big_run['pairs'] / big_run['cpu']:,.0f} per CPU-second); peak RSS {big_run['maxrss_mb']:.0f} MB")
         growth = big_run["maxrss_mb"] / ours["maxrss_mb"] - 1
         print(f"peak RSS {args.rows:,} rows: {ours['maxrss_mb']:.0f} MB; {args.big_rows:,} rows: "
               f"{big_run['maxrss_mb']:.0f} MB ({100 * growth:+.1f}%; goal within 20%)")
         shutil.rmtree(work / "pairs-big", ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores; wall-clock rates "
           f"shrink with load, per-CPU-second rates much less)")
-    print(f"goals: >= 30x baseline: {'met' if rate / base_rate >= 30 else 'NOT met'}; "
-          f">= 1,000,000 pairs/s: {'met' if rate >= 1e6 else 'NOT met'}")
+    print(f"goals (end to end, file -> validated -> store dataset): >= 30x baseline: "
+          f"{'met' if rate / base_rate >= 30 else 'NOT met'} ({rate / base_rate:.1f}x wall, {cpu_rate / base_cpu_rate:.1f}x "
+          f"per CPU-second); >= 1,000,000 pairs/s: {'met' if rate >= 1e6 else 'NOT met'} ({rate:,.0f} wall, "
+          f"{cpu_rate:,.0f} per CPU-second)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
