@@ -15,6 +15,7 @@ would double a CPU run); the collator only pads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,22 @@ def sft_loss(logits, labels):
     return per_example.mean()
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    """Temporarily set torch's intra-op CPU threads (process-wide; restored on exit)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
@@ -116,7 +133,8 @@ def read_sft_dataset(path: str | Path) -> list[tuple[list[dict], str]]:
 
 
 def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length: int | None = None,
-              save: bool = True, quiet: bool = False, **training_args: Any) -> Path:
+              save: bool = True, quiet: bool = False, num_threads: int | str | None = "auto",
+              **training_args: Any) -> Path:
     """Fine-tune ``model`` on ``examples`` and save the result as a checkpoint in ``output_dir``.
 
     Args:
@@ -128,11 +146,15 @@ def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length:
         max_length: truncate longer sequences (None: keep all).
         save: write the checkpoint (False: only train ``model`` in place).
         quiet: print no training log lines.
+        num_threads: torch CPU threads while training on the CPU (restored afterwards). "auto":
+            1 for a model under 20 M parameters (no slower for such a model, immune to OpenMP
+            spinning on a busy machine, one float summation order), else torch's setting.
         **training_args: forwarded to ``transformers.TrainingArguments`` (e.g. num_train_epochs,
             per_device_train_batch_size, learning_rate, seed, use_cpu, max_steps).
 
     Returns the output folder. The trained model is also left in ``model`` when one was passed.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     output_dir = Path(output_dir)
@@ -171,7 +193,11 @@ def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length:
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    result = trainer.train()
+    on_cpu = training_args.get("use_cpu", False) or not torch.cuda.is_available()
+    if num_threads == "auto":
+        num_threads = 1 if sum(p.numel() for p in model.parameters()) < 20_000_000 else None
+    with _cpu_threads(num_threads if on_cpu else None):
+        result = trainer.train()
     model.eval()
     if save:
         output_dir.mkdir(parents=True, exist_ok=True)
