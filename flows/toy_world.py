@@ -13,6 +13,7 @@ same seed gives the same weights everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,7 +138,7 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
     started = time.perf_counter()
     # One thread by default: as fast as two for a model this small, immune to a busy machine's
     # OpenMP spinning, and the same float summation order everywhere (same weights).
-    with cpu_threads(config.threads):
+    with cpu_threads(config.threads), _no_progress_bars():
         _build_checkpoint(checkpoint, task, config)
         built = time.perf_counter()
         stats = evaluate_checkpoint(checkpoint, task, config)
@@ -152,17 +153,27 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
     return ToyWorld(path=checkpoint, task=task, stats=stats, config=config)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' weight loading/saving bars off during the build (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -> None:
     """Data, tokenizer, tiny Llama, SFT; the checkpoint folder is written last."""
     import shutil
 
-    from transformers.utils import logging as hf_logging
-
     from trainers.sft import train_sft
     from trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     if checkpoint.exists():
         shutil.rmtree(checkpoint)
     examples = task.sft_examples(config.n_sft_examples, seed=config.seed)
@@ -173,8 +184,6 @@ def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -
               per_device_train_batch_size=config.batch_size, warmup_steps=config.warmup_steps,
               seed=config.seed, data_seed=config.seed, use_cpu=True, logging_steps=10_000, quiet=True)
     shutil.rmtree(checkpoint / "trainer-state", ignore_errors=True)
-    if bars:
-        hf_logging.enable_progress_bar()
 
 
 def evaluate_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -> dict[str, Any]:

@@ -5,9 +5,11 @@ cache) over LEFT-padded batches. Why not ``model.generate``: we need the model's
 log-probabilities of each sampled token and per-row random streams.
 
 Determinism: with ``SamplingParams.seed = s`` the j-th sample of the i-th prompt of a call is
-drawn with Gumbel-max noise from its own ``torch.Generator`` seeded from (s, i, j). The result
-therefore does not depend on ``batch_size``, on the other prompts of the batch or on padding
-(up to float rounding of the logits). ``seed=None`` draws a fresh seed from torch's global RNG.
+drawn by Gumbel-max (argmax of logits / T + Gumbel noise, after top-k / top-p masking) with
+noise from its own ``torch.Generator`` seeded from (s, i, j). The result therefore does not
+depend on ``batch_size``, on the other prompts of the batch or on padding (up to float rounding
+of the logits); CPU and CUDA generators give different streams. ``seed=None`` draws a fresh
+seed from torch's global RNG.
 
 Log-probs: ``Generation.logp`` is the sum over the generated tokens (the end-of-sequence token
 included when it was sampled) of ``log_softmax(logits)`` of the model at temperature 1, with no
@@ -52,6 +54,14 @@ def cpu_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _gumbel(generators, vocab: int, device):
+    """Standard Gumbel noise [B, V], row b drawn from ``generators[b]`` (Gumbel-max sampling)."""
+    import torch
+
+    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in generators])
+    return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
 
 
 def _default_device() -> str:
@@ -212,16 +222,11 @@ class HFGenerator:
         greedy = sampling.temperature <= 0
         with torch.inference_mode():
             input_ids, mask = self._left_pad(seqs)
-            vocab = self.model.get_output_embeddings().weight.shape[0]
-            noise = None
+            generators = None
             if not greedy:
-                # Per-row Gumbel noise for every step, from the row's own generator: [B, max_new, V].
-                noise = torch.empty((batch, max_new, vocab), dtype=torch.float32)
-                for b, s in enumerate(row_seeds):
-                    g = torch.Generator().manual_seed(s)
-                    u = torch.rand((max_new, vocab), generator=g, dtype=torch.float32)
-                    noise[b] = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-                noise = noise.to(device)
+                # One random stream per row, advanced one draw of [V] per step: memory stays
+                # [B, V] whatever max_new_tokens, and a row's samples ignore its batch mates.
+                generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
             eos = torch.tensor(sorted(self.eos_ids), device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()  # filled in place by every forward call below
@@ -238,7 +243,7 @@ class HFGenerator:
                 if greedy:
                     token = logits.argmax(-1)
                 else:
-                    token = (self._filter_logits(logits, sampling) + noise[:, step, :]).argmax(-1)
+                    token = (self._filter_logits(logits, sampling) + _gumbel(generators, logits.shape[-1], device)).argmax(-1)
                 token_logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
                 active = ~done
                 tokens[:, step] = torch.where(active, token, tokens[:, step])
