@@ -294,7 +294,8 @@ def test_dask_two_workers_shard_generation(tmp_path, tiny_model, prefect_server)
     from flows.runtime import prefect_session, with_runner
 
     prompts = _prompts(tmp_path / "prompts", 8)
-    plain_cfg = GenerateFeedbackConfig.model_validate(_hf_feedback_config(tmp_path / "plain", tiny_model, prompts))
+    plain_cfg = GenerateFeedbackConfig.model_validate(_hf_feedback_config(tmp_path / "plain", tiny_model, prompts,
+                                                                          shard_size=4))
     plain = run_generate_feedback(plain_cfg, tasks.PlainSteps(plain_cfg.output))
     cfg = _hf_feedback_config(tmp_path / "dask", tiny_model, prompts, shard_size=4)
     cfg.update(task_runner="dask", workers=2)
