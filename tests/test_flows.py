@@ -94,6 +94,39 @@ def test_task_runner_option():
         make_task_runner("mpi")
 
 
+def test_embedded_environment_defaults(tmp_path, monkeypatch):
+    from flows.runtime import embedded_environment
+
+    for key in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "true")  # a user's choice is kept
+    monkeypatch.chdir(tmp_path)
+    embedded_environment()
+    assert os.environ["PREFECT_HOME"] == str((tmp_path / ".prefect").resolve())
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["PREFECT_LOGGING_TO_API_ENABLED"] == "true"
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")  # a real server: no local home
+    embedded_environment()
+    assert "PREFECT_HOME" not in os.environ
+
+
+def test_sigterm_becomes_system_exit():
+    import signal
+
+    from flows.runtime import sigterm_exits
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        with sigterm_exits():
+            os.kill(os.getpid(), signal.SIGTERM)
+            import time
+
+            time.sleep(5)  # the handler interrupts this
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_transient_errors_are_classified():
     class HTTPError(Exception):
         def __init__(self, status):
