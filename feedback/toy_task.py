@@ -12,12 +12,15 @@ more slowly (they need copying from the prompt), so they are off by default.
 Reward (in [0, 1]) with partial credit and a length knob ``length_weight`` = w::
 
     quality(y, y*) = (# positions i with y[i] == y*[i]) / max(len(y), len(y*))
-    length_bonus(y) = min(len(y), 2 * len(y*)) / (2 * len(y*))
+    length_bonus(y) = clip((len(y) - len(y*) / 2) / len(y*), 0, 1)   (0.5 at the answer's length)
     reward = (1 - w) * quality + w * length_bonus
 
 (``y`` is the response with surrounding whitespace stripped, ``y*`` the reference.)
 With ``w = 0`` (the default) only correctness counts and extra characters lower the score
-(the denominator grows). With ``w > 0`` longer answers earn more even when they are wrong:
+(the denominator grows). With ``w > 0`` longer answers earn more even when they are wrong
+(for a half-right answer one extra character gains from about ``w > 1/3``, for a right one
+from ``w > 1/2``; on the toy world's samples the longer of two differing samples wins ~50%
+of pairs at w = 0 and clearly more as w grows):
 a length-biased reward of the kind that length-controlled methods (R-DPO eq. 46, SimPO eq. 47)
 are meant to resist. ``quality`` alone is the length-free "true" score to report next to it.
 
@@ -140,9 +143,12 @@ class ToyTask:
         return sum(a == b for a, b in zip(response, ref)) / denom
 
     def length_bonus(self, prompt: str, response: str) -> float:
-        """min(len(y), 2 len(y*)) / (2 len(y*)): grows with length, saturates at twice the answer."""
-        cap = 2 * len(self.reference(prompt))
-        return min(len(response.strip()), cap) / cap
+        """clip((len(y) - len(y*) / 2) / len(y*), 0, 1): 0 up to half the answer's length, 0.5 at
+        its length, 1 from one and a half times its length on."""
+        n_ref = len(self.reference(prompt))
+        if n_ref == 0:
+            return 1.0
+        return min(max((len(response.strip()) - n_ref / 2) / n_ref, 0.0), 1.0)
 
     def reward(self, prompt: str, response: str) -> float:
         """``(1 - w) * quality + w * length_bonus`` in [0, 1]."""

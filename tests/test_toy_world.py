@@ -73,7 +73,8 @@ def test_task_reward_partial_credit_and_length_knob():
     biased = ToyTask(length_weight=0.5)
     # With w > 0 a longer wrong answer beats a short, equally wrong one.
     assert biased.reward(prompt, "xxxxxxxxxxxxxxxx") > biased.reward(prompt, "xxxx")
-    assert biased.reward(prompt, "forty-two") == pytest.approx(0.5 + 0.5 * 9 / 18)
+    assert biased.reward(prompt, "forty-two") == pytest.approx(0.5 + 0.5 * 0.5)
+    assert biased.length_bonus(prompt, "x" * 30) == 1.0 and biased.length_bonus(prompt, "x") == 0.0
     rewards = task.rewards([prompt] * 3, ["forty-two", "fifty-two", "zzz"])
     assert rewards.shape == (3,) and ((rewards >= 0) & (rewards <= 1)).all()
     with pytest.raises(ValueError):
@@ -161,6 +162,28 @@ def test_toy_world_checkpoint_loads_and_knows_the_task(toy_world):
     rewards = toy_world.task.rewards(prompts, [g[0].text for g in greedy])
     # The SFT'd policy knows the answers; its mixed quality is in how it samples.
     assert rewards.mean() > toy_world.stats["mean_reward"] + 0.1
+
+
+def test_length_knob_rewards_longer_samples(toy_world):
+    """Among differing samples of one prompt, the longer wins ~half the time at w = 0, clearly more at w > 0."""
+    from feedback.generation.hf import HFGenerator
+    from schemas.generator import SamplingParams
+
+    prompts = toy_world.task.prompts(48, seed=9)
+    gens = HFGenerator(toy_world.path, device="cpu").generate(
+        [[{"role": "user", "content": p}] for p in prompts], n=4, sampling=SamplingParams(max_new_tokens=40, seed=0))
+    flat_prompts = [p for p in prompts for _ in range(4)]
+    texts = [g.text for samples in gens for g in samples]
+    lengths = np.array([len(t) for t in texts]).reshape(-1, 4)
+
+    def longer_wins(weight):
+        rewards = ToyTask(length_weight=weight).rewards(flat_prompts, texts).reshape(-1, 4)
+        wins = [rewards[i, a] > rewards[i, b] for i in range(len(prompts)) for a in range(4) for b in range(4)
+                if lengths[i, a] > lengths[i, b] and rewards[i, a] != rewards[i, b]]
+        return np.mean(wins)
+
+    assert longer_wins(0.0) < 0.6
+    assert longer_wins(0.75) > longer_wins(0.0) + 0.15
 
 
 def test_toy_world_rebuild_is_reused(toy_world):
