@@ -133,3 +133,16 @@ def test_live_model_mode_is_restored(generator):
     finally:
         generator.model.eval()
     assert generator.num_threads == 1  # "auto" on a tiny CPU model
+
+
+def test_tokenizer_without_chat_template_falls_back_to_plain_text(generator):
+    from trainers.sft import tokenize_sft_example
+
+    plain = make_char_tokenizer()
+    plain.chat_template = None
+    bare = HFGenerator(generator.model, plain, device="cpu")
+    ids = bare.prompt_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert plain.decode(ids) == "be brief\n\nhi"
+    row = tokenize_sft_example(plain, "hi", "yo")
+    assert row["input_ids"][: len(bare.prompt_ids("hi"))] == bare.prompt_ids("hi")
+    assert bare.generate(["hi"], n=2, sampling=SamplingParams(max_new_tokens=4, seed=0))[0][1].n_tokens >= 1

@@ -38,8 +38,12 @@ def tokenize_sft_example(tokenizer, prompt: Any, response: str, max_length: int 
     rendered with the chat template and ``add_generation_prompt=True``; the response ids follow,
     then ``eos`` (what the template appends after an assistant turn).
     """
-    text = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    messages = _as_messages(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:  # a base model without a template: contents joined by blank lines (as the hf generator)
+        prompt_ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids

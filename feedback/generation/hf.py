@@ -151,8 +151,16 @@ class HFGenerator:
 
     # -- tokenization --------------------------------------------------------------------
     def prompt_ids(self, prompt: Any) -> list[int]:
-        """Token ids of the chat-templated prompt, generation prompt included."""
-        text = self.tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        """Token ids of the chat-templated prompt, generation prompt included.
+
+        A tokenizer without a chat template (a base model) gets the turns' contents joined by
+        blank lines, with the tokenizer's own special tokens (e.g. bos).
+        """
+        messages = _as_messages(prompt)
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "\n\n".join(m["content"] for m in messages)
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _left_pad(self, seqs: Sequence[list[int]]):
