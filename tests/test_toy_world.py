@@ -203,3 +203,22 @@ def test_demo_command_prints_reward_statistics(toy_world):
     result = CliRunner().invoke(app, ["demo", "--world-only", "--output", str(toy_world.path.parent)])
     assert result.exit_code == 0, result.output
     assert "mean reward" in result.output and f"{toy_world.stats['mean_reward']:.3f}" in result.output
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Batch 16 in one step == 2 accumulated micro-batches of 8 (plain SGD: the gradient's scale shows)."""
+    tok = make_char_tokenizer()
+    examples = ToyTask().sft_examples(16, seed=3)
+
+    def run(folder, batch, accumulation):
+        model = make_tiny_llama(tok, hidden_size=16, num_heads=2, seed=0)
+        train_sft(model, tok, examples, tmp_path / folder, save=False, per_device_train_batch_size=batch,
+                  gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
+                  max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, seed=0)
+        return model
+
+    big, accumulated = run("a", 16, 1), run("b", 8, 2)
+    for (name, x), y in zip(big.state_dict().items(), accumulated.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5), name
+    start = make_tiny_llama(tok, hidden_size=16, num_heads=2, seed=0)
+    assert not torch.allclose(start.lm_head.weight, big.lm_head.weight)  # the step did move the weights

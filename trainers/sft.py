@@ -115,7 +115,18 @@ def _make_trainer_class():
     from transformers import Trainer
 
     class SFTTrainer(Trainer):
-        """``Trainer`` whose loss is ``sft_loss`` (per-example mean NLL on response tokens)."""
+        """``Trainer`` whose loss is ``sft_loss`` (per-example mean NLL on response tokens).
+
+        The loss is a plain mean over the micro-batch, so the Trainer must divide it by the
+        gradient-accumulation steps; a model whose forward takes ``**kwargs`` would otherwise
+        make the Trainer assume the loss is already scaled (and sum G micro-batch means).
+        """
+
+        loss_is_scaled_for_ga = False  # transformers >= 5
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # older releases decide scaling from this
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
@@ -203,6 +214,9 @@ def train_sft(model, tokenizer, examples, output_dir: str | Path, *, max_length:
     with _cpu_threads(num_threads if on_cpu else None):
         result = trainer.train()
     model.eval()
+    state_dir = output_dir / "trainer-state"
+    if state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()  # nothing saved there (save_strategy "no")
     if save:
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir)
