@@ -104,23 +104,34 @@ class PrefixCachedScorer:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _plan(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]):
-        """Rows to run and, per continuation, which row positions predict which tokens."""
+        """Rows to run and, per continuation, which row positions predict which tokens.
+
+        All "prompt + continuation" texts are tokenized in ONE batched call with offsets; the
+        continuation starts at the first token not wholly inside the prompt text (a token that
+        a BPE merge stretches across the boundary counts as continuation)."""
+        prompt_texts = [render_chat(self.tokenizer, m) for m in prompts]
+        keys = [(i, j) for i, conts in enumerate(continuations) for j in range(len(conts))]
+        fulls = [prompt_texts[i] + continuations[i][j] for i, j in keys]
+        starts: list[int]
+        try:
+            enc = self.tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
+            ids_all = [list(x) for x in enc["input_ids"]]
+            starts = []
+            for (i, _), offsets in zip(keys, enc["offset_mapping"]):
+                cut = len(prompt_texts[i])
+                starts.append(next((t for t, (_, e) in enumerate(offsets) if e > cut), len(offsets)))
+        except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: no offsets
+            ids_all = [self._ids(f) for f in fulls]
+            p_ids = {i: self._ids(prompt_texts[i]) for i in {i for i, _ in keys}}
+            starts = [_common_prefix_len([full, p_ids[i]]) for (i, _), full in zip(keys, ids_all)]
         rows: dict[tuple[int, ...], int] = {}
         targets = []  # (item, cont, row, [(position, token), ...])
-        for i, (messages, conts) in enumerate(zip(prompts, continuations)):
-            prompt_text = render_chat(self.tokenizer, messages)
-            p_ids = self._ids(prompt_text)
-            for j, cont in enumerate(conts):
-                full = self._ids(prompt_text + cont)
-                start = len(p_ids)
-                if full[:start] != p_ids:  # a tokenizer that merges across the boundary
-                    start = _common_prefix_len([full, p_ids])
-                if start == 0 or start >= len(full):
-                    raise ValueError(f"continuation {cont!r} adds no token after the prompt")
-                row_ids = tuple(full[:-1])
-                # a one-token continuation reuses the prompt's row (same input)
-                row = rows.setdefault(row_ids, len(rows))
-                targets.append((i, j, row, [(t - 1, full[t]) for t in range(start, len(full))]))
+        for (i, j), full, start in zip(keys, ids_all, starts):
+            if start == 0 or start >= len(full):
+                raise ValueError(f"continuation {continuations[i][j]!r} adds no token after the prompt")
+            # a one-token continuation reuses the prompt's row (same input)
+            row = rows.setdefault(tuple(full[:-1]), len(rows))
+            targets.append((i, j, row, [(t - 1, full[t]) for t in range(start, len(full))]))
         return list(rows), targets
 
     def _prefix(self, ids: tuple[int, ...]):
