@@ -243,41 +243,53 @@ class HFGenerator:
             next_pos = positions[:, -1:] + 1
             tokens = torch.full((batch, max_new), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
-            done = torch.zeros(batch, dtype=torch.bool, device=device)
             lengths = torch.zeros(batch, dtype=torch.long, device=device)
             stop_texts = sampling.stop
+            rows = torch.arange(batch, device=device)  # original row of each row still in the batch
+            live = torch.ones(batch, dtype=torch.bool, device=device)  # [b] not finished yet
             for step in range(max_new):
-                logits = out.logits[:, -1, :].float()  # [B, V]
+                logits = out.logits[:, -1, :].float()  # [b, V]
                 if greedy:
                     token = logits.argmax(-1)
                 else:
                     token = (self._filter_logits(logits, sampling) + _gumbel(generators, logits.shape[-1], device)).argmax(-1)
                 token_logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-                active = ~done
-                tokens[:, step] = torch.where(active, token, tokens[:, step])
-                logps[:, step] = torch.where(active, token_logp, logps[:, step])
-                lengths += active.long()
-                done |= torch.isin(token, eos)
+                alive_rows = rows[live]
+                tokens[alive_rows, step] = token[live]
+                logps[alive_rows, step] = token_logp[live]
+                lengths[alive_rows] += 1
+                finished = torch.isin(token, eos)
                 if stop_texts:
-                    done |= self._hit_stop(tokens[:, : step + 1], lengths, done, stop_texts)
-                if bool(done.all()) or step == max_new - 1:
+                    finished |= self._hit_stop(tokens, lengths, rows, live, stop_texts)
+                live &= ~finished
+                if not bool(live.any()) or step == max_new - 1:
                     break
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
+                if int(live.sum()) <= 0.75 * live.numel():
+                    # Drop finished rows from the batch (KV cache included): later steps cost
+                    # only what the unfinished rows need.
+                    keep = live.nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows, mask, next_pos, token = rows[keep], mask[keep], next_pos[keep], token[keep]
+                    if generators is not None:
+                        generators = [generators[i] for i in keep.tolist()]
+                    live = live[keep]
+                mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=-1)
                 out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                                  use_cache=True, **{self._cache_kwarg: cache})
                 next_pos = next_pos + 1
         return [self._to_generation(tokens[b, : lengths[b]].tolist(), logps[b, : lengths[b]].tolist(), stop_texts)
                 for b in range(batch)]
 
-    def _hit_stop(self, tokens, lengths, done, stop_texts):
+    def _hit_stop(self, tokens, lengths, rows, live, stop_texts):
+        """[b] bool: the live row's decoded text so far contains a stop string."""
         import torch
 
-        hit = torch.zeros_like(done)
-        for b in range(tokens.shape[0]):
-            if done[b]:
+        hit = torch.zeros_like(live)
+        for local, row in enumerate(rows.tolist()):
+            if not live[local]:
                 continue
-            text = self.tokenizer.decode(tokens[b, : lengths[b]].tolist(), skip_special_tokens=True)
-            hit[b] = any(s in text for s in stop_texts)
+            text = self.tokenizer.decode(tokens[row, : lengths[row]].tolist(), skip_special_tokens=True)
+            hit[local] = any(stop in text for stop in stop_texts)
         return hit
 
     def _to_generation(self, token_ids: list[int], token_logps: list[float], stop_texts) -> Generation:
