@@ -67,7 +67,7 @@ class ToyWorld:
 
 
 def reward_stats(generator, task: ToyTask, prompts: Sequence[str], k: int = 4, seed: int = 0,
-                 max_new_tokens: int = 24, temperature: float = 1.0) -> dict[str, float]:
+                 max_new_tokens: int = 40, temperature: float = 1.0) -> dict[str, float]:
     """Sample ``k`` responses per prompt and summarise the task reward.
 
     Returns mean reward and length-free quality, the mean over prompts of the within-prompt
