@@ -16,6 +16,15 @@ from trainers.logprobs import build_sequence_batch, sequence_logps
 from trainers.losses import compute_loss
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread is as fast as two and immune to OpenMP spinning on a busy CPU
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     from trainers.toy_model import make_char_tokenizer
@@ -308,3 +317,25 @@ def test_cli_train_bad_input_is_one_line_exit_2(cli_world):
         res = runner.invoke(app, base + extra)
         assert res.exit_code == 2, res.output
         assert needle in res.output
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_packed_matches_plain_and_trains(tok, tmp_path):
+    model = tiny(tok).cuda().to(torch.bfloat16)
+    batch = build_sequence_batch([[1, 5, 9, 10], [1, 5, 11]], [[[20, 21, 2], [30, 2]], [[40, 41, 42, 2], [50, 2]]], 0)
+    packed, _ = sequence_logps(model, batch.to("cuda"))
+    plain, _ = sequence_logps(model, build_sequence_batch([[1, 5, 9, 10], [1, 5, 11]],
+                                                          [[[20, 21, 2], [30, 2]], [[40, 41, 42, 2], [50, 2]]], 0,
+                                                          "plain").to("cuda"))
+    assert packed.dtype == torch.float32  # log-softmax in float32 even for a bf16 model
+    torch.testing.assert_close(packed, plain, rtol=2e-2, atol=5e-2)
+    from transformers import TrainingArguments
+
+    from trainers.preference import PreferenceTrainer
+
+    targs = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=True,
+                              report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3)
+    trainer = PreferenceTrainer(tiny(tok).cuda(), targs, pretokenize(pair_table(), "pairwise", tok), kind="pairwise",
+                                loss="dpo", processing_class=tok)
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)

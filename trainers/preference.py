@@ -40,6 +40,7 @@ NEEDS_MORE_THAN_SUMMARIES = {
     "cringe": "top-k logits of the policy",
     "dro": "a value head V(x) and a reward column",
     "nn": "K sampled responses and two reference models",
+    "bt": "reward-model scores (it trains a reward model, not a policy)",
 }
 
 

@@ -9,6 +9,8 @@ Every configuration runs in its own subprocess; for each we report
   tokenization + reference pass + training; for alignflow the separate ``precompute-ref``
   process is added to it,
 - ``process_s``: the whole subprocess(es) wall time, imports included,
+- ``cpu_s``: user + system CPU time of the subprocess(es) (steadier than wall time on a shared
+  machine),
 - ``peak_rss_mb``: the peak resident memory of the (largest) subprocess,
 
 and the ratios against TRL's default DPOTrainer measured in the same run. TRL runs with its own
@@ -78,7 +80,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "output": out}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "output": out}
 
 
 def _result_line(output: str) -> dict:
@@ -98,7 +101,7 @@ def run_ours(workdir: Path, layout: str = "packed") -> dict:
     res = _result_line(train["output"])
     return {"train_s": res["train_s"], "total_s": res["total_s"] + pre["wall_s"],
             "process_s": pre["wall_s"] + train["wall_s"], "peak_rss_mb": max(pre["peak_rss_mb"], train["peak_rss_mb"]),
-            "precompute_process_s": pre["wall_s"], "final_loss": res["loss"]}
+            "cpu_s": pre["cpu_s"] + train["cpu_s"], "precompute_process_s": pre["wall_s"], "final_loss": res["loss"]}
 
 
 def run_trl(workdir: Path, precompute: bool, fp32: bool) -> dict:
@@ -110,7 +113,7 @@ def run_trl(workdir: Path, precompute: bool, fp32: bool) -> dict:
     r = run_measured(cmd)
     res = _result_line(r["output"])
     return {"train_s": res["train_s"], "total_s": res["total_s"], "process_s": r["wall_s"],
-            "peak_rss_mb": r["peak_rss_mb"], "final_loss": res["loss"]}
+            "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"], "final_loss": res["loss"]}
 
 
 # ---- workers (run inside the measured subprocess) -----------------------------------------------
@@ -209,14 +212,16 @@ def main() -> None:
     base = best.get("trl_default")
     print(f"\n{opts.pairs} pairs, prompts {PROMPT_CHARS} chars, responses {RESPONSE_CHARS} chars, batch {BATCH}, "
           f"1 epoch, CPU threads {os.cpu_count()}, best of {opts.repeats}")
-    header = f"{'config':<22}{'train_s':>9}{'total_s':>9}{'process_s':>11}{'peak_MB':>9}"
+    header = f"{'config':<22}{'train_s':>9}{'total_s':>9}{'process_s':>11}{'cpu_s':>8}{'peak_MB':>9}"
     if base:
-        header += f"{'train/TRL':>11}{'total/TRL':>11}{'peak/TRL':>10}"
+        header += f"{'train/TRL':>11}{'total/TRL':>11}{'cpu/TRL':>9}{'peak/TRL':>10}"
     print(header)
     for c, r in best.items():
-        line = f"{c:<22}{r['train_s']:>9.1f}{r['total_s']:>9.1f}{r['process_s']:>11.1f}{r['peak_rss_mb']:>9.0f}"
+        line = (f"{c:<22}{r['train_s']:>9.1f}{r['total_s']:>9.1f}{r['process_s']:>11.1f}{r['cpu_s']:>8.1f}"
+                f"{r['peak_rss_mb']:>9.0f}")
         if base:
             line += (f"{r['train_s'] / base['train_s']:>11.2f}{r['total_s'] / base['total_s']:>11.2f}"
+                     f"{r['cpu_s'] / base['cpu_s']:>9.2f}"
                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:>10.2f}")
         print(line)
     if "ours" in best and "trl_precompute" in best:

@@ -26,6 +26,7 @@ import numpy as np
 
 EXCLUDED = {  # need more than per-sequence log-probs (see trainers.preference.NEEDS_MORE_THAN_SUMMARIES)
     "tdpo": "per-token vocabulary log-probs", "cringe": "top-k logits", "dro": "value head", "nn": "two references",
+    "bt": "a reward model's scores (reward-model loss)",
 }
 
 
