@@ -47,6 +47,26 @@ def judge_spec(config: AlignConfig, task: dict, initial_model: str) -> dict:
     return {"type": fb.judge, "model": fb.judge_model or initial_model, "backend": config.generation.backend}
 
 
+def world_step(config: AlignConfig, run: Path) -> dict:
+    """Arguments of the toy-world step of a run (the same in and outside the flow)."""
+    return dict(out=str(run / "toy-world"), seed=config.seed, options=config.toy_world)
+
+
+def prepare_outside_flow(config: AlignConfig, progress=None) -> None:
+    """Build the toy world before the flow starts (overlapping the embedded server's start-up).
+
+    The flow's own ``build_world`` step then finds it finished (the step is idempotent).
+    """
+    if config.model is not None:
+        return
+    from flows.tasks import build_world
+
+    report = progress or (lambda stage, done, total: None)
+    report("build_world", 0, 1)
+    build_world(**world_step(config, Path(config.output).resolve()))
+    report("build_world", 1, 1)
+
+
 def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
     """The pipeline of ``align_from_prompts`` on any step runner (Prefect or plain calls)."""
     run = Path(config.output).resolve()
@@ -55,7 +75,7 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
     task_cfg: dict = {}
     world: dict = {}
     if config.model is None:
-        world = steps.call("build_world", out=str(run / "toy-world"), seed=config.seed, options=config.toy_world)
+        world = steps.call("build_world", **world_step(config, run))
         initial, task_cfg = world["path"], world.get("task", {})
     else:
         initial = str(config.model)

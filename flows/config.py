@@ -209,6 +209,8 @@ class ConvertLabelsConfig(_Strict):
 
     model_config = ConfigDict(extra="allow")
     name: str = Field("convert-labels", description="Run name.")
+    output: str | None = Field(None, description="Run folder (the converted dataset goes to <output>/<to_format> "
+                                                 "unless `out` is given).")
 
 
 CONFIGS: dict[str, type[BaseModel]] = {

@@ -187,22 +187,42 @@ class RichProgress:
         self.progress.stop()
 
 
+def start_embedded_server():
+    """Start the embedded Prefect server (if no PREFECT_API_URL) and wait until it answers."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.hello()
+
+
 def run_flow(flow: str, config, *, progress=None) -> Any:
     """Call a flow on a validated config (pydantic model) with its task runner, embedded default.
 
     ``config.output`` must already be the run folder (``expand_output``). ``progress`` is a
     ``(stage, done, total)`` callback (e.g. ``RichProgress``).
+
+    The embedded server takes 10-20 s to start on 2 cores. It starts in a background thread
+    while this thread does the flow's preparation that needs no API (importing the flow; for
+    ``align`` without a model, building the toy world: the same cached step the flow then
+    finds finished), so the user does not wait for both one after the other.
     """
     import importlib
+    from concurrent.futures import ThreadPoolExecutor
 
     embedded_environment()
-    flow_obj = flow_object(flow)
-    module = importlib.import_module(FLOWS[flow][0])
+    report = progress or (lambda stage, done, total: None)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-server") as pool:
+        server = pool.submit(start_embedded_server) if uses_embedded_server() else None
+        flow_obj = flow_object(flow)
+        module = importlib.import_module(FLOWS[flow][0])
+        prepare = getattr(module, "prepare_outside_flow", None)
+        if prepare is not None:
+            prepare(config, report)
+        if server is not None:
+            server.result()
     if hasattr(module, "_PROGRESS"):
         module._PROGRESS[0] = progress
-    kind = getattr(config, "task_runner", "threads")
-    workers = getattr(config, "workers", 2)
-    runner = with_runner(flow_obj, kind, workers)
+    runner = with_runner(flow_obj, getattr(config, "task_runner", "threads"), getattr(config, "workers", 2))
     try:
         with prefect_session():
             if flow == "convert_labels":

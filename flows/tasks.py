@@ -73,7 +73,8 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's 
 
 def get_generator(backend: str, model: str, options: dict | None = None):
     """A cached generator of ``backend`` for ``model`` (one per process and configuration)."""
-    _quiet_transformers()
+    if backend == "hf":
+        _quiet_transformers()
     options = dict(options or {})
     key = (backend, str(model), json.dumps(options, sort_keys=True, default=str))
     with _GENERATOR_LOCK:
@@ -90,28 +91,9 @@ def _make_generator(backend: str, model: str, options: dict):
 
         module, _, attr = backend.partition(":")
         return getattr(importlib.import_module(module), attr)(model, **options)
-    try:  # the backends' own registry, where it knows the backend
-        from feedback.generation.registry import make_generator
-    except ImportError:
-        from feedback.generation import make_generator
-    try:
-        return make_generator(backend, model, **options)
-    except ValueError:
-        if backend == "hf":
-            raise
-    if backend == "hf":
-        from feedback.generation.hf import HFGenerator
+    from feedback.generation.registry import make_generator
 
-        return HFGenerator(model, **options)
-    if backend == "openai":
-        from feedback.generation.openai import OpenAIGenerator
-
-        return OpenAIGenerator(model, **options)
-    if backend == "vllm":
-        from feedback.generation.vllm import VLLMGenerator
-
-        return VLLMGenerator(model, **options)
-    raise ValueError(f"unknown generation backend {backend!r}")
+    return make_generator(backend, model, **options)
 
 
 def _quiet_transformers() -> None:

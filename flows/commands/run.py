@@ -26,6 +26,8 @@ def _quiet_prefect(verbose: bool) -> None:
 
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The embedded server logs its own shutdown hiccups (events still queued at exit).
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 
 
 def _execute(flow: str, config, verbose: bool) -> dict:
