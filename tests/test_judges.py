@@ -174,3 +174,20 @@ def test_function_judge_with_toy_task():
     r = judge.score([[{"role": "user", "content": "Reverse: abc"}], "Reverse: abc"], ["cba", "abc"])
     assert r[0] == pytest.approx(1.0) and r[1] < 1.0
     assert "ToyTask" in judge.config()["function"]
+
+
+def test_chain_of_thought_first_pass_then_logprobs_after_the_rationale():
+    class Reasoner(ScriptedGenerator):
+        def generate(self, prompts, n=1, sampling=None):
+            self.cot_prompts = getattr(self, "cot_prompts", []) + [p[-1]["content"] for p in prompts]
+            return [[Generation(f"reasoning about {_shown(p, 1)}", 3)] * n for p in prompts]
+
+        def score(self, prompt, continuations):
+            assert all(c.startswith("reasoning about ") for c in continuations)  # rationale precedes the answer
+            return super().score(prompt, continuations)
+
+    gen = Reasoner(lambda first, second: 0.8 if first == "good" else 0.2)
+    res = PairwiseJudge(gen, cot=True).judge(["q"], ["good"], ["bad"])
+    assert res.method == "logprobs" and res.judge_prob[0] == pytest.approx(0.8)
+    assert res.rationales == [("reasoning about good", "reasoning about bad")]
+    assert all(p.endswith(PairwiseTemplate().cot_request) for p in gen.cot_prompts)

@@ -76,17 +76,20 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 class PrefixCachedScorer:
     """Log-probs of continuations from a causal LM, sharing the computation of common prefixes.
 
-    Per batch of ``batch_size`` rows, with P = the length of the token prefix common to all rows:
-
-    1. the prefix's key/value cache ``[layers][1, heads, P, d]`` is computed once (and reused by
-       later batches with the same prefix, e.g. every batch of a judging run);
-    2. it is repeated to the batch and only the suffixes ``[B, S]`` (right-padded) run, with
-       position ids ``P + arange(S)`` and an attention mask ``[B, P + S]``;
-    3. ``log_softmax`` is taken only at the positions that predict continuation tokens.
-
     Rows: one per distinct model input. A single-token continuation needs no extra row (it is
     read from the next-token distribution after its prompt), so both answers of a judge prompt
-    cost one row.
+    cost one row. Rows are sorted by length and run ``batch_size`` at a time; per batch:
+
+    1. level 1: the token prefix P common to all rows (a judge's preamble and exemplars) gets
+       its key/value cache ``[layers][1, heads, P, d]`` computed once and kept for later
+       batches with the same prefix (every batch of a judging run);
+    2. level 2: runs of adjacent rows sharing more than that (the two orders of one pair share
+       the request) form groups; each group's extra shared tokens run once ``[G, M]``;
+    3. only each row's own suffix runs ``[B, S]`` (right-padded, position ids continuing its
+       prefix, attention mask ``[B, P + M + S]`` hiding other groups' slots), and
+       ``log_softmax`` is taken only where continuation tokens are predicted.
+
+    Equal to scoring each full sequence from scratch up to float rounding (tested).
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, min_prefix: int = 8):
