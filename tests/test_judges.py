@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from feedback.judges import (FunctionJudge, ListwiseJudge, PairExemplar, PairwiseJudge, PairwiseTemplate,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from feedback.judges import (ListwiseJudge, PairwiseJudge, PrefixCachedScorer, RubricJudge, agreement,
-                             length_bias, make_scorer)
+                             length_bias)
 from feedback.judges.tables import candidate_pairs, label_pairs, rank_samples, score_samples
 from schemas.validate import validate
 
