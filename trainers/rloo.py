@@ -82,7 +82,9 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="rloo")
-    report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)["reward"]
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)
+    report.reward_before = first["reward"]
+    report.extra["eval_rewards_before"] = first["rewards"]
     generator = make_generator(policy, tokenizer)
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -108,6 +110,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
     report.wall_s = time.perf_counter() - t0
     return policy, report

@@ -61,31 +61,41 @@ def _next_logps(model: nn.Module, seqs: Sequence[list[int]], pad: int) -> torch.
 
 
 @torch.no_grad()
+def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: Sequence[Any], beam_size: int = 4,
+                      beta: float = 0.1, max_new_tokens: int = 24, expand: int | None = None,
+                      objective: str = "q") -> list[tuple[str, float]]:
+    """Reward-guided beam search for many prompts at once (all live beams of all prompts in
+    one forward per step); returns (best response, its score) per prompt."""
+    if objective not in ("q", "reward"):
+        raise ValueError("objective must be 'q' or 'reward'")
+    expand = expand or max(beam_size, 2)
+    prompt_ids = [ro.encode_prompt(tokenizer, ro.as_messages(p)) for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # per prompt: list of (tokens, score, finished)
+    beams: list[list[tuple[list[int], float, bool]]] = [[([], 0.0, False)] for _ in prompts]
+    for _ in range(max_new_tokens):
+        live = [(i, b) for i, bs in enumerate(beams) for b in bs if not b[2]]
+        if not live:
+            break
+        seqs = [prompt_ids[i] + b[0] for i, b in live]
+        lp = _next_logps(policy, seqs, pad)
+        rlp = _next_logps(ref, seqs, pad) if objective == "reward" else None
+        top = lp.topk(min(expand, lp.shape[-1]), -1)
+        cands: list[list[tuple[list[int], float, bool]]] = [[b for b in bs if b[2]] for bs in beams]
+        for row, (i, b) in enumerate(live):
+            for logp, tok in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                gain = beta * logp if objective == "q" else beta * (logp - float(rlp[row, tok]))
+                cands[i].append((b[0] + [tok], b[1] + gain, tok == eos))
+        beams = [sorted(c, key=lambda c_: c_[1], reverse=True)[:beam_size] for c in cands]
+    out = []
+    for bs in beams:
+        best = max(bs, key=lambda c: c[1])
+        out.append((tokenizer.decode([t for t in best[0] if t != eos], skip_special_tokens=True), best[1]))
+    return out
+
+
 def beam_search(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any, beam_size: int = 4,
                 beta: float = 0.1, max_new_tokens: int = 24, expand: int | None = None,
                 objective: str = "q") -> tuple[str, float]:
     """Reward-guided beam search for one prompt; returns (best response, its score)."""
-    if objective not in ("q", "reward"):
-        raise ValueError("objective must be 'q' or 'reward'")
-    expand = expand or max(beam_size, 2)
-    prompt_ids = ro.encode_prompt(tokenizer, ro.as_messages(prompt))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    beams: list[tuple[list[int], float, bool]] = [([], 0.0, False)]  # (tokens, score, finished)
-    for _ in range(max_new_tokens):
-        live = [b for b in beams if not b[2]]
-        if not live:
-            break
-        seqs = [prompt_ids + b[0] for b in live]
-        lp = _next_logps(policy, seqs, pad)
-        rlp = _next_logps(ref, seqs, pad) if objective == "reward" else None
-        cands = [b for b in beams if b[2]]
-        top = lp.topk(min(expand, lp.shape[-1]), -1)
-        for i, b in enumerate(live):
-            for logp, tok in zip(top.values[i].tolist(), top.indices[i].tolist()):
-                gain = beta * logp if objective == "q" else beta * (logp - float(rlp[i, tok]))
-                cands.append((b[0] + [tok], b[1] + gain, tok == eos))
-        cands.sort(key=lambda c: c[1], reverse=True)
-        beams = cands[:beam_size]
-    best = max(beams, key=lambda c: c[1])
-    toks = [t for t in best[0] if t != eos]
-    return tokenizer.decode(toks, skip_special_tokens=True), best[1]
+    return beam_search_batch(policy, ref, tokenizer, [prompt], beam_size, beta, max_new_tokens, expand, objective)[0]

@@ -150,6 +150,38 @@ def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[
     return {"rejected_topk_logits": topk, "rejected_token_logits": tok, "rejected_token_mask": batch.action_mask}
 
 
+def cringe_pair_loss(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], logps: torch.Tensor,
+                     tokens: torch.Tensor, alpha: float = 1.0, k: int = 5, b: float = 0.0, tau: float = 1.0,
+                     gate_grad: bool = False) -> torch.Tensor:
+    """Pairwise CRINGE (eq. 30): ``g * L_bin`` with ``L_bin`` the binary loss of eq. 29 on the
+    pair (``-a_w`` on the chosen response + ``alpha`` * token contrast on the rejected one), both
+    from the registry's ``cringe`` (binary form), and the gate
+    ``g = sigmoid((b - (log pi(y_w) - log pi(y_l))) / tau)``.
+
+    ``gate_grad=False`` (default) uses the gate as a weight without gradient: on the toy world
+    the gate's own gradient is a reference-free ranking term that drove the policy to collapse
+    (held-out reward fell in both settings we tried); ``True`` is the registry's pairwise form.
+    """
+    if gate_grad:
+        batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1], "chosen_tokens": tokens[:, 0]}
+        batch.update(_cringe_rejected_tensors(policy, tokenizer, pairs, k))
+        return compute_loss("cringe", batch, alpha=alpha, k=k, b=b, tau=tau).mean()
+    neg = _cringe_rejected_tensors(policy, tokenizer, pairs, k)
+    n = len(pairs)
+    binary = {
+        "logps": torch.cat([logps[:, 0], logps[:, 1]]), "tokens": torch.cat([tokens[:, 0], tokens[:, 1]]),
+        "label": torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]),
+        # token tensors: rows of the chosen half are unused (label True), so they repeat the negatives
+        "topk_logits": torch.cat([neg["rejected_topk_logits"]] * 2),
+        "token_logits": torch.cat([neg["rejected_token_logits"]] * 2),
+        "token_mask": torch.cat([torch.zeros_like(neg["rejected_token_mask"]), neg["rejected_token_mask"]]),
+    }
+    per_row = compute_loss("cringe", binary, alpha=alpha, k=k)
+    l_bin = per_row[:n] + per_row[n:]
+    gate = torch.sigmoid((b - (logps[:, 0] - logps[:, 1])) / tau).detach()
+    return (gate * l_bin).mean()
+
+
 def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair],
               ref_logps: torch.Tensor) -> torch.Tensor:
     """Mean loss of the method over a minibatch of pairs; ``ref_logps`` ``[B, 2]`` (chosen, rejected)."""
@@ -160,9 +192,7 @@ def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Se
              "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
     params = dict(cfg.loss_params)
     if cfg.method == "cringe":
-        k = params.setdefault("k", 5)
-        batch.update(_cringe_rejected_tensors(policy, tokenizer, pairs, k))
-        return compute_loss("cringe", batch, **params).mean()
+        return cringe_pair_loss(policy, tokenizer, pairs, logps, tokens, **params)
     if cfg.method == "sppo":
         batch["chosen_winrate"] = torch.tensor([x.chosen_winrate for x in pairs], dtype=logps.dtype)
         batch["rejected_winrate"] = torch.tensor([x.rejected_winrate for x in pairs], dtype=logps.dtype)
@@ -262,6 +292,7 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     generator = make_generator(policy, tokenizer)
     first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
     report.reward_before = first["reward"]
+    report.extra["eval_rewards_before"] = first["rewards"]
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None
@@ -300,6 +331,7 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
             ref_t = ro.frozen_copy(policy)
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
     report.wall_s = time.perf_counter() - t0
     report.extra["rounds_run"] = len(report.history)

@@ -106,8 +106,10 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     spend = ro.Spend()
     report = OnlineReport(method="nash-md")
-    report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn,
-                                       eval_sampling)["reward"]
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn,
+                                       eval_sampling)
+    report.reward_before = first["reward"]
+    report.extra["eval_rewards_before"] = first["rewards"]
     generator = make_generator(policy, tokenizer)
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -131,6 +133,7 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
     report.wall_s = time.perf_counter() - t0
     return policy, report

@@ -156,7 +156,9 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     sft_ref = ro.frozen_copy(policy)
     spend = ro.Spend()
     report = OnlineReport(method="paft")
-    report.reward_before = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)["reward"]
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)
+    report.reward_before = first["reward"]
+    report.extra["eval_rewards_before"] = first["rewards"]
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
@@ -169,6 +171,7 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=sft_ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
     report.wall_s = time.perf_counter() - t0
     return policy, report

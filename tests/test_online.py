@@ -1,0 +1,232 @@
+"""Online methods on the toy world: each must raise the programmatic reward SIGNIFICANTLY over
+the starting (SFT) policy: held-out prompts, the same sampling seed before and after (paired),
+one-sided paired t-test p < 0.05. Budgets are CI-sized (a few rounds / steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.generator import SamplingParams
+
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def env(toy_world):
+    from transformers import AutoTokenizer
+
+    from flows.online import RewardPreference, policy_generator_factory, toy_reward
+    from trainers.iterative.rollout import as_messages
+
+    torch.set_num_threads(2)
+    reward = toy_reward(toy_world.task)
+
+    class Env:
+        path = toy_world.path
+        task = toy_world.task
+        tok = AutoTokenizer.from_pretrained(toy_world.path)
+        make_gen = staticmethod(policy_generator_factory("cpu"))
+        prompts = [as_messages(p) for p in toy_world.task.prompts(64, seed=11)]
+        eval_prompts = [as_messages(p) for p in toy_world.task.prompts(32, seed=12)]
+
+        @staticmethod
+        def policy():
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(toy_world.path)
+
+    Env.reward = reward
+    Env.preference = RewardPreference(reward, scale=0.1)
+    return Env
+
+
+def assert_significant_gain(report, alpha: float = 0.05):
+    from scipy.stats import ttest_rel
+
+    before, after = report.extra["eval_rewards_before"], report.extra["eval_rewards_after"]
+    assert len(before) == len(after) > 0
+    p = ttest_rel(after, before, alternative="greater").pvalue
+    assert report.reward_after > report.reward_before, report.to_dict()
+    assert p < alpha, (p, report.reward_before, report.reward_after)
+    assert report.generations > 0 and report.judge_calls > 0
+
+
+def _iterative(env, method: str, **over):
+    from trainers.iterative.loop import IterativeConfig, train_iterative
+    from trainers.iterative.rollout import prompt_text_of
+
+    cfg = IterativeConfig(method=method, rounds=2, prompts_per_round=32, k=4, epochs=2, batch_size=16, lr=3e-4,
+                          terminate=False, sampling=SAMPLING, **over)
+    gold = {prompt_text_of(p): env.task.reference(prompt_text_of(p)) for p in env.prompts}
+    return train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, cfg, reward_fn=env.reward,
+                           preference_fn=env.preference, judge_factory=lambda m, t: env.reward, gold=gold,
+                           eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
+
+
+@pytest.fixture(scope="module")
+def iterative_dpo_run(env):
+    return _iterative(env, "iterative-dpo")
+
+
+@pytest.mark.slow
+def test_iterative_dpo_raises_reward_with_reference_refresh(iterative_dpo_run):
+    policy, report = iterative_dpo_run
+    assert_significant_gain(report)
+    assert [h["round"] for h in report.history] == [1, 2] and all(h["pairs"] > 0 for h in report.history)
+
+
+@pytest.mark.slow
+def test_rloo_raises_reward(env):
+    from trainers.rloo import RLOOConfig, train_rloo
+
+    cfg = RLOOConfig(steps=10, prompts_per_step=16, k=4, lr=3e-4, beta=0.0, sampling=SAMPLING)
+    _, report = train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                           eval_prompts=env.eval_prompts)
+    assert_significant_gain(report)
+
+
+@pytest.mark.slow
+def test_ppo_raises_reward(env):
+    from trainers.ppo import PPOConfig, train_ppo
+
+    cfg = PPOConfig(steps=6, prompts_per_step=16, samples_per_prompt=2, lr=5e-4, beta=0.0, sampling=SAMPLING)
+    _, value_head, report = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                                      eval_prompts=env.eval_prompts)
+    assert_significant_gain(report)
+    assert value_head.linear.weight.abs().sum() > 0  # the value head learned
+
+
+@pytest.mark.slow
+def test_ppo_ptx_and_kl_penalty_run(env):
+    """PPO-ptx (gamma > 0) with a KL penalty: one step runs and the KL term is reported."""
+    from trainers.ppo import PPOConfig, train_ppo
+
+    texts = [f"{p} {env.task.reference(p)}" for p in env.task.prompts(32, seed=5)]
+    cfg = PPOConfig(steps=1, prompts_per_step=4, samples_per_prompt=2, ptx_coef=0.5, beta=0.1, sampling=SAMPLING)
+    _, _, report = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                             ptx_texts=texts, eval_prompts=env.eval_prompts[:4])
+    assert len(report.history) == 1 and report.history[0]["kl"] == 0.0  # first rollout: policy == ref
+    with pytest.raises(ValueError):
+        train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, PPOConfig(ptx_coef=1.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,over", [("cringe", {}), ("sppo", {"beta": 1.0}), ("dno", {})])
+def test_iterative_variants_raise_reward(env, method, over):
+    _, report = _iterative(env, method, **over)
+    assert_significant_gain(report)
+
+
+@pytest.mark.slow
+def test_self_rewarding_uses_the_live_model_as_judge(env):
+    """Self-rewarding: the judge is rebuilt from the live policy each round (M1, M2).
+    The toy char model cannot read a rubric, so the factory's judge is the verifier here;
+    the test checks the rounds, that the factory saw the live model, and the gain."""
+    from trainers.iterative.loop import IterativeConfig, train_iterative
+
+    seen = []
+
+    def factory(model, tok):
+        seen.append(model)
+        return env.reward
+
+    policy = env.policy()
+    cfg = IterativeConfig(method="self-rewarding", rounds=2, prompts_per_round=32, k=4, epochs=2, batch_size=16,
+                          lr=3e-4, terminate=False, sampling=SAMPLING)
+    _, report = train_iterative(policy, env.tok, env.prompts, env.make_gen, cfg, judge_factory=factory,
+                                eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
+    assert len(seen) == 2 and all(m is policy for m in seen)
+    assert_significant_gain(report)
+
+
+@pytest.mark.slow
+def test_nash_md_raises_reward(env):
+    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+
+    cfg = NashMDConfig(steps=8, prompts_per_step=16, lr=5e-4, sampling=SAMPLING)
+    _, report = train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, env.preference, cfg,
+                              eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
+    assert_significant_gain(report)
+
+
+def test_nash_md_mixture_is_geometric():
+    from trainers.iterative.nash_md import mixture_logits
+
+    a, b = torch.randn(3, 7), torch.randn(3, 7)
+    mix = mixture_logits(a, b, 0.25).exp()
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    expected = pa ** 0.75 * pb ** 0.25
+    assert torch.allclose(mix, expected / expected.sum(-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(mixture_logits(a, b, 0.0).exp(), pa, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_paft_merges_parallel_adapters_and_raises_reward(env):
+    from trainers.iterative.paft import PAFTConfig, train_paft
+
+    cfg = PAFTConfig(prompts_per_round=32, k=4, epochs=2, lr=1e-3, sampling=SAMPLING)
+    merged, report = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                                eval_prompts=env.eval_prompts)
+    assert type(merged).__name__ == "LlamaForCausalLM"  # adapters folded into plain weights
+    assert_significant_gain(report)
+
+
+@pytest.mark.slow
+def test_termination_rule_is_written_into_the_report(env):
+    """With the rule on, every round records the binomial test and the decision; a run stops
+    as soon as iteration t is not significantly better than t-1."""
+    _, report = _iterative(env, "iterative-dpo", rounds=3, terminate=True, alpha=0.05)
+    assert report.termination is not None
+    for h in report.history:
+        t = h["termination"]
+        assert {"wins", "losses", "ties", "p_value", "alpha", "significant", "stop", "reason"} <= set(t)
+    stops = [h["termination"]["stop"] for h in report.history]
+    assert all(not s for s in stops[:-1])  # it ran on only while the evidence said so
+    assert stops[-1] or len(report.history) == 3
+
+
+@pytest.mark.slow
+def test_token_rewards_point_at_the_wrong_token(env):
+    """beta*log(pi/pi_ref) per token: the SFT model (which knows the answers) against an
+    untrained reference; a corrupted character gets the lowest token reward, and the token
+    rewards sum to the sequence's implicit reward."""
+    from trainers.rloo import response_logps
+    from trainers.token_rewards import token_rewards
+    from trainers.toy_model import make_tiny_llama
+
+    policy = env.policy()
+    ref = make_tiny_llama(env.tok, hidden_size=32, num_layers=1, seed=1).eval()
+    prompt = env.task.prompts(1, seed=99)[0]
+    answer = env.task.reference(prompt)
+    pos = len(answer) // 2
+    wrong = answer[:pos] + ("q" if answer[pos] != "q" else "z") + answer[pos + 1:]
+    rows = token_rewards(policy, ref, env.tok, prompt, wrong, beta=0.1)
+    assert len(rows) == len(wrong) + 1  # characters + eos
+    assert min(range(len(rows)), key=lambda i: rows[i].reward) == pos
+    lp, _ = response_logps(policy, env.tok, [[{"role": "user", "content": prompt}]], [[wrong]])
+    rlp, _ = response_logps(ref, env.tok, [[{"role": "user", "content": prompt}]], [[wrong]])
+    assert sum(r.reward for r in rows) == pytest.approx(0.1 * float(lp - rlp), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_larger_beam_raises_reward(env, iterative_dpo_run):
+    from trainers.token_rewards import beam_search_batch
+
+    policy, _ = iterative_dpo_run
+    ref = env.policy().eval()
+    prompts = env.eval_prompts[:16]
+    texts = {b: [x[0] for x in beam_search_batch(policy, ref, env.tok, prompts, beam_size=b, beta=0.1, max_new_tokens=24)]
+             for b in (1, 4)}
+    r1 = sum(env.reward(prompts, texts[1])) / len(prompts)
+    r4 = sum(env.reward(prompts, texts[4])) / len(prompts)
+    assert r4 > r1, (r1, r4)
+
+
+def test_cli_rejects_unknown_method(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["online", "nope", "--model", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown method" in res.output
