@@ -50,6 +50,8 @@ def embedded_environment(home: str | os.PathLike | None = None) -> dict[str, str
         if key not in os.environ:
             os.environ[key] = value
             applied[key] = value
+    if "PREFECT_HOME" in applied:
+        Path(applied["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if "prefect" in sys.modules and applied.get("PREFECT_HOME"):
         # Prefect already read its settings; the new home only applies to a fresh process.
         applied["warning"] = "prefect was imported before embedded_environment(); PREFECT_HOME not applied"

@@ -74,7 +74,7 @@ def _wait_for_group_gone(pgid: int, timeout: float = 30.0) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_model):
-    n_prompts, k = 32, 4
+    n_prompts, k = 16, 4
     prompts = _prompts(tmp_path / "prompts", n_prompts)
     n_shards = n_prompts // 2
 
