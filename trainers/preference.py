@@ -203,6 +203,11 @@ class PreferenceTrainer(Trainer):
                 batch["kl"] = kl
         return batch
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # accelerate puts autocast around ``model.forward``; the log-prob path calls the decoder
+        # and the LM head directly, so mixed precision (bf16/fp16) is entered here instead
+        return self.accelerator.autocast()
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         batch = self.loss_batch(model, inputs)
         per_example = compute_loss(self.loss_name, batch, **self.loss_params)
@@ -214,7 +219,7 @@ class PreferenceTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 

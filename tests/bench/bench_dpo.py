@@ -15,8 +15,10 @@ Every configuration runs in its own subprocess; for each we report
 
 and the ratios against TRL's default DPOTrainer measured in the same run. TRL runs with its own
 defaults (``trl_default``, ``trl_precompute`` with ``precompute_ref_log_probs=True``: bf16
-autocast and gradient checkpointing on, as TRL ships them) and, for a like-for-like check, with
-float32 and no gradient checkpointing as alignflow runs (``trl_fp32*``).
+autocast and gradient checkpointing on, as TRL ships them). ``ours`` trains with ``--bf16 true``, the
+mixed precision TRL uses by default (bf16 autocast; this CPU has AVX512-BF16), from float32
+reference columns; ``ours_fp32`` and ``trl_fp32*`` (float32, no gradient checkpointing) are the
+like-for-like float32 pair.
 
     python tests/bench/bench_dpo.py                 # all configurations, once each
     python tests/bench/bench_dpo.py --repeats 2 --only ours,trl_default,trl_precompute
@@ -37,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 N_PAIRS, PROMPT_CHARS, RESPONSE_CHARS, BATCH, LR, BETA = 1000, 60, 80, 8, 5e-6, 0.1
-CONFIGS = ("ours", "trl_default", "trl_precompute", "trl_fp32", "trl_fp32_precompute", "ours_plain")
+CONFIGS = ("ours", "trl_default", "trl_precompute", "ours_fp32", "trl_fp32", "trl_fp32_precompute", "ours_plain")
 
 
 def synthetic_pairs(seed: int = 0, n: int = N_PAIRS) -> list[dict]:
@@ -91,13 +93,13 @@ def _result_line(output: str) -> dict:
     raise RuntimeError(f"no BENCH_RESULT in output:\n{output[-3000:]}")
 
 
-def run_ours(workdir: Path, layout: str = "packed") -> dict:
+def run_ours(workdir: Path, layout: str = "packed", bf16: bool = True) -> dict:
     data = workdir / f"pairs_ref_{layout}"
     pre = run_measured([sys.executable, "-m", "flows.cli", "precompute-ref", str(workdir / "pairs"),
                         "--model", str(workdir / "model"), "--output", str(data)])
     out_dir = workdir / f"out_ours_{layout}"
     train = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--workdir", str(workdir),
-                          "--data", str(data), "--out", str(out_dir), "--layout", layout])
+                          "--data", str(data), "--out", str(out_dir), "--layout", layout, "--bf16", str(bf16).lower()])
     res = _result_line(train["output"])
     return {"train_s": res["train_s"], "total_s": res["total_s"] + pre["wall_s"],
             "process_s": pre["wall_s"] + train["wall_s"], "peak_rss_mb": max(pre["peak_rss_mb"], train["peak_rss_mb"]),
@@ -118,7 +120,7 @@ def run_trl(workdir: Path, precompute: bool, fp32: bool) -> dict:
 
 # ---- workers (run inside the measured subprocess) -----------------------------------------------
 
-def worker_ours(workdir: Path, data: Path, out: Path, layout: str) -> None:
+def worker_ours(workdir: Path, data: Path, out: Path, layout: str, bf16: str) -> None:
     """What ``alignflow train DATA --model M --loss dpo --output OUT --per_device_train_batch_size 8
     --num_train_epochs 1 --learning_rate 5e-6`` runs, with the training time reported."""
     import torch  # noqa: F401  (imports before the clock starts, as in the TRL worker)
@@ -130,7 +132,7 @@ def worker_ours(workdir: Path, data: Path, out: Path, layout: str) -> None:
 
     argv = ["train", str(data), "--model", str(workdir / "model"), "--loss", "dpo", "--param", f"beta={BETA}",
             "--output", str(out), "--layout", layout, "--per_device_train_batch_size", str(BATCH),
-            "--num_train_epochs", "1", "--learning_rate", str(LR), "--disable_tqdm", "true"]
+            "--num_train_epochs", "1", "--learning_rate", str(LR), "--disable_tqdm", "true", "--bf16", bf16]
     try:
         app(argv, standalone_mode=False)
     except SystemExit as exc:  # typer exits 0 at the end of a command
@@ -178,13 +180,14 @@ def main() -> None:
     ap.add_argument("--layout", default="packed")
     ap.add_argument("--precompute", action="store_true")
     ap.add_argument("--fp32", action="store_true")
+    ap.add_argument("--bf16", default="true")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=N_PAIRS, help="Fewer pairs for a smoke run.")
-    ap.add_argument("--only", default="ours,trl_default,trl_precompute,trl_fp32,trl_fp32_precompute")
+    ap.add_argument("--only", default="ours,trl_default,trl_precompute,ours_fp32,trl_fp32,trl_fp32_precompute")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     opts = ap.parse_args()
     if opts.worker == "ours":
-        return worker_ours(opts.workdir, opts.data, opts.out, opts.layout)
+        return worker_ours(opts.workdir, opts.data, opts.out, opts.layout, opts.bf16)
     if opts.worker == "trl":
         return worker_trl(opts.workdir, opts.precompute, opts.fp32)
 
@@ -197,6 +200,7 @@ def main() -> None:
     runners = {
         "ours": lambda: run_ours(workdir, "packed"),
         "ours_plain": lambda: run_ours(workdir, "plain"),
+        "ours_fp32": lambda: run_ours(workdir, "packed", bf16=False),
         "trl_default": lambda: run_trl(workdir, precompute=False, fp32=False),
         "trl_precompute": lambda: run_trl(workdir, precompute=True, fp32=False),
         "trl_fp32": lambda: run_trl(workdir, precompute=False, fp32=True),
