@@ -39,6 +39,13 @@ from flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
 HELDOUT_SEED_OFFSET = 7_919  # held-out prompts come from another seed than any training draw
 
 
+def needs_reference(loss: str, kind: str) -> bool:
+    """Whether ``loss`` on ``kind`` data reads reference log-probs (trainers.preference decides)."""
+    from trainers.preference import needs_reference as trainer_needs_reference
+
+    return trainer_needs_reference(loss, kind)
+
+
 def judge_spec(config: AlignConfig, task: dict, initial_model: str) -> dict:
     """The JSON-able judge spec of a run (what ``flows.tasks.make_judge`` builds)."""
     fb = config.feedback
@@ -102,8 +109,10 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
                              task=task_cfg, exclude=heldout)
         feedback = _feedback_stage(config, steps, it, prompts, policy, judge, gen, t)
         reference = policy if config.train.reference == "previous" else initial
-        with_ref = steps.call("precompute_reference", out=str(it / f"{config.feedback.kind}-ref"),
-                              dataset=feedback["dataset"], reference=reference)
+        with_ref = feedback["dataset"]
+        if needs_reference(config.train.loss, config.feedback.kind):  # reference-free losses skip it
+            with_ref = steps.call("precompute_reference", out=str(it / f"{config.feedback.kind}-ref"),
+                                  dataset=feedback["dataset"], reference=reference)
         trained = steps.call("train_policy", out=str(it / "model"), dataset=with_ref, model=policy,
                              train=config.train.model_dump(), seed=config.train.seed + t)
         result = dict(evaluate(trained, f"iter-{t}"), iteration=t, dataset=feedback["dataset"],
