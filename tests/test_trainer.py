@@ -339,3 +339,18 @@ def test_cuda_bf16_packed_matches_plain_and_trains(tok, tmp_path):
                                 loss="dpo", processing_class=tok)
     trainer.train()
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_cli_sdpo_stages(cli_world):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = cli_world / "sdpo"
+    res = CliRunner().invoke(app, ["train", str(cli_world / "pairs"), "--model", str(cli_world / "model"),
+                                   "--sdpo-stages", "2", "--output", str(out), "--per_device_train_batch_size", "4",
+                                   "--learning_rate", "1e-3", "--disable_tqdm", "true"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "alignflow_train.json").read_text())
+    assert [s["reference"] for s in record["sdpo_stages"]] == ["initial model", "policy after stage 0"]
+    assert (out / "model.safetensors").exists()

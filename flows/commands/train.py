@@ -68,8 +68,13 @@ def train(
     ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for absent ref columns (default: the initial policy)."),
     layout: str = typer.Option("packed", "--layout", help="packed: each prompt computed once for all its responses; plain: one row per response."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens."),
+    sdpo_stages: int = typer.Option(1, "--sdpo-stages", help="sDPO (survey 3.3.7): train in this many chunks, each stage's result the next reference."),
 ) -> None:
-    """Train a policy with any per-sequence loss; extra options are TrainingArguments fields."""
+    """Train a policy with any per-sequence loss of trainers.losses.
+
+    Every transformers.TrainingArguments field is an extra option, e.g.
+    --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-6 --bf16 true.
+    """
     import os
 
     with user_errors():
@@ -103,6 +108,9 @@ def train(
         reference = None
         if ref_model is not None:
             reference = AutoModelForCausalLM.from_pretrained(ref_model)
+        if sdpo_stages > 1:
+            return _train_sdpo(policy, tokenizer, args, examples, kind, loss, params, layout, sdpo_stages, output,
+                               dataset, model)
         trainer = PreferenceTrainer(policy, args, examples, kind=kind, loss=loss, loss_params=params,
                                     processing_class=tokenizer, layout=layout, ref_model=reference)
     ref_record = manifest.get("provenance", {}).get("reference")
@@ -128,6 +136,25 @@ def train(
     (Path(output) / "alignflow_train.json").write_text(json.dumps(record, indent=2, default=str))
     console.print(f"train: done in {result.metrics.get('train_runtime', 0):.1f} s, loss {result.training_loss:.4f}; "
                   f"checkpoint in {output}")
+
+
+def _train_sdpo(policy, tokenizer, args, examples, kind, loss, params, layout, stages, output, dataset, model) -> None:
+    from trainers.sdpo import train_sdpo
+
+    console.print(f"train: sDPO, {len(examples)} {kind} rows in {stages} stages, loss={loss} {params or ''}; "
+                  "each stage's reference is the previous stage's policy (ref columns recomputed per stage)")
+    records = train_sdpo(policy, args, examples, kind=kind, stages=stages, loss=loss, loss_params=params,
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                         layout=layout, processing_class=tokenizer)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(output))
+    for r in records:
+        r.pop("ref_logps")
+    record = {"dataset": str(dataset), "model": model, "loss": loss, "loss_params": {k: repr(v) for k, v in params.items()},
+              "sdpo_stages": records, "reference": {"reference_model": f"{model}, then the policy after each stage"}}
+    (Path(output) / "alignflow_train.json").write_text(json.dumps(record, indent=2, default=str))
+    console.print(f"train: sDPO done, stage losses {[round(r['train_loss'], 4) for r in records]}; checkpoint in {output}")
 
 
 def precompute_ref(
