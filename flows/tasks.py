@@ -495,7 +495,10 @@ def launch_distributed(spec: dict, processes: int, accelerate_config: str | None
         # workers train with use_cpu=True, so accelerate sets up MULTI_CPU with the gloo backend.
         cmd += ["--multi_gpu"]
     cmd += ["-m", "flows.train_flow", "--worker", str(spec_file)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # The workers import this checkout of alignflow, whatever is installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     spec_file.unlink(missing_ok=True)
     if proc.returncode != 0:

@@ -90,7 +90,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     config.write_text(yaml.safe_dump(_feedback_config(run_dir, tiny_model, prompts)))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_TO_API_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "run", "generate_feedback", "--config", str(config)]
 

@@ -63,6 +63,7 @@ def run(
         config = load_config(name, config_file, list(overrides or []))
         if output is not None:
             config.output = str(output)
+        preflight(config)
         if hasattr(config, "output"):
             config.output = expand_output(config.output, config.name)
             dump_config(config, Path(config.output) / "config.yaml")
@@ -71,6 +72,16 @@ def run(
         print_align_report(result)
     else:
         _print_result(result)
+
+
+def preflight(config) -> None:
+    """Fail fast, in one line, on input datasets that are not there (before Prefect starts)."""
+    from schemas.store import read_manifest
+
+    for field in ("prompts", "dataset"):
+        value = getattr(config, field, None)
+        if value:
+            read_manifest(value)  # DatasetError names the folder
 
 
 def demo(
@@ -117,6 +128,7 @@ def demo(
         sets.append(f"toy_world.task.length_weight={length_weight}")
     with user_errors():
         config = load_config("align", config_file or DEMO_CONFIG, sets + list(overrides or []))
+        preflight(config)
         config.output = expand_output(str(output or DEFAULT_RUNS / "demo" / f"seed-{seed}"), config.name)
         run_dir = Path(config.output)
         if fresh and run_dir.exists():
