@@ -205,12 +205,13 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
         if pcfg.ptx_coef > 0:  # the toy world's "pretraining" text: prompts with their answers
             ptx = [f"{p} {task.reference(p)}" for p in task.prompts(256, seed=cfg.seed + 7)]
         policy, _, rep = train_ppo(policy, tokenizer, prompts, make_gen, reward_fn, pcfg, ptx_texts=ptx,
-                                   eval_prompts=eval_prompts)
+                                   eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
     elif cfg.method == "rloo":
         from trainers.rloo import RLOOConfig, train_rloo
 
         policy, rep = train_rloo(policy, tokenizer, prompts, make_gen, reward_fn,
-                                 _override(RLOOConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts)
+                                 _override(RLOOConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
+                                 eval_reward_fn=eval_reward)
     elif cfg.method == "nash-md":
         from trainers.iterative.nash_md import NashMDConfig, train_nash_md
 
@@ -221,7 +222,8 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
         from trainers.iterative.paft import PAFTConfig, train_paft
 
         policy, rep = train_paft(policy, tokenizer, prompts, make_gen, reward_fn,
-                                 _override(PAFTConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts)
+                                 _override(PAFTConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
+                                 eval_reward_fn=eval_reward)
     else:
         from trainers.iterative.loop import IterativeConfig, train_iterative
 

@@ -170,12 +170,13 @@ def _ptx_batch(tokenizer: Any, texts: Sequence[str], n: int, gen: torch.Generato
 def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
               reward_fn: Any, config: PPOConfig | None = None, ref: nn.Module | None = None,
               ptx_texts: Sequence[str] | None = None, eval_prompts: Sequence[Messages] | None = None,
-              eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, ValueHead, OnlineReport]:
+              eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, ValueHead, OnlineReport]:
     """Train ``policy`` in place with PPO against ``reward_fn``; returns (policy, value head, report).
 
     ``make_generator(model, tokenizer)`` wraps the live policy for sampling (from the flow);
     ``ref`` defaults to a frozen copy of the starting policy; ``ptx_texts`` enables PPO-ptx.
     """
+    eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or PPOConfig()
     if cfg.ptx_coef > 0 and not ptx_texts:
         raise ValueError("ptx_coef > 0 needs ptx_texts (the pretraining data of eq. 2)")
@@ -194,7 +195,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="ppo")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn,
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn,
                                        eval_sampling)
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
@@ -241,7 +242,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
             "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
     policy.eval()
-    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=ref)
+    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
     report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls

@@ -157,7 +157,7 @@ def train_reward_model(model: nn.Module, tokenizer: Any, train: Sequence[RankedE
                 per_example = compute_loss("bt", batch, margin=cfg.margin)
             loss = per_example.mean()
             ro.step(optimizer, loss, params, cfg.max_grad_norm)
-            last_loss = float(loss)
+            last_loss = loss.item()
             cfg.history.append({"epoch": epoch, "loss": last_loss})
     model.eval()
     acc_after = pairwise_accuracy(model, tokenizer, eval_examples) if eval_examples else float("nan")

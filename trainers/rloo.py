@@ -68,8 +68,9 @@ def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages]
 def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
                reward_fn: Any, config: RLOOConfig | None = None, ref: nn.Module | None = None,
                eval_prompts: Sequence[Messages] | None = None,
-               eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, OnlineReport]:
+               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, OnlineReport]:
     """Train ``policy`` in place with RLOO (eq. 48); returns (policy, report)."""
+    eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or RLOOConfig()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -82,7 +83,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="rloo")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
     generator = make_generator(policy, tokenizer)
@@ -108,7 +109,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         report.history.append({"step": step, "reward": float(scores.mean()), "kl": float(kl.mean()),
                                "loss": loss.item()})
     policy.eval()
-    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=ref)
+    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
     report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls

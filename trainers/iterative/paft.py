@@ -144,9 +144,10 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
 
 def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
                reward_fn: Any, config: PAFTConfig | None = None, eval_prompts: Sequence[Any] | None = None,
-               eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, OnlineReport]:
+               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, OnlineReport]:
     """On-policy PAFT: sample K, judge, build SFT and DPO data, train both adapters in
     parallel, merge; repeated ``rounds`` times. Returns (merged model, report)."""
+    eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or PAFTConfig()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -156,7 +157,7 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     sft_ref = ro.frozen_copy(policy)
     spend = ro.Spend()
     report = OnlineReport(method="paft")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling)
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
@@ -169,7 +170,7 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         sft_examples = [(p.prompt, p.chosen) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
-    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, reward_fn, eval_sampling, ref=sft_ref)
+    final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
     report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
