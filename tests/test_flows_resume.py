@@ -1,5 +1,4 @@
-"""Flows that hold: SIGKILL mid-generation then resume, Dask sharding, multi-process training,
-and a reduced align_from_prompts (one iteration) on the toy world.
+"""Flows that hold: SIGKILL in the middle of generation then resume, and multi-process training.
 
 The crash test runs the real CLI in its own process group with its own PREFECT_HOME, kills
 the whole group (the embedded Prefect server included) while shards are being generated,

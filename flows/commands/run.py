@@ -52,7 +52,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
     """Run a flow from a YAML config; rerunning with the same --output resumes it."""
-    from flows.config import CONFIGS, describe, dump_config, flow_name, load_config
+    from flows.config import CONFIGS, dump_config, flow_name, load_config
     from flows.runtime import expand_output
 
     with user_errors():
