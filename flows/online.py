@@ -290,15 +290,15 @@ def _token_rewards_demo(cfg, policy, tokenizer, eval_prompts, judge_reward, out:
     ``beams`` (list), ``beta``, ``objective``."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.token_rewards import beam_search
+    from trainers.token_rewards import beam_search_batch
 
     ref_path = cfg.params.get("ref")
     ref = AutoModelForCausalLM.from_pretrained(ref_path) if ref_path else policy
     beams = cfg.params.get("beams", [1, 2, 4])
     table = {}
     for b in beams:
-        texts = [beam_search(policy, ref, tokenizer, p, beam_size=int(b), beta=float(cfg.params.get("beta", 0.1)),
-                             max_new_tokens=cfg.max_new_tokens, objective=cfg.params.get("objective", "q"))[0]
-                 for p in eval_prompts]
+        texts = [x[0] for x in beam_search_batch(policy, ref, tokenizer, eval_prompts, beam_size=int(b),
+                                                 beta=float(cfg.params.get("beta", 0.1)), max_new_tokens=cfg.max_new_tokens,
+                                                 objective=cfg.params.get("objective", "q"))]
         table[str(b)] = sum(judge_reward(eval_prompts, texts)) / len(texts)
     return {"reward_by_beam": table}

@@ -248,3 +248,19 @@ def test_cli_rejects_unknown_method(tmp_path):
 
     res = CliRunner().invoke(app, ["online", "nope", "--model", str(tmp_path), "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "unknown method" in res.output
+
+
+@pytest.mark.slow
+def test_flow_composes_judge_and_generator_and_writes_report(toy_world, tmp_path):
+    """flows.online.run_online: judge (verifier) + hf generator built in the flow, passed to
+    the trainer; the trained model and report.json (reward, KL, spend) are written."""
+    import json
+
+    from flows.online import run_online
+
+    report = run_online({"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"),
+                         "prompts": 8, "eval_prompts": 4, "params": {"steps": 1, "prompts_per_step": 4, "k": 2}})
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["generations"] == 8 and saved["judge_calls"] == 8 and saved["method"] == "rloo"
+    assert {"reward_before", "reward_after", "kl_to_ref", "wall_s"} <= set(report)
+    assert (tmp_path / "run" / "model" / "config.json").exists()

@@ -195,8 +195,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     spend = ro.Spend()
     report = OnlineReport(method="ppo")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn,
-                                       eval_sampling)
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
     generator = make_generator(policy, tokenizer)

@@ -106,8 +106,7 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     spend = ro.Spend()
     report = OnlineReport(method="nash-md")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn,
-                                       eval_sampling)
+    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
     generator = make_generator(policy, tokenizer)
