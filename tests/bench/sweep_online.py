@@ -43,7 +43,7 @@ def method_configs(samples: int, sampling) -> dict:
         "iterative-dpo": IterativeConfig(method="iterative-dpo", **it),
         "self-rewarding": IterativeConfig(method="self-rewarding", **it),
         "cringe": IterativeConfig(method="cringe", **it),
-        "sppo": IterativeConfig(method="sppo", **{**it, "beta": 1.0}),
+        "sppo": IterativeConfig(method="sppo", **{**it, "beta": 0.2}),
         "dno": IterativeConfig(method="dno", **it),
         "nash-md": NashMDConfig(steps=max(1, samples // 32), prompts_per_step=16, lr=3e-4, sampling=sampling),
         "paft": PAFTConfig(rounds=rounds, prompts_per_round=per_round, k=k, epochs=2, sampling=sampling),
