@@ -670,16 +670,24 @@ def merge_critiques(out_dir: str, *, shards: Sequence[str]) -> dict:
     """Merge critique shards into ``critiques`` and the ``sft`` dataset of final revisions."""
     out = Path(out_dir)
     if is_dataset(out / "sft"):
-        return {"critiques": str(out / "critiques"), "sft": str(out / "sft")}
+        rows = read_manifest(out / "sft")["num_rows"]
+        quarantined = read_manifest(out / "quarantine")["num_rows"] if is_dataset(out / "quarantine") else 0
+        return {"critiques": str(out / "critiques"), "sft": str(out / "sft"), "rows": rows, "quarantined": quarantined}
     trace = pa.concat_tables([read_dataset(s) for s in shards], promote_options="permissive")
     write_dataset(out / "critiques", trace, "critiques", {"flow": "critique_revise", "parent_datasets": list(shards)},
                   overwrite=True)
     from feedback.constitutional import critiques_to_sft
+    from schemas.store import QUARANTINE_KIND
+    from schemas.validate import validate
 
-    sft = critiques_to_sft(trace)
-    write_dataset(out / "sft", sft, "sft", {"flow": "critique_revise", "parent_datasets": [str(out / "critiques")]},
-                  overwrite=True)
-    return {"critiques": str(out / "critiques"), "sft": str(out / "sft")}
+    checked = validate(critiques_to_sft(trace), "sft")  # e.g. empty revisions are quarantined
+    write_dataset(out / "sft", checked.valid, "sft",
+                  {"flow": "critique_revise", "parent_datasets": [str(out / "critiques")]}, overwrite=True)
+    if checked.quarantined.num_rows:
+        write_dataset(out / "quarantine", checked.quarantined, QUARANTINE_KIND,
+                      {"flow": "critique_revise", "parent_datasets": [str(out / "critiques")]}, overwrite=True)
+    return {"critiques": str(out / "critiques"), "sft": str(out / "sft"), "rows": checked.valid.num_rows,
+            "quarantined": checked.quarantined.num_rows}
 
 
 def sft_policy(out: str, *, dataset: str, model: str, epochs: float = 1.0, seed: int = 0) -> str:

@@ -378,3 +378,19 @@ def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
         again = align_from_prompts(config=cfg.model_dump(mode="json"))
     assert again["history"] == report["history"]
     assert (out / "iter-1" / "model" / "config.json").stat().st_mtime_ns == mtime
+
+
+def test_critique_revise_steps_on_a_tiny_model(tmp_path, tiny_model):
+    """critique_revise's steps (plain calls): a critiques trace and an sft dataset of revisions."""
+    from flows.config import CritiqueReviseConfig
+    from flows.critique_revise import run_critique_revise
+
+    prompts = _prompts(tmp_path / "prompts", 4)
+    cfg = CritiqueReviseConfig.model_validate({
+        "output": str(tmp_path / "cai"), "model": tiny_model, "prompts": prompts, "rounds": 1,
+        "generation": {"max_new_tokens": 6, "shard_size": 2, "device": "cpu"}})
+    out = run_critique_revise(cfg, tasks.PlainSteps(cfg.output))
+    trace, sft = read_dataset(out["critiques"]), read_dataset(out["sft"])
+    assert trace.num_rows == 4 and sft.num_rows == out["rows"] and out["rows"] + out["quarantined"] == 4
+    assert all(len(r) == 1 for r in trace.column("rounds").to_pylist())
+    assert verify_dataset(out["sft"])["kind"] == "sft"

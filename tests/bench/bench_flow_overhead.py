@@ -10,6 +10,10 @@ The flow side includes everything Prefect costs a user: starting the embedded se
 a fresh PREFECT_HOME; it starts in a background thread while the toy world builds), task and
 flow-run bookkeeping, result persistence. Reported: wall time of each, the server's start-up,
 and overhead = (flow - plain) / flow. Goal: <= 10% of wall time.
+
+Wall time on a shared 2-core machine swings with other jobs' load, so CPU seconds are reported
+too (this process's threads plus its child processes, the Prefect server included): they show
+what Prefect costs independent of the load.
 """
 
 from __future__ import annotations
@@ -43,15 +47,31 @@ def main() -> None:
     from flows.config import load_config
     from flows.tasks import PlainSteps
 
+    import psutil
+
+    me = psutil.Process()
+
+    def cpu_seconds() -> float:
+        """CPU time of this process and its live children (the embedded server)."""
+        total = sum(me.cpu_times()[:2])
+        for child in me.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def config(name: str):
         return load_config("align", args.config, [f"output={work / name}", *args.overrides])
 
     plain_cfg = config("plain")
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     prepare_outside_flow(plain_cfg)
     world_s = time.perf_counter() - t0
     plain = run_align(plain_cfg, PlainSteps(plain_cfg.output))
     plain_s = time.perf_counter() - t0
+    plain_cpu = cpu_seconds() - c0
     print(f"plain functions: {plain_s:.1f} s (toy world {world_s:.1f} s + align {plain_s - world_s:.1f} s)")
 
     import flows.runtime as runtime
@@ -66,9 +86,11 @@ def main() -> None:
 
     runtime.start_embedded_server = timed_start
     flow_cfg = config("flow")
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     flow = runtime.run_flow("align", flow_cfg)
     flow_s = time.perf_counter() - t0
+    flow_cpu = cpu_seconds() - c0
     print(f"Prefect flow: {flow_s:.1f} s (embedded server start-up {server_s.get('s', 0):.1f} s, "
           "in a background thread while the toy world builds)")
 
@@ -77,6 +99,8 @@ def main() -> None:
     print(f"same held-out rewards per iteration: {same}")
     print(f"overhead: {overhead:+.1%} of the flow's wall time (flow/plain = {flow_s / plain_s:.3f}); "
           f"goal <= 10%: {'met' if overhead <= 0.10 else 'NOT met'}")
+    print(f"CPU seconds: plain {plain_cpu:.1f}, flow {flow_cpu:.1f} (incl. the server process); "
+          f"Prefect's CPU share {(flow_cpu - plain_cpu) / flow_cpu:+.1%}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
