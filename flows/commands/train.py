@@ -49,6 +49,11 @@ def training_arguments(extra: List[str], output: Path):
             argv += [f"--{key}", value]
     if "output_dir" not in given:
         argv += ["--output_dir", str(output)]
+    if "use_cpu" not in given:
+        import torch
+
+        if not torch.cuda.is_available():  # bf16/fp16 autocast on a CPU-only machine needs use_cpu
+            argv += ["--use_cpu", "true"]
     parser = HfArgumentParser(TrainingArguments)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, whatever the editable install points at
 N_PAIRS, PROMPT_CHARS, RESPONSE_CHARS, BATCH, LR, BETA = 1000, 60, 80, 8, 5e-6, 0.1
 CONFIGS = ("ours", "trl_default", "trl_precompute", "ours_fp32", "trl_fp32", "trl_fp32_precompute", "ours_plain")
 
@@ -134,10 +135,11 @@ def worker_ours(workdir: Path, data: Path, out: Path, layout: str, bf16: str) ->
             "--output", str(out), "--layout", layout, "--per_device_train_batch_size", str(BATCH),
             "--num_train_epochs", "1", "--learning_rate", str(LR), "--disable_tqdm", "true", "--bf16", bf16]
     try:
-        app(argv, standalone_mode=False)
+        code = app(argv, standalone_mode=False)
     except SystemExit as exc:  # typer exits 0 at the end of a command
-        if exc.code:
-            raise
+        code = exc.code
+    if code:
+        sys.exit(code)
     total = time.perf_counter() - start
     record = json.loads((out / "alignflow_train.json").read_text())
     print("BENCH_RESULT " + json.dumps({"train_s": record["train_runtime_s"], "total_s": total,

@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's packages
 
 EXCLUDED = {  # need more than per-sequence log-probs (see trainers.preference.NEEDS_MORE_THAN_SUMMARIES)
     "tdpo": "per-token vocabulary log-probs", "cringe": "top-k logits", "dro": "value head", "nn": "two references",
