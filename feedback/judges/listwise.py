@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import Scorer, make_scorer
+from feedback.judges.scoring import LLMJudgeBase, Scorer
 from feedback.judges.templates import ListwiseTemplate, conversation_text, parse_ranking
 from schemas.generator import Messages, SamplingParams
 
@@ -51,7 +51,7 @@ def softmax_rows(lp: np.ndarray) -> np.ndarray:
     return np.where(s > 0, w / np.where(s > 0, s, 1.0), 1.0 / lp.shape[-1])
 
 
-class ListwiseJudge:
+class ListwiseJudge(LLMJudgeBase):
     name = "listwise-llm"
 
     def __init__(self, generator: Any, template: ListwiseTemplate | None = None, *, n_permutations: int = 4,
@@ -67,16 +67,9 @@ class ListwiseJudge:
         self._scorer = scorer
         self.last_method: str | None = None
 
-    @property
-    def scorer(self) -> Scorer:
-        if self._scorer is None:
-            self._scorer = make_scorer(self.generator, self.batch_size)
-        return self._scorer
-
     def config(self) -> dict:
-        gen = getattr(self.generator, "provenance", None)
         return {"judge": self.name, "mode": self.mode, "n_permutations": self.n_permutations, "seed": self.seed,
-                "generator": gen() if callable(gen) else getattr(self.generator, "name", type(self.generator).__name__)}
+                "generator": self.generator_provenance()}
 
     def rank(self, prompts: Sequence[Messages | str], response_lists: Sequence[Sequence[str]]) -> list[list[float]]:
         """Debiased scores (one list per prompt, aligned with its responses)."""

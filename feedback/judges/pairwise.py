@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import Scorer, make_scorer
+from feedback.judges.scoring import LLMJudgeBase, Scorer
 from feedback.judges.templates import PairwiseTemplate, conversation_text, parse_choice
 from schemas.generator import Messages, SamplingParams
 
@@ -82,7 +82,7 @@ class PairwiseJudgement:
                 "ties": int(self.tie.sum()), "mean_judge_prob": float(p.mean()) if len(p) else float("nan")}
 
 
-class PairwiseJudge:
+class PairwiseJudge(LLMJudgeBase):
     """Position-debiased pairwise judge over any ``Generator``.
 
     Args:
@@ -113,18 +113,11 @@ class PairwiseJudge:
         self.batch_size = batch_size
         self._scorer = scorer
 
-    @property
-    def scorer(self) -> Scorer:
-        if self._scorer is None:
-            self._scorer = make_scorer(self.generator, self.batch_size)
-        return self._scorer
-
     def config(self) -> dict:
         """Provenance of the judge (no secrets)."""
-        gen = getattr(self.generator, "provenance", None)
         return {"judge": self.name, "mode": self.mode, "cot": self.cot, "tie_band": self.tie_band,
                 "answers": list(self.template.answers), "exemplars": len(self.template.exemplars),
-                "generator": gen() if callable(gen) else getattr(self.generator, "name", type(self.generator).__name__)}
+                "generator": self.generator_provenance()}
 
     # -- both orders as one flat list: index 2*i is A-first, 2*i+1 is B-first ----------------
     def _ordered(self, prompts, responses_a, responses_b, criteria):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import Scorer, make_scorer
+from feedback.judges.scoring import LLMJudgeBase, Scorer
 from feedback.judges.templates import RubricTemplate, conversation_text, parse_choice
 from schemas.generator import Messages, SamplingParams
 
@@ -35,7 +35,7 @@ def expected_score(logps: np.ndarray, values: np.ndarray | None = None) -> np.nd
     return w @ values
 
 
-class RubricJudge:
+class RubricJudge(LLMJudgeBase):
     name = "rubric-llm"
 
     def __init__(self, generator: Any, template: RubricTemplate | None = None, *, mode: str = "auto",
@@ -51,16 +51,9 @@ class RubricJudge:
         self._scorer = scorer
         self.last_method: str | None = None
 
-    @property
-    def scorer(self) -> Scorer:
-        if self._scorer is None:
-            self._scorer = make_scorer(self.generator, self.batch_size)
-        return self._scorer
-
     def config(self) -> dict:
-        gen = getattr(self.generator, "provenance", None)
         return {"judge": self.name, "mode": self.mode, "cot": self.cot, "scores": list(self.template.scores),
-                "generator": gen() if callable(gen) else getattr(self.generator, "name", type(self.generator).__name__)}
+                "generator": self.generator_provenance()}
 
     def _generate(self, messages, max_new_tokens):
         greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)

@@ -261,3 +261,21 @@ def make_scorer(generator: Any, batch_size: int | None = None) -> Scorer:
     if model is not None and tokenizer is not None and hasattr(model, "forward") and hasattr(tokenizer, "apply_chat_template"):
         return PrefixCachedScorer(model, tokenizer, batch_size=batch_size or getattr(generator, "batch_size", 64) or 64)
     return GeneratorScorer(generator)
+
+
+class LLMJudgeBase:
+    """What the LLM judges share: a lazily built scorer over their generator, and its provenance."""
+
+    generator: Any
+    batch_size: int
+    _scorer: "Scorer | None"
+
+    @property
+    def scorer(self) -> "Scorer":
+        if self._scorer is None:
+            self._scorer = make_scorer(self.generator, self.batch_size)
+        return self._scorer
+
+    def generator_provenance(self) -> Any:
+        gen = getattr(self.generator, "provenance", None)
+        return gen() if callable(gen) else getattr(self.generator, "name", type(self.generator).__name__)
