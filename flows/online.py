@@ -259,7 +259,7 @@ def _distilled_reward(cfg, policy, tokenizer, prompts, make_gen, judge_reward, s
 
 def _train_judge_model(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, judge_reward, sampling, out: Path) -> dict:
     """reward-model / preference-model: on a dataset (``data``) or on judged on-policy samples."""
-    from trainers.reward_model import RankedExample, RewardModelConfig, examples_from_table, make_reward_model, train_reward_model
+    from trainers.reward_model import RewardModelConfig, examples_from_table, make_reward_model, train_reward_model
 
     if cfg.data:
         from schemas.store import read_dataset

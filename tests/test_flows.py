@@ -6,7 +6,6 @@ Prefect server of the session (PREFECT_HOME is a temp folder, see conftest.py).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from feedback.labels import Options, convert_labels_file
+from feedback.labels import convert_labels_file
 from schemas.store import read_dataset, read_manifest
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from trainers.collators import ListwiseCollator, PairwiseCollator, pretokenize
+from trainers.collators import ListwiseCollator, pretokenize
 from trainers.logprobs import build_sequence_batch, sequence_logps
 from trainers.losses import compute_loss
 

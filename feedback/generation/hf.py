@@ -315,8 +315,6 @@ class HFGenerator:
         the sum equals ``Generation.logp`` of a sampled text that ended with eos).
         Returns a list of floats, or (floats, token counts) with ``return_tokens=True``.
         """
-        import torch
-
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         cache: dict[str, list[int]] = {}

@@ -13,7 +13,6 @@ Exporters take canonical rows of the format's kind and return the table to write
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from flows.commands.common import console, user_errors
 
 
 def formats() -> None:

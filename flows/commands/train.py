@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from flows.commands.common import console, user_errors
 
 # Our defaults where TrainingArguments' would waste time on a laptop run; any option overrides.
 FAST_DEFAULTS = {
