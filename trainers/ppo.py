@@ -190,14 +190,10 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * cfg.lr},
     ])
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    prompts = [ro.as_messages(p) for p in prompts]
-    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
-    spend = ro.Spend()
-    report = OnlineReport(method="ppo")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
-    report.reward_before = first["reward"]
-    report.extra["eval_rewards_before"] = first["rewards"]
+    run = ro.begin_run("ppo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
+                       cfg.sampling, eval_sampling, cfg.seed)
+    prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
+                                                           run.spend, run.report)
     generator = make_generator(policy, tokenizer)
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()

@@ -78,14 +78,10 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     ref = ref if ref is not None else ro.frozen_copy(policy)
     optimizer = ro.make_optimizer(policy.parameters(), ro.OptimConfig(lr=cfg.lr))
     params = [p for p in policy.parameters() if p.requires_grad]
-    prompts = [ro.as_messages(p) for p in prompts]
-    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
-    spend = ro.Spend()
-    report = OnlineReport(method="rloo")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
-    report.reward_before = first["reward"]
-    report.extra["eval_rewards_before"] = first["rewards"]
+    run = ro.begin_run("rloo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
+                       cfg.sampling, eval_sampling, cfg.seed)
+    prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
+                                                           run.spend, run.report)
     generator = make_generator(policy, tokenizer)
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()

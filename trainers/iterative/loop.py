@@ -309,18 +309,15 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompts = [ro.as_messages(p) for p in prompts]
-    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     sft_ref = ref if ref is not None else ro.frozen_copy(policy)
     ref_t = sft_ref
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
-    spend = ro.Spend()
-    report = OnlineReport(method=cfg.method)
     generator = make_generator(policy, tokenizer)
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
-    report.reward_before = first["reward"]
-    report.extra["eval_rewards_before"] = first["rewards"]
+    run = ro.begin_run(cfg.method, make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
+                       cfg.sampling, eval_sampling, cfg.seed)
+    prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
+                                                           run.spend, run.report)
+    first = run.first
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None

@@ -99,16 +99,12 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ref = ref if ref is not None else ro.frozen_copy(policy)
-    prompts = [ro.as_messages(p) for p in prompts]
-    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    spend = ro.Spend()
-    report = OnlineReport(method="nash-md")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
-    report.reward_before = first["reward"]
-    report.extra["eval_rewards_before"] = first["rewards"]
+    run = ro.begin_run("nash-md", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
+                       cfg.sampling, eval_sampling, cfg.seed)
+    prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
+                                                           run.spend, run.report)
     generator = make_generator(policy, tokenizer)
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()

@@ -151,15 +151,11 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     cfg = config or PAFTConfig()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompts = [ro.as_messages(p) for p in prompts]
-    eval_prompts = [ro.as_messages(p) for p in (eval_prompts or prompts)]
-    eval_sampling = eval_sampling or ro.eval_sampling_of(cfg.sampling, cfg.seed)
     sft_ref = ro.frozen_copy(policy)
-    spend = ro.Spend()
-    report = OnlineReport(method="paft")
-    first = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
-    report.reward_before = first["reward"]
-    report.extra["eval_rewards_before"] = first["rewards"]
+    run = ro.begin_run("paft", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
+                       cfg.sampling, eval_sampling, cfg.seed)
+    prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
+                                                           run.spend, run.report)
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from schemas.generator import Generation, Messages, SamplingParams
+from schemas.online import OnlineReport
 
 
 def as_messages(prompt: str | Messages) -> Messages:
@@ -191,6 +192,32 @@ def evaluate(make_generator: Any, model: torch.nn.Module, tokenizer: Any, prompt
         out["kl"] = float(sequence_kl(model, ref, batch).mean())
     model.train(was_training)
     return out
+
+
+@dataclass
+class RunStart:
+    """What every online trainer sets up before its first step (see ``begin_run``)."""
+
+    prompts: list[Messages]
+    eval_prompts: list[Messages]
+    eval_sampling: SamplingParams
+    spend: Spend
+    report: OnlineReport  # reward_before filled in
+    first: dict  # the starting policy's evaluation (``evaluate``'s output)
+
+
+def begin_run(method: str, make_generator: Any, policy: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
+              eval_prompts: Sequence[Any] | None, eval_reward_fn: Any, sampling: SamplingParams,
+              eval_sampling: SamplingParams | None, seed: int) -> RunStart:
+    """Normalise the prompts, fix the evaluation sampling and measure the starting policy."""
+    prompts = [as_messages(p) for p in prompts]
+    eval_prompts = [as_messages(p) for p in (eval_prompts or prompts)]
+    eval_sampling = eval_sampling or eval_sampling_of(sampling, seed)
+    report = OnlineReport(method=method)
+    first = evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling)
+    report.reward_before = first["reward"]
+    report.extra["eval_rewards_before"] = first["rewards"]
+    return RunStart(prompts, eval_prompts, eval_sampling, Spend(), report, first)
 
 
 @dataclass
