@@ -687,7 +687,6 @@ def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
     several annotators: mean rank) gives listwise rows. ``--aspect`` names the question.
     Nested annotator lists are unpacked in Python (one pass over the records).
     """
-    import pandas as pd
 
     prompt_col = first_present(raw, PROMPT_FIELDS)
     if prompt_col is None:
@@ -734,19 +733,8 @@ def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
     if resp_col is None:
         raise LabelsError(f"{ctx.path}: row 0: field 'response': missing (argilla rating needs one of {', '.join(RESPONSE_FIELDS)})")
     mean = np.array([np.mean([float(v) for v in c]) if c else np.nan for c in cells])
-    keep = np.flatnonzero(~q.bad)
-    codes, uniques = pd.factorize(prompts.take(pa.array(keep)).to_numpy(zero_copy_only=False))
-    order = keep[np.argsort(codes, kind="stable")]
-    sizes = np.bincount(codes, minlength=len(uniques))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-    first = np.full(len(uniques), len(raw), dtype=np.int64)
-    np.minimum.at(first, codes, keep)
-    prompt = as_prompt(pa.array(uniques.astype(object), pa.string()))
-    table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
-                      "responses": pa.ListArray.from_arrays(offsets, text(raw, resp_col).take(pa.array(order))),
-                      ASPECT_PREFIX + question.removesuffix(".responses"):
-                          pa.ListArray.from_arrays(offsets, pa.array(mean[order], pa.float64())),
-                      "_row": pa.array(first + ctx.row_offset), "_nrec": pa.array(sizes.astype(np.int64))})
+    table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), np.flatnonzero(~q.bad),
+                               text(raw, resp_col), mean, question.removesuffix(".responses"), ctx)
     return Parsed("ratings", table, q.table())
 
 
@@ -767,7 +755,6 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
     ``pairwise`` (selected left/right; several annotators: majority, a split vote is a tie),
     ``rating`` (mean over annotators; grouped by prompt into ratings) and ``ranker``
     (``data.items`` ordered per annotator; mean position)."""
-    import pandas as pd
 
     require(raw, ["data", "annotations"] if "annotations" in raw.column_names or "completions" not in raw.column_names
             else ["data", "completions"], ctx)
@@ -837,18 +824,8 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
             responses.append(data.get(rkey) if rkey else None)
             ratings.append(float(np.mean(values)) if values else np.nan)
         q.add(np.array(bad, dtype=bool), "no rating, or no prompt and response in data")
-        keep = np.flatnonzero(~q.bad)
-        codes, uniques = pd.factorize(np.array(prompts, dtype=object)[keep])
-        order = keep[np.argsort(codes, kind="stable")]
-        sizes = np.bincount(codes, minlength=len(uniques))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-        first = np.full(len(uniques), len(raw), dtype=np.int64)
-        np.minimum.at(first, codes, keep)
-        prompt = as_prompt(pa.array(uniques.astype(object), pa.string()))
-        table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
-                          "responses": pa.ListArray.from_arrays(offsets, pa.array(np.array(responses, dtype=object)[order], pa.string())),
-                          ASPECT_PREFIX + "rating": pa.ListArray.from_arrays(offsets, pa.array(np.array(ratings)[order], pa.float64())),
-                          "_row": pa.array(first + ctx.row_offset), "_nrec": pa.array(sizes.astype(np.int64))})
+        table = _ratings_by_prompt(np.array(prompts, dtype=object), np.flatnonzero(~q.bad),
+                                   pa.array(responses, pa.string()), np.array(ratings, dtype=np.float64), "rating", ctx)
         return Parsed("ratings", table, q.table())
     raise LabelsError(f"{ctx.path}: row 0: field 'annotations': no pairwise, rating or ranker results")
 
@@ -1058,3 +1035,24 @@ for _kind, _holds in (("pairwise", "canonical pairwise (chosen, rejected, margin
                       ("binary", "canonical binary (response, label)"), ("sft", "canonical sft (response)")):
     register(Format(_kind, _kind, _holds, _read_canonical(_kind), _export_canonical, ties=_kind in ("listwise", "binary")))
 CANONICAL = ("pairwise", "listwise", "binary", "sft")
+
+
+def _ratings_by_prompt(prompts: np.ndarray, keep: np.ndarray, responses: pa.Array, ratings: np.ndarray,
+                       aspect: str, ctx) -> pa.Table:
+    """Rows rating one response each (kept rows ``keep``) grouped into one ratings row per prompt.
+
+    Responses keep their input order within a prompt; ``_row`` is each group's first input row.
+    """
+    import pandas as pd
+
+    codes, uniques = pd.factorize(prompts[keep])
+    order = keep[np.argsort(codes, kind="stable")]
+    sizes = np.bincount(codes, minlength=len(uniques))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    first = np.full(len(uniques), len(prompts), dtype=np.int64)
+    np.minimum.at(first, codes, keep)
+    prompt = as_prompt(pa.array(uniques.astype(object), pa.string()))
+    return pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
+                     "responses": pa.ListArray.from_arrays(offsets, responses.take(pa.array(order))),
+                     ASPECT_PREFIX + aspect: pa.ListArray.from_arrays(offsets, pa.array(ratings[order], pa.float64())),
+                     "_row": pa.array(first + ctx.row_offset), "_nrec": pa.array(sizes.astype(np.int64))})
