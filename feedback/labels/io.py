@@ -2,8 +2,9 @@
 
 Encodings are taken from the file name: ``.jsonl``, ``.jsonl.gz`` (and ``.json.gz``), ``.json``
 (an array of objects, or an object holding one), ``.parquet``, ``.csv`` and ``.xlsx``.
-Parquet, CSV and JSONL stream in record batches (memory independent of the file size); a
-``.json`` array and an ``.xlsx`` sheet are whole-document formats and are read at once.
+Every encoding streams in batches of ``batch_rows`` rows (memory independent of the file size):
+Parquet, CSV and JSONL through Arrow's readers, a ``.json`` array one value at a time over a
+sliding text window, an ``.xlsx`` sheet through openpyxl's read-only row iterator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +23,7 @@ from feedback.labels.errors import LabelsError
 
 BATCH_ROWS = 65_536
 BLOCK_BYTES = 1 << 24  # Arrow's JSON / CSV readers parse (and infer types) block by block
+JSON_CHUNK_CHARS = 1 << 20  # text the .json array reader reads at a time
 READ_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".xlsx")
 WRITE_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
@@ -50,9 +53,9 @@ def iter_file_batches(path: str | os.PathLike, batch_rows: int = BATCH_ROWS) -> 
         elif ext in (".jsonl", ".jsonl.gz", ".json.gz"):
             yield from _jsonl_batches(path, batch_rows)
         elif ext == ".json":
-            yield from _slices(_read_json_document(path), batch_rows)
+            yield from _json_array_batches(path, batch_rows)
         elif ext == ".xlsx":
-            yield from _slices(_read_xlsx(path), batch_rows)
+            yield from _xlsx_batches(path, batch_rows)
     except LabelsError:
         raise
     except (pa.ArrowException, OSError, UnicodeDecodeError, EOFError, ValueError) as exc:
@@ -194,26 +197,162 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
         yield _from_records(rows, path, seen - len(rows))
 
 
-def _read_json_document(path: Path) -> pa.Table:
-    with open(path, encoding="utf-8") as fh:
-        try:
-            doc = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise LabelsError(f"{path}: unreadable as json ({exc.msg} at line {exc.lineno})") from None
-    if isinstance(doc, dict):  # {"data": [...]} or {"rows": [...]} wrappers
-        lists = [v for v in doc.values() if isinstance(v, list)]
-        if len(lists) != 1:
+class _JsonWindow:
+    """A sliding window over a JSON document, for decoding it one value at a time.
+
+    The window holds the undecoded rest of the text read so far and grows only while a single
+    value does not fit, so memory is bounded by ``chunk_chars`` plus the largest value (one
+    row), not by the file. ``line`` numbers are kept across the text already dropped.
+    """
+
+    _NOT_SPACE = re.compile(r"[^ \t\n\r]")  # JSON's four whitespace characters only
+
+    def __init__(self, fh, chunk_chars: int):
+        self.fh, self.chunk_chars = fh, chunk_chars
+        self.buf, self.pos, self.eof = "", 0, False
+        self.first_line = 1  # line number of buf[0]
+        self.decoder = json.JSONDecoder()
+
+    def read_more(self, at_least: int = 0) -> bool:
+        """Drop the consumed text and append the next chunk; False at the end of the file."""
+        if self.eof:
+            return False
+        if self.pos:
+            self.first_line += self.buf.count("\n", 0, self.pos)
+            self.buf, self.pos = self.buf[self.pos:], 0
+        data = self.fh.read(max(self.chunk_chars, at_least))
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file); the cursor moves to it."""
+        while True:
+            found = self._NOT_SPACE.search(self.buf, self.pos)
+            if found:
+                self.pos = found.start()
+                return self.buf[self.pos]
+            self.pos = len(self.buf)
+            if not self.read_more():
+                return ""
+
+    def skip(self) -> None:
+        self.pos += 1
+
+    def value(self):
+        """Decode the next value, reading on while it may be cut off by the window's end."""
+        self.peek()  # raw_decode does not skip leading whitespace
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                # cut off (or broken): read on, doubling the window so a long value is parsed
+                # O(log) times, not once per chunk; at the end of the file the error is real
+                line = self.line(exc.pos)  # before read_more drops text
+                if self.read_more(len(self.buf)):
+                    continue
+                exc.doc_line = line
+                raise
+            if end == len(self.buf) and self.read_more():  # a number may continue in the next chunk
+                continue
+            self.pos = end
+            return obj
+
+    def line(self, pos: int | None = None) -> int:
+        return self.first_line + self.buf.count("\n", 0, self.pos if pos is None else pos)
+
+
+def _json_array_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """A ``.json`` document, streamed: an array of objects, or an object holding one array
+    (``{"data": [...]}``), decoded one row at a time (``json.JSONDecoder.raw_decode`` over a
+    sliding window) and yielded every ``batch_rows`` rows."""
+    with open(path, encoding="utf-8-sig") as fh:
+        doc = _JsonWindow(fh, JSON_CHUNK_CHARS)
+        first = doc.peek()
+        if first == "[":
+            doc.skip()
+            yield from _json_array_items(doc, path, batch_rows)
+        elif first == "{":
+            doc.skip()
+            yield from _json_wrapped_array(doc, path, batch_rows)
+        else:
             raise LabelsError(f"{path}: row 0: expected a JSON array of objects (or an object holding one)")
-        doc = lists[0]
-    if not isinstance(doc, list):
-        raise LabelsError(f"{path}: row 0: expected a JSON array of objects")
-    return _from_records(doc, path)
+        if doc.peek():
+            raise LabelsError(f"{path}: line {doc.line()}: unreadable as json (extra data after the document)")
+
+
+def _json_decode(doc: _JsonWindow, path: Path, what: str):
+    try:
+        return doc.value()
+    except json.JSONDecodeError as exc:
+        raise LabelsError(f"{path}: {what}: line {exc.doc_line} is not JSON ({exc.msg})") from None
+
+
+def _json_expect(doc: _JsonWindow, path: Path, what: str, allowed: str) -> str:
+    char = doc.peek()
+    if not char or char not in allowed:
+        got = repr(char) if char else "the end of the file"
+        raise LabelsError(f"{path}: {what}: line {doc.line()} is not JSON (expected {' or '.join(map(repr, allowed))}, "
+                          f"got {got})")
+    doc.skip()
+    return char
+
+
+def _json_array_items(doc: _JsonWindow, path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """The items of an array whose ``[`` was consumed, as tables of ``batch_rows`` rows."""
+    rows: list = []
+    n = 0
+    if doc.peek() == "]":
+        doc.skip()
+    else:
+        while True:
+            rows.append(_json_decode(doc, path, f"row {n}"))
+            n += 1
+            if len(rows) >= batch_rows:
+                yield _from_records(rows, path, n - len(rows))
+                rows = []
+            if _json_expect(doc, path, f"row {n - 1}", ",]") == "]":
+                break
+    if rows or n == 0:
+        yield _from_records(rows, path, n - len(rows))
+
+
+def _json_wrapped_array(doc: _JsonWindow, path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """An object whose ``{`` was consumed and one of whose values is the array of rows: that
+    array is streamed; other values are decoded (and must not be arrays too)."""
+    arrays = 0
+    if doc.peek() == "}":
+        doc.skip()
+    else:
+        while True:
+            key = _json_decode(doc, path, "row 0")
+            if not isinstance(key, str):
+                raise LabelsError(f"{path}: row 0: line {doc.line()} is not JSON (an object key must be a string)")
+            _json_expect(doc, path, f"row 0: field {key!r}", ":")
+            if doc.peek() == "[" and not arrays:
+                doc.skip()
+                arrays += 1
+                yield from _json_array_items(doc, path, batch_rows)
+            elif isinstance(_json_decode(doc, path, f"row 0: field {key!r}"), list):
+                arrays += 1
+            if _json_expect(doc, path, "row 0", ",}") == "}":
+                break
+    if arrays != 1:
+        raise LabelsError(f"{path}: row 0: expected a JSON array of objects (or an object holding one)")
 
 
 def _from_records(rows: list, path: Path, first_row: int = 0) -> pa.Table:
+    """JSON objects -> a table with a column for every key any row has (not just the first)."""
+    same_keys = True
+    keys = rows[0].keys() if rows and isinstance(rows[0], dict) else None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise LabelsError(f"{path}: row {first_row + i}: expected a JSON object, got {type(row).__name__}")
+        same_keys = same_keys and row.keys() == keys
+    if not same_keys:  # Arrow's from_pylist takes the columns from the first row only
+        return _from_records_loose(rows, None)
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -221,7 +360,7 @@ def _from_records(rows: list, path: Path, first_row: int = 0) -> pa.Table:
         return _from_records_loose(rows, exc)
 
 
-def _from_records_loose(rows: list, first_error: Exception) -> pa.Table:
+def _from_records_loose(rows: list, first_error: Exception | None) -> pa.Table:
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
@@ -236,24 +375,47 @@ def _from_records_loose(rows: list, first_error: Exception) -> pa.Table:
     return pa.table(columns)
 
 
-def _read_xlsx(path: Path) -> pa.Table:
-    """The first sheet; the first row names the columns. Fully blank rows are kept (all null)."""
+def _xlsx_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """The first sheet, streamed (openpyxl's read-only mode parses the sheet's XML as it goes);
+    the first row names the columns. Fully blank rows are kept (all null)."""
     import openpyxl
 
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as exc:  # openpyxl raises many types for a non-workbook
         raise LabelsError(f"{path}: unreadable as xlsx ({_first_line(exc)})") from None
-    rows = book.active.iter_rows(values_only=True)
-    header = next(rows, None)
-    if header is None:
-        return pa.table({})
-    names = [str(h) if h is not None else f"column_{i}" for i, h in enumerate(header)]
-    columns: list[list] = [[] for _ in names]
-    for row in rows:
-        for i in range(len(names)):
-            columns[i].append(row[i] if i < len(row) else None)
-    book.close()
+    n = 0
+    try:
+        rows = book.active.iter_rows(values_only=True)
+        header = next(rows, None)
+        if header is None:
+            yield pa.table({})
+            return
+        names = [str(h) if h is not None else f"column_{i}" for i, h in enumerate(header)]
+        chunk: list[tuple] = []
+        yielded = False
+        for row in rows:
+            chunk.append(row)
+            n += 1
+            if len(chunk) >= batch_rows:
+                yield _cells_to_table(names, chunk)
+                chunk, yielded = [], True
+        if chunk or not yielded:
+            yield _cells_to_table(names, chunk)
+    except LabelsError:
+        raise
+    except Exception as exc:  # a broken sheet part shows only while iterating
+        raise LabelsError(f"{path}: row {n}: unreadable as xlsx ({_first_line(exc)})") from None
+    finally:
+        book.close()
+
+
+def _cells_to_table(names: list[str], rows: list[tuple]) -> pa.Table:
+    """Sheet rows (tuples of cell values, maybe shorter than the header) -> a table; a column
+    whose cells Arrow cannot hold in one type becomes text."""
+    width = len(names)
+    padded = [tuple(r[:width]) + (None,) * (width - len(r)) if len(r) != width else r for r in rows]
+    columns = list(zip(*padded)) if padded else [() for _ in names]
     out = {}
     for name, values in zip(names, columns):
         try:

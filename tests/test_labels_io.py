@@ -1,0 +1,127 @@
+"""Streaming reads of label files: ``.json`` arrays and ``.xlsx`` sheets come in batches of
+``batch_rows`` with bounded memory, give the same rows as one whole read, and bad input
+gives one line naming file, row (and line)."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from feedback.labels import LabelsError, Options, convert_labels_file
+from feedback.labels import io as lio
+
+
+def _rows(n):
+    # mixed types across the file: an int column that turns float, a field only some rows have
+    return [{"instruction": f"q{i}", "output_1": f"a{i}" * (i % 7 + 1), "output_2": f"b{i}",
+             "preference": 1 if i % 3 else 2.0, **({"note": "x"} if i % 50 == 0 else {})} for i in range(n)]
+
+
+def _all(batches):
+    return [r for b in batches for r in b.to_pylist()]
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_json_array_streams_in_batches_like_a_whole_read(tmp_path, monkeypatch, wrapped):
+    rows = _rows(1000)
+    doc = {"meta": {"source": "x", "tags": {"a": 1}}, "data": rows, "count": 1000} if wrapped else rows
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc, indent=1))
+    whole = lio.read_file(path)  # default batch_rows: one batch
+    monkeypatch.setattr(lio, "JSON_CHUNK_CHARS", 97)  # rows straddle the window's end everywhere
+    batches = list(lio.iter_file_batches(path, batch_rows=64))
+    assert [b.num_rows for b in batches] == [64] * 15 + [40]
+    assert lio.concat_loose(batches).to_pylist() == whole.to_pylist()
+    assert [{k: v for k, v in r.items() if v is not None} for r in _all(batches)] == rows
+
+
+def test_json_array_memory_is_bounded_by_the_batch_not_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(lio, "JSON_CHUNK_CHARS", 1 << 15)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(_rows(20_000)))  # ~2 MB of text
+    size = path.stat().st_size
+    (tmp_path / "warm.json").write_text(json.dumps(_rows(3)))
+    list(lio.iter_file_batches(tmp_path / "warm.json"))  # first-use imports are not the reader's memory
+    gen = lio.iter_file_batches(path, batch_rows=500)
+    tracemalloc.start()
+    try:
+        first = next(gen)  # only the first window and batch are read
+        _, peak_first = tracemalloc.get_traced_memory()
+        sizes = [first.num_rows] + [b.num_rows for b in gen]
+        _, peak_all = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tracemalloc.start()
+    try:
+        json.loads(path.read_text())  # what a whole read holds: every row as Python objects
+        _, peak_whole = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sizes == [500] * 40
+    assert peak_all < size // 2 and peak_all < peak_whole // 10, (peak_first, peak_all, peak_whole, size)
+
+
+def test_json_errors_name_file_row_and_line(tmp_path):
+    cases = {'[{"a": 1},\n{"a": 2}\n{"a": 3}]': r"e.json: row 1: line 3 is not JSON \(expected ',' or ']', got '\{'\)",
+             '[{"a": 1},\n{"a": tru}]': r"e.json: row 1: line 2 is not JSON",
+             '[{"a": 1},\n{"a": 2},': r"e.json: row 2: line 2 is not JSON",
+             '[{"a": 1}, 7]': r"e.json: row 1: expected a JSON object, got int",
+             '{"a": [{"x": 1}], "b": [2]}': r"e.json: row 0: expected a JSON array of objects",
+             '"text"': r"e.json: row 0: expected a JSON array",
+             '[{"a": 1}] tail': r"e.json: line 1: unreadable as json \(extra data"}
+    for text, message in cases.items():
+        (tmp_path / "e.json").write_text(text)
+        with pytest.raises(LabelsError, match=message):
+            list(lio.iter_file_batches(tmp_path / "e.json", batch_rows=1))
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert [b.num_rows for b in lio.iter_file_batches(tmp_path / "empty.json")] == [0]
+
+
+def test_json_long_row_and_numbers_cut_at_the_window_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(lio, "JSON_CHUNK_CHARS", 8)
+    rows = [{"t": "y" * 5000, "n": 1234567890123}, {"t": "é\n\"", "n": -1.5e-7}, {"t": "z", "n": 12345678901}]
+    (tmp_path / "l.json").write_text(json.dumps(rows))
+    assert _all(lio.iter_file_batches(tmp_path / "l.json", batch_rows=2)) == rows
+
+
+def _xlsx(path, header, rows):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(header)
+    for r in rows:
+        book.active.append(r)
+    book.save(path)
+    return path
+
+
+def test_xlsx_streams_in_batches_like_a_whole_read(tmp_path):
+    rows = [[f"p{i // 3}", "m1", "m2", f"a{i}", f"b{i}", ["a-is-better", "tie", "b-is-slightly-better"][i % 3],
+             f"e{i % 4}", i if i % 5 else f"n{i}"] for i in range(250)]
+    rows[17] = [None] * 8  # a blank row is kept
+    path = _xlsx(tmp_path / "s.xlsx", ["prompt", "model_a", "model_b", "completion_a", "completion_b", "preference",
+                                       "evaluator", "mixed"], rows)
+    whole = lio.read_file(path)
+    batches = list(lio.iter_file_batches(path, batch_rows=40))
+    assert [b.num_rows for b in batches] == [40] * 6 + [10]
+    assert lio.concat_loose(batches).to_pylist() == whole.to_pylist()
+    assert whole.num_rows == 250 and whole.column("prompt")[17].as_py() is None
+    assert whole.column("mixed").to_pylist()[:6] == ["n0", "1", "2", "3", "4", "n5"]  # one type: text
+    # a grouping format reads the batches as one table: the same report and rows either way
+    small = convert_labels_file(path, tmp_path / "o1", "graded-pairwise", "pairwise", batch_rows=40)
+    big = convert_labels_file(path, tmp_path / "o2", "graded-pairwise", "pairwise")
+    assert small.as_dict() == big.as_dict() and small.read == 250
+
+
+def test_alpaca_eval_json_in_many_batches_converts_the_same(tmp_path):
+    rows = [{"instruction": f"q{i}", "output_1": f"a{i}", "output_2": f"b{i}", "preference": [1, 2, 0, 1.5][i % 4]}
+            for i in range(300)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    small = convert_labels_file(tmp_path / "a.json", tmp_path / "s.jsonl", "alpaca-eval", "trl-preference",
+                                Options(ties="drop"), batch_rows=7)
+    big = convert_labels_file(tmp_path / "a.json", tmp_path / "b.jsonl", "alpaca-eval", "trl-preference",
+                              Options(ties="drop"))
+    assert small.as_dict() == big.as_dict() and small.written == 150
+    assert (tmp_path / "s.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
