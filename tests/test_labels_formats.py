@@ -142,6 +142,25 @@ def test_helpsteer2_both_files(tmp_path):
     assert table.num_rows == 6 and table.column("label").to_pylist()[4:] == [True, True]
 
 
+def test_helpsteer2_multi_turn_prompts_become_messages(tmp_path):
+    # HelpSteer2 keeps earlier turns inline: "{user 1}\n<extra_id_1>Assistant\n{assistant 1}\n<extra_id_1>User\n{user 2}"
+    multi = "c++ std\n<extra_id_1>Assistant\nThe standard library.\n<extra_id_1>User\nand vectors?"
+    turns = [{"role": "user", "content": "c++ std"}, {"role": "assistant", "content": "The standard library."},
+             {"role": "user", "content": "and vectors?"}]
+    attrs = [{"prompt": multi, "response": "r1", "helpfulness": 4}, {"prompt": "one turn ", "response": "r3", "helpfulness": 2},
+             {"prompt": multi, "response": "r2", "helpfulness": 1}, {"prompt": "one turn ", "response": "r4", "helpfulness": 3}]
+    report, table = convert(tmp_path, attrs, "helpsteer2", "listwise")
+    prompts = {r["responses"][0]: r["prompt"] for r in table.to_pylist()}
+    assert prompts == {"r1": turns, "r3": [{"role": "user", "content": "one turn "}]} and report.written == 4
+    prefs = [{"prompt": multi, "response_1": "a", "response_2": "b", "preference_strength": 2},
+             {"prompt": "x\n<extra_id_1>Assistant\n\n<extra_id_1>User\ny", "response_1": "c", "response_2": "d",
+              "preference_strength": -1},  # an empty earlier turn: quarantined, not glued together
+             {"prompt": "solo", "response_1": "e", "response_2": "f", "preference_strength": -3}]
+    report, table = convert(tmp_path, prefs, "helpsteer2", "pairwise", name="pref.jsonl")
+    assert table.column("prompt").to_pylist() == [turns, [{"role": "user", "content": "solo"}]]
+    assert pairs_of(table) == [("b", "a"), ("e", "f")] and report.quarantine_reasons == {"empty text in prompt": 1}
+
+
 def test_pku_saferlhf_axes(tmp_path):
     rows = [{"prompt": "P", "response_0": "a", "response_1": "b", "better_response_id": 1, "safer_response_id": 0,
              "is_response_0_safe": True, "is_response_1_safe": False}]

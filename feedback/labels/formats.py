@@ -26,7 +26,7 @@ from feedback.labels.columns import (Quarantine, as_prompt, col, first_present, 
                                      one_message, require, same_messages, text)
 from feedback.labels.conversions import ASPECT_PREFIX
 from feedback.labels.errors import LabelsError
-from feedback.labels.text import join_transcripts, prefix_to_messages, split_last_turn
+from feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
 from schemas.kinds import MESSAGES
 from schemas.prompts import prompt_ids
 
@@ -424,7 +424,9 @@ HS2_ASPECTS = ("helpfulness", "correctness", "coherence", "complexity", "verbosi
 def read_helpsteer2(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """HelpSteer2: the attribute file (one rated response per row, grouped by prompt into
     per-aspect ratings) or the preference file (``preference_strength`` -3..3, negative =
-    response_1 better, 0 = tie; margin = |strength|)."""
+    response_1 better, 0 = tie; margin = |strength|). Multi-turn prompts hold the earlier
+    turns inline (``<extra_id_1>Assistant`` / ``<extra_id_1>User`` lines); they become
+    message lists, the response answering the last user turn."""
     import pandas as pd
 
     if "preference_strength" in raw.column_names:
@@ -433,7 +435,7 @@ def read_helpsteer2(raw: pa.Table, ctx: ReadContext) -> Parsed:
         s = _float(col(raw, "preference_strength"))
         q.add(np.isnan(s) | (np.abs(s) > 3), "preference_strength not in -3..3")
         chosen, rejected = _pick(s <= 0, text(raw, "response_1"), text(raw, "response_2"))
-        table = _pairwise(as_prompt(text(raw, "prompt")), chosen, rejected, ctx, margin=np.abs(s), tie=s == 0)
+        table = _pairwise(helpsteer_turns(text(raw, "prompt")), chosen, rejected, ctx, margin=np.abs(s), tie=s == 0)
         return _finish("pairwise", table, q)
     require(raw, ["prompt", "response", "helpfulness"], ctx)
     q = Quarantine(raw, ctx.row_offset)
@@ -446,7 +448,7 @@ def read_helpsteer2(raw: pa.Table, ctx: ReadContext) -> Parsed:
     offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
     first = np.full(len(uniques), len(raw), dtype=np.int64)
     np.minimum.at(first, codes[keep], keep)
-    prompt = as_prompt(pa.array(uniques.astype(object), pa.string()))
+    prompt = helpsteer_turns(pa.array(uniques.astype(object), pa.string()))
     table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
                       "responses": pa.ListArray.from_arrays(offsets, text(raw, "response").take(pa.array(order)))})
     for aspect in HS2_ASPECTS:

@@ -1,8 +1,9 @@
 """Transcripts in the Anthropic HH style (``\\n\\nHuman: ...\\n\\nAssistant: ...``), as columns.
 
 ``split_transcripts`` turns a string column into (prompt turns, final answer); ``join_transcripts``
-does the reverse. Both use PyArrow string kernels: markers are swapped for control characters
-and the text is split on them, so no row is looked at in Python.
+does the reverse; ``helpsteer_turns`` splits HelpSteer2's inline ``<extra_id_1>User`` turns.
+All use PyArrow string kernels: markers are swapped for control characters and the text is
+split on them, so no row is looked at in Python.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from schemas.kinds import MESSAGE, MESSAGES
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
+NEMO_TURN = "<extra_id_1>"  # HelpSteer2 (NeMo chat template) turn marker
+NEMO_USER = NEMO_TURN + "User"
+NEMO_ASSISTANT = NEMO_TURN + "Assistant"
 _MSG = "\x1e"
 _ROLE = "\x1f"
 
@@ -37,8 +41,38 @@ def _pad(parts: pa.Array) -> pa.Array:
 
 def prefix_to_messages(prefix: pa.Array) -> pa.Array:
     """``\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c`` -> [user a, assistant b, user c]."""
-    marked = pc.replace_substring(prefix, HUMAN, _MSG + "user" + _ROLE)
-    marked = pc.replace_substring(marked, ASSISTANT, _MSG + "assistant" + _ROLE)
+    return _marked_to_messages(_mark_turns(prefix, {HUMAN: "user", ASSISTANT: "assistant"}))
+
+
+def turns_to_messages(text: pa.Array, markers: dict[str, str], first_role: str) -> pa.Array:
+    """Text whose turns are separated by role markers -> message lists; the text before the
+    first marker is a turn of ``first_role`` (HelpSteer2: ``a\\n<extra_id_1>Assistant\\nb``
+    -> [user a, assistant b]). Contents are trimmed of surrounding whitespace. Null -> []."""
+    marked = _mark_turns(pc.fill_null(text.cast(pa.string()), ""), markers)
+    return _marked_to_messages(pc.binary_join_element_wise(_MSG + first_role + _ROLE, marked, ""))
+
+
+def helpsteer_turns(text: pa.Array) -> pa.Array:
+    """A HelpSteer2 prompt -> messages: earlier turns are inline, separated by
+    ``<extra_id_1>User`` / ``<extra_id_1>Assistant`` lines, the first turn is the user's.
+    Prompts without a marker become one user message, untouched (as plain prompts do)."""
+    from schemas.prompts import to_messages_array
+
+    text = text.cast(pa.string())
+    multi = pc.fill_null(pc.match_substring(text, NEMO_TURN), False)
+    split = turns_to_messages(text, {NEMO_USER: "user", NEMO_ASSISTANT: "assistant"}, "user")
+    return pc.if_else(multi, split, to_messages_array(text))
+
+
+def _mark_turns(text: pa.Array, markers: dict[str, str]) -> pa.Array:
+    """Each marker swapped for ``\\x1e<role>\\x1f`` (control characters that do not occur in text)."""
+    for marker, role in markers.items():
+        text = pc.replace_substring(text, marker, _MSG + role + _ROLE)
+    return text
+
+
+def _marked_to_messages(marked: pa.Array) -> pa.Array:
+    """Text marked by ``_mark_turns`` -> ``list<struct<role, content>>`` (kernels only)."""
     turns = pc.split_pattern(marked, _MSG)
     lengths = pc.list_value_length(turns).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(turns)
