@@ -113,6 +113,66 @@ def test_oasst_nested_tree_export(tmp_path):
     assert rows["more?"]["responses"] == ["sure", "yes"]
 
 
+def _labels(**values):
+    return {"name": list(values), "value": [v for v, _ in values.values()], "count": [c for _, c in values.values()]}
+
+
+def test_oasst_labels_are_kept_and_can_order_siblings(tmp_path):
+    # flat rows as the HF export holds them: labels = {name: [...], value: [...], count: [...]}
+    rows = [{"message_id": "p", "parent_id": None, "role": "prompter", "text": "Q?", "rank": None,
+             "labels": _labels(quality=(0.5, 3))},
+            {"message_id": "a", "parent_id": "p", "role": "assistant", "text": "A", "rank": 0,
+             "labels": _labels(quality=(0.25, 4), toxicity=(0.5, 2))},
+            {"message_id": "b", "parent_id": "p", "role": "assistant", "text": "B", "rank": 1,
+             "labels": _labels(quality=(0.75, 3), toxicity=(0.0, 2))},
+            {"message_id": "c", "parent_id": "p", "role": "assistant", "text": "C", "rank": None,  # unranked, labelled
+             "labels": _labels(quality=(1.0, 2))},
+            {"message_id": "d", "parent_id": "p", "role": "assistant", "text": "D", "rank": 2, "labels": None}]
+    report, table = convert(tmp_path, rows, "oasst", "listwise")  # default: by rank, labels carried along
+    assert table.column("responses").to_pylist() == [["A", "B", "D"]] and report.dropped == {"unranked reply": 1}
+    assert table.column("response_labels").to_pylist()[0] == [rows[1]["labels"], rows[2]["labels"], None]
+    assert table.column("prompt_labels").to_pylist() == [rows[0]["labels"]]
+    report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="quality")
+    assert table.column("responses").to_pylist() == [["C", "B", "A"]]  # every sibling with a quality label
+    assert table.column("scores").to_pylist() == [[1.0, 0.75, 0.25]]
+    assert table.column("response_labels").to_pylist()[0][0] == rows[3]["labels"]
+    assert (report.written, report.dropped) == (4, {"reply without label quality": 1}) and report.adds_up
+    report, table = convert(tmp_path, rows, "oasst", "pairwise", aspect="quality=2,toxicity=1", strategy="best-vs-worst")
+    assert pairs_of(table) == [("B", "A")]  # only A and B have both labels; B (1.5 + 0) / 3, A (0.5 + 0.5) / 3
+    assert table.column("margin").to_pylist() == pytest.approx([0.5 - 1 / 3])
+    with pytest.raises(LabelsError, match=r"unknown aspect 'nope'; this file has: rank, quality, toxicity"):
+        convert(tmp_path, rows, "oasst", "listwise", aspect="nope")
+
+
+def test_oasst_tree_export_labels_dict_form(tmp_path):
+    # the nested tree export holds labels as {label: {value, count}}; flat rows may too
+    tree = {"message_tree_id": "t1", "prompt": {
+        "message_id": "m0", "role": "prompter", "text": "root?", "labels": {"quality": {"value": 0.5, "count": 2}},
+        "replies": [{"message_id": "m1", "role": "assistant", "text": "x", "rank": 1,
+                     "labels": {"quality": {"value": 0.9, "count": 3}, "humor": {"value": 0.1, "count": 3}}},
+                    {"message_id": "m2", "role": "assistant", "text": "y", "rank": 0,
+                     "labels": {"quality": {"value": 0.2, "count": 3}}}]}}
+    report, table = convert(tmp_path, [tree], "oasst", "listwise", name="tree.jsonl")
+    assert table.column("responses").to_pylist() == [["y", "x"]]
+    assert table.column("response_labels").to_pylist()[0] == [
+        {"name": ["quality"], "value": [0.2], "count": [3]},
+        {"name": ["quality", "humor"], "value": [0.9, 0.1], "count": [3, 3]}]
+    report, table = convert(tmp_path, [tree], "oasst", "listwise", name="tree2.jsonl", aspect="quality")
+    assert table.column("responses").to_pylist() == [["x", "y"]]
+    flat = [{"message_id": "m0", "parent_id": None, "role": "prompter", "text": "root?", "rank": None, "labels": None},
+            {"message_id": "m1", "parent_id": "m0", "role": "assistant", "text": "x", "rank": 1,
+             "labels": {"humor": {"value": 0.1, "count": 3}, "quality": {"value": 0.9, "count": 3}}},
+            {"message_id": "m2", "parent_id": "m0", "role": "assistant", "text": "y", "rank": 0,
+             "labels": {"quality": {"value": 0.2, "count": 1}}}]
+    report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="humor=0,quality=1")
+    assert table.num_rows == 0 and report.dropped == {  # y has no humor label: x is left alone
+        "reply without label humor+quality": 1, "single rated reply (no ranking)": 1,
+        "prompter turn without rated replies": 1}
+    report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat2.jsonl", aspect="quality")
+    assert table.column("responses").to_pylist() == [["x", "y"]] and table.column("scores").to_pylist() == [[0.9, 0.2]]
+    assert table.column("response_labels").to_pylist()[0][1] == {"name": ["quality"], "value": [0.2], "count": [1]}
+
+
 def test_nectar_seven_wise(tmp_path):
     answers = [{"answer": f"ans{r}", "model": "m", "rank": r} for r in (3, 1, 2, 7, 5, 4, 6)]
     rows = [{"prompt": "\n\nHuman: What?\n\nAssistant:", "answers": answers}]

@@ -64,3 +64,39 @@ def test_tulu_sheet_aggregates_annotators_and_reports_agreement(human_labels, tm
     margins = table.column("margin").to_pylist()  # mean strength of the majority's votes
     assert min(margins) == 1.0 and max(margins) == 2.0 and 1.0 < sorted(set(margins))[1] < 2.0
     assert read_manifest(tmp_path / "t")["provenance"]["agreement"]["items"] == 139
+
+
+def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
+    import json
+    from collections import Counter, defaultdict
+
+    from feedback.labels import Options
+
+    path = human_labels / "oasst1_en_validation.jsonl"
+    messages = [json.loads(line) for line in path.open()]
+    labels = {m["message_id"]: m["labels"] for m in messages}
+    # default (rank) output carries every response's labels unchanged
+    convert_labels_file(path, tmp_path / "o", "oasst", "listwise")
+    table = read_dataset(tmp_path / "o")
+    def key(text, lab):
+        return json.dumps([text, lab], sort_keys=True)
+
+    source = Counter(key(m["text"], m["labels"]) for m in messages if m["role"] == "assistant")
+    got = Counter(key(r, lab) for rs, ls in zip(table.column("responses").to_pylist(),
+                                                 table.column("response_labels").to_pylist()) for r, lab in zip(rs, ls))
+    assert sum(got.values()) == 1132 and not got - source  # each (response, labels) as some message has it
+    # --aspect quality: siblings that have a quality label, best first (expected groups from the raw rows)
+    quality = {mid: dict(zip(lab["name"], lab["value"])).get("quality") for mid, lab in labels.items() if lab}
+    groups = defaultdict(list)
+    for m in messages:
+        if m["role"] == "assistant" and quality.get(m["message_id"]) is not None:
+            groups[m["parent_id"]].append(quality[m["message_id"]])
+    rated = [g for g in groups.values() if len(g) >= 2]
+    tied = [g for g in rated if len(set(g)) == 1]  # every sibling the same quality: dropped (--ties drop)
+    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (423, 1603, 15, 49)
+    report = convert_labels_file(path, tmp_path / "q", "oasst", "listwise", Options(aspect="quality"))
+    assert (report.read, report.written, report.quarantined) == (2022, 1554, 0) and report.adds_up
+    assert report.dropped == {"reply without label quality": 6, "single rated reply (no ranking)": 57,
+                              "prompter turn without rated replies": 356, "all responses tie (--ties drop)": 49}
+    expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
+    assert sorted(read_dataset(tmp_path / "q").column("scores").to_pylist()) == expected  # 408 rows, best first

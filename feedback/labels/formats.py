@@ -13,6 +13,7 @@ Exporters take canonical rows of the format's kind and return the table to write
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 from feedback.labels import aggregate as agg
 from feedback.labels.columns import (Quarantine, as_prompt, col, first_present, interleave_turns, last_and_rest,
                                      one_message, require, same_messages, text)
-from feedback.labels.conversions import ASPECT_PREFIX
+from feedback.labels.conversions import ASPECT_PREFIX, parse_aspect
 from feedback.labels.errors import LabelsError
 from feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
 from schemas.kinds import MESSAGES
@@ -268,18 +269,106 @@ def read_ultrafeedback(raw: pa.Table, ctx: ReadContext) -> Parsed:
 # -- oasst -------------------------------------------------------------------------------------
 
 OASST_COLUMNS = ["message_id", "parent_id", "text", "role", "rank"]
+# per-message scalar labels as the HF export holds them (the tree export's {label: {value, count}}
+# is brought to this form): label names, mean values in [0, 1], and how many people gave each
+OASST_LABELS = pa.struct([("name", pa.list_(pa.string())), ("value", pa.list_(pa.float64())),
+                          ("count", pa.list_(pa.int64()))])
+OASST_RANK = "rank"  # --aspect rank (or none): order siblings by their human rank
+
+
+def _labels_record(value) -> dict | None:
+    """One message's labels (HF lists or the tree export's dict) as ``{name, value, count}`` lists."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, dict) and isinstance(value.get("name"), list):
+        names = value["name"]
+        return {"name": names, "value": value.get("value") or [None] * len(names),
+                "count": value.get("count") or [None] * len(names)}
+    if isinstance(value, dict):
+        items = [(k, v) for k, v in value.items() if isinstance(v, dict)]
+        return {"name": [k for k, _ in items], "value": [v.get("value") for _, v in items],
+                "count": [v.get("count") for _, v in items]}
+    raise TypeError(f"expected an object, got {type(value).__name__}")
+
+
+def _labels_from_dict_struct(c: pa.Array) -> pa.Array:
+    """``struct<label: struct<value, count>>`` (the tree export's dict read by Arrow) -> OASST_LABELS.
+
+    A [messages, labels] grid of present / value / count, flattened row-major (kernels and
+    numpy, no per-row Python).
+    """
+    names = [f.name for f in c.type]
+    n, k = len(c), len(names)
+    top = c.is_valid().to_numpy(zero_copy_only=False)
+    present = np.zeros((n, k), dtype=bool)
+    value = np.full((n, k), np.nan)
+    count = np.zeros((n, k), dtype=np.int64)
+    for j, name in enumerate(names):
+        sub = pc.struct_field(c, name)
+        present[:, j] = sub.is_valid().to_numpy(zero_copy_only=False) & top
+        value[:, j] = _float(pc.struct_field(sub, "value"))
+        count[:, j] = pc.fill_null(pc.struct_field(sub, "count").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    keep = present.ravel()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(1))]).astype(np.int32))
+    lists = [pa.ListArray.from_arrays(offsets, arr) for arr in (
+        pa.array(np.tile(np.array(names, dtype=object), n)[keep], pa.string()),
+        pa.array(value.ravel()[keep], pa.float64(), from_pandas=True), pa.array(count.ravel()[keep], pa.int64()))]
+    return pa.StructArray.from_arrays(lists, fields=list(OASST_LABELS), mask=pa.array(~top))
+
+
+def oasst_labels(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
+    """The ``labels`` column as OASST_LABELS (None when the file has none)."""
+    if "labels" not in raw.column_names:
+        return None
+    c = col(raw, "labels")
+    if pa.types.is_null(c.type):
+        return pa.nulls(len(c), OASST_LABELS)
+    try:
+        if pa.types.is_struct(c.type):
+            fields = {f.name: f.type for f in c.type}
+            if "name" in fields and "value" in fields:
+                return c.cast(OASST_LABELS)
+            if fields and all(pa.types.is_struct(t) and "value" in [f.name for f in t] for t in fields.values()):
+                return _labels_from_dict_struct(c)
+        elif pa.types.is_string(c.type) or pa.types.is_large_string(c.type):  # JSON text (mixed-type files)
+            return pa.array([_labels_record(v) for v in c.to_pylist()], OASST_LABELS)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
+        raise LabelsError(f"{ctx.path}: row ?: field 'labels': {str(exc).splitlines()[0]}") from None
+    raise LabelsError(f"{ctx.path}: row 0: field 'labels': expected {{name, value, count}} lists or "
+                      f"{{label: {{value, count}}}} (got {c.type})")
+
+
+def _label_values(labels: pa.Array, name: str, ctx: ReadContext) -> np.ndarray:
+    """The mean value of label ``name`` per message, NaN where the message lacks it. [messages]"""
+    names = pc.struct_field(labels, "name")
+    values = pc.struct_field(labels, "value")
+    n_names = pc.list_value_length(names).fill_null(0).to_numpy(zero_copy_only=False)
+    n_values = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
+    if (n_names != n_values).any():
+        row = int(np.flatnonzero(n_names != n_values)[0]) + ctx.row_offset
+        raise LabelsError(f"{ctx.path}: row {row}: field 'labels': name and value lists differ in length")
+    flat_names = pc.list_flatten(names)
+    hit = pc.fill_null(pc.equal(flat_names, name), False).to_numpy(zero_copy_only=False)
+    out = np.full(len(labels), np.nan)
+    parents = pc.list_parent_indices(names).to_numpy()
+    out[parents[hit]] = _float(pc.list_flatten(values))[hit]
+    return out
 
 
 def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
     """The nested tree export (one tree per line, ``prompt`` with recursive ``replies``) -> flat rows.
 
     Trees are recursive, which no Arrow kernel walks; this is one pass over the messages.
+    Labels (``{label: {value, count}}`` there) come out as the flat rows' name/value/count lists.
     """
     rows = []
 
     def walk(message: dict, parent: str | None, tree: str | None) -> None:
         rows.append({"message_id": message.get("message_id"), "parent_id": parent, "text": message.get("text"),
-                     "role": message.get("role"), "rank": message.get("rank"), "message_tree_id": tree})
+                     "role": message.get("role"), "rank": message.get("rank"), "message_tree_id": tree,
+                     "labels": _labels_record(message.get("labels"))})
         for reply in message.get("replies") or []:
             walk(reply, message.get("message_id"), tree)
 
@@ -288,7 +377,30 @@ def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
             walk(tree["prompt"], None, tree.get("message_tree_id"))
     return pa.Table.from_pylist(rows, schema=pa.schema([("message_id", pa.string()), ("parent_id", pa.string()),
                                                          ("text", pa.string()), ("role", pa.string()),
-                                                         ("rank", pa.float64()), ("message_tree_id", pa.string())]))
+                                                         ("rank", pa.float64()), ("message_tree_id", pa.string()),
+                                                         ("labels", OASST_LABELS)]))
+
+
+def _oasst_scores(raw: pa.Table, labels: pa.Array | None, assistant: np.ndarray, ctx: ReadContext):
+    """What orders siblings: (score per message [n], rated mask [n], per-aspect values or None, noun).
+
+    Default (``--aspect`` unset or ``rank``): score = -rank, rated = ranked replies. With
+    ``--aspect quality`` (any label, ``rank``, ``a=0.7,b=0.3`` or ``mean``): score = the
+    weighted mean of those label values (as ``ratings_to_listwise`` computes it), rated =
+    replies that have every one of them.
+    """
+    rank = _float(col(raw, "rank"))
+    if ctx.aspect in (None, "", OASST_RANK):
+        return -rank, assistant & ~np.isnan(rank), None, "ranked"
+    import pandas as pd
+
+    names = [] if labels is None else pd.unique(pc.list_flatten(pc.struct_field(labels, "name")).to_numpy(
+        zero_copy_only=False)).tolist()
+    weights = parse_aspect(ctx.aspect, [OASST_RANK] + [x for x in names if x is not None and x != OASST_RANK], None)
+    values = {a: -rank if a == OASST_RANK else _label_values(labels, a, ctx) for a in weights}
+    total = sum(w * np.nan_to_num(values[a]) for a, w in weights.items())
+    known = np.logical_and.reduce([~np.isnan(v) for v in values.values()])
+    return total / sum(weights.values()), assistant & known, values, "rated"
 
 
 def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
@@ -298,6 +410,12 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     Dropped by rule: unranked replies, prompter turns without ranked replies, groups with a
     single ranked reply. Quarantined: groups whose conversation misses an ancestor message.
     Scores are ``-rank`` (rank 0 is best). The nested tree export is flattened first.
+
+    Per-message labels (quality, toxicity, humor, helpfulness, ... each a mean ``value`` in
+    [0, 1] over ``count`` people) are kept losslessly: ``response_labels`` (one
+    ``{name, value, count}`` per response) and ``prompt_labels`` (the prompter message's).
+    ``--aspect LABEL`` (or ``a=0.7,b=0.3``) orders siblings by labels instead of rank: then
+    the groups are the replies having those labels (``ratings`` rows, ``aspect:<label>``).
     """
     import pandas as pd
 
@@ -306,17 +424,18 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     require(raw, OASST_COLUMNS, ctx)
     n = raw.num_rows
     q = Quarantine(raw, ctx.row_offset)
+    labels = oasst_labels(raw, ctx)
     df = pd.DataFrame({
         "id": text(raw, "message_id").to_numpy(zero_copy_only=False),
         "parent": text(raw, "parent_id").to_numpy(zero_copy_only=False),
         "text": text(raw, "text").to_numpy(zero_copy_only=False),
         "role": text(raw, "role").to_numpy(zero_copy_only=False),
-        "rank": _float(col(raw, "rank")),
     })
+    role = df.role.to_numpy()
+    score, rated, aspect_values, noun = _oasst_scores(raw, labels, role == "assistant", ctx)
     dropped: Counter = Counter()
-    ranked = (df.role == "assistant").to_numpy() & ~np.isnan(df["rank"].to_numpy())
-    group_size = df[ranked].groupby("parent").size()
-    in_group = ranked & (df.parent.map(group_size).fillna(0).to_numpy() >= 2)
+    group_size = df[rated].groupby("parent").size()
+    in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= 2)
     parent_ids = pd.Index(df.parent[in_group].unique())
     # walk every group's conversation up to the root, one level per step (vectorized per level)
     index_of = pd.Series(np.arange(n), index=df.id)
@@ -351,38 +470,49 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     valid = ~np.isnan(turn_idx)
     counts = valid.sum(1)
     flat_idx = turn_idx[valid].astype(np.int64)
-    roles = np.where(df.role.to_numpy()[flat_idx] == "prompter", "user", "assistant")
+    roles = np.where(role[flat_idx] == "prompter", "user", "assistant")
     msgs = pa.StructArray.from_arrays([pa.array(roles.astype(object), pa.string()),
                                        pa.array(df.text.to_numpy()[flat_idx], pa.string())], names=["role", "content"])
     prompt = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), msgs,
                                       type=MESSAGES)
     members = np.flatnonzero(in_group)
-    order = members[np.lexsort((df["rank"].to_numpy()[members], group_code[members]))]
+    order = members[np.lexsort((-score[members], group_code[members]))]  # best first (stable on ties)
     sizes = np.bincount(group_code[order], minlength=G)
     offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
     parent_row = np.nan_to_num(depth[0], nan=-1).astype(np.int64)
-    table = pa.table({
-        "prompt_id": prompt_ids(prompt), "prompt": prompt,
-        "responses": pa.ListArray.from_arrays(offsets, pa.array(df.text.to_numpy()[order], pa.string())),
-        "scores": pa.ListArray.from_arrays(offsets, pa.array(-df["rank"].to_numpy()[order], pa.float64())),
-        "_row": pa.array(np.where(parent_row >= 0, parent_row, 0) + ctx.row_offset),
-        "_nrec": pa.array(sizes + (parent_row >= 0)),
-    }).filter(pa.array(good_groups))
+
+    def per_response(values) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, values.take(pa.array(order)) if isinstance(values, pa.Array)
+                                        else pa.array(values[order], pa.float64(), from_pandas=True))
+
+    columns = {"prompt_id": prompt_ids(prompt), "prompt": prompt,
+               "responses": per_response(pa.array(df.text.to_numpy(), pa.string()))}
+    if aspect_values is None:
+        columns["scores"] = per_response(score)
+    else:
+        columns.update({ASPECT_PREFIX + a: per_response(v) for a, v in aspect_values.items()})
+    if labels is not None:
+        columns["response_labels"] = per_response(labels)
+        columns["prompt_labels"] = labels.take(pa.array(np.where(parent_row >= 0, parent_row, 0)))
+    columns["_row"] = pa.array(np.where(parent_row >= 0, parent_row, 0) + ctx.row_offset)
+    columns["_nrec"] = pa.array(sizes + (parent_row >= 0))
+    table = pa.table(columns).filter(pa.array(good_groups))
     # records not written: count them by rule
     used = np.zeros(n, dtype=bool)
     used[in_group] = True
     used[parent_row[(parent_row >= 0)]] = True
     used |= q.bad
-    role = df.role.to_numpy()
     is_parent_broken = np.zeros(n, dtype=bool)
     is_parent_broken[parent_row[(parent_row >= 0) & broken]] = True
     q.add(is_parent_broken, "conversation incomplete: an ancestor message is not in the file")
     rest = ~used
-    dropped["unranked reply"] = int((rest & (role == "assistant") & ~ranked).sum())
-    dropped["single ranked reply (no ranking)"] = int((rest & ranked).sum())
-    dropped["prompter turn without ranked replies"] = int((rest & (role != "assistant")).sum())
+    what = "rank" if aspect_values is None else "label " + "+".join(aspect_values)
+    dropped["unranked reply" if aspect_values is None else f"reply without {what}"] = int(
+        (rest & (role == "assistant") & ~rated).sum())
+    dropped[f"single {noun} reply (no ranking)"] = int((rest & rated).sum())
+    dropped[f"prompter turn without {noun} replies"] = int((rest & (role != "assistant")).sum())
     dropped = +dropped
-    return Parsed("listwise", table, q.table(), dropped,
+    return Parsed("listwise" if aspect_values is None else "ratings", table, q.table(), dropped,
                   info={"message_trees": int(pd.Series(raw.column("message_tree_id").to_numpy()).nunique())
                         if "message_tree_id" in raw.column_names else None})
 
@@ -1009,7 +1139,8 @@ register(Format("openai-comparisons", "pairwise", "pairwise (summarize-from-feed
 register(Format("ultrafeedback", "ratings", "ratings per aspect (helpfulness, honesty, instruction_following, "
                 "truthfulness; N/A kept out), overall, fine_grained -> listwise", read_ultrafeedback,
                 default_aspect="helpfulness,honesty,instruction_following,truthfulness"))
-register(Format("oasst", "listwise", "listwise from sibling ranks; flat message rows or nested tree export",
+register(Format("oasst", "listwise", "listwise from sibling ranks, or by per-message labels (--aspect quality, "
+                "helpfulness, ...); labels kept per response; flat message rows or nested tree export",
                 read_oasst, streaming=False))
 register(Format("nectar", "listwise", "listwise, 7-wise ranks (rank 1 best)", read_nectar))
 register(Format("helpsteer2", "ratings", "ratings (attribute file, 5 aspects) or graded pairwise (preference file, "
