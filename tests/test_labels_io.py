@@ -63,11 +63,16 @@ def test_json_array_memory_is_bounded_by_the_batch_not_the_file(tmp_path, monkey
     assert peak_all < size // 2 and peak_all < peak_whole // 10, (peak_first, peak_all, peak_whole, size)
 
 
-def test_json_errors_name_file_row_and_line(tmp_path):
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_json_errors_name_file_row_and_line(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(lio, "JSON_CHUNK_CHARS", chunk)
     cases = {'[{"a": 1},\n{"a": 2}\n{"a": 3}]': r"e.json: row 1: line 3 is not JSON \(expected ',' or ']', got '\{'\)",
              '[{"a": 1},\n{"a": tru}]': r"e.json: row 1: line 2 is not JSON",
              '[{"a": 1},\n{"a": 2},': r"e.json: row 2: line 2 is not JSON",
              '[{"a": 1}, 7]': r"e.json: row 1: expected a JSON object, got int",
+             '[\n{"a": 1},\n\n  {"a": "x\n  }]': r"e.json: row 1: line 4 is not JSON \(Invalid control character",
+             '{"meta": 1,\n "data": [{"a": 1}\n  "x"]}': r"e.json: row 0: line 3 is not JSON \(expected ',' or ']', got '\"'\)",
+             '{"meta": 1,\n "data" [{"a": 1}]}': r"e.json: row 0: field 'data': line 2 is not JSON \(expected ':'",
              '{"a": [{"x": 1}], "b": [2]}': r"e.json: row 0: expected a JSON array of objects",
              '"text"': r"e.json: row 0: expected a JSON array",
              '[{"a": 1}] tail': r"e.json: line 1: unreadable as json \(extra data"}

@@ -309,7 +309,8 @@ def _labels_from_dict_struct(c: pa.Array) -> pa.Array:
         sub = pc.struct_field(c, name)
         present[:, j] = sub.is_valid().to_numpy(zero_copy_only=False) & top
         value[:, j] = _float(pc.struct_field(sub, "value"))
-        count[:, j] = pc.fill_null(pc.struct_field(sub, "count").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        if "count" in [f.name for f in sub.type]:
+            count[:, j] = pc.fill_null(pc.struct_field(sub, "count").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
     keep = present.ravel()
     offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(1))]).astype(np.int32))
     lists = [pa.ListArray.from_arrays(offsets, arr) for arr in (

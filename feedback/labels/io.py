@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -197,20 +198,29 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
         yield _from_records(rows, path, seen - len(rows))
 
 
+class _JsonSyntaxError(ValueError):
+    """Bad JSON at a line (the caller names file and row)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
 class _JsonWindow:
     """A sliding window over a JSON document, for decoding it one value at a time.
 
     The window holds the undecoded rest of the text read so far and grows only while a single
     value does not fit, so memory is bounded by ``chunk_chars`` plus the largest value (one
-    row), not by the file. ``line`` numbers are kept across the text already dropped.
+    row), not by the file. Line numbers (for errors only) are counted when asked for.
     """
 
     _NOT_SPACE = re.compile(r"[^ \t\n\r]")  # JSON's four whitespace characters only
+    _ITEM_END = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")  # what follows an array item
 
-    def __init__(self, fh, chunk_chars: int):
-        self.fh, self.chunk_chars = fh, chunk_chars
+    def __init__(self, path: Path, fh, chunk_chars: int):
+        self.path, self.fh, self.chunk_chars = path, fh, chunk_chars
         self.buf, self.pos, self.eof = "", 0, False
-        self.first_line = 1  # line number of buf[0]
+        self.dropped = 0  # characters of the file before buf[0]
         self.decoder = json.JSONDecoder()
 
     def read_more(self, at_least: int = 0) -> bool:
@@ -218,7 +228,7 @@ class _JsonWindow:
         if self.eof:
             return False
         if self.pos:
-            self.first_line += self.buf.count("\n", 0, self.pos)
+            self.dropped += self.pos
             self.buf, self.pos = self.buf[self.pos:], 0
         data = self.fh.read(max(self.chunk_chars, at_least))
         if not data:
@@ -226,6 +236,22 @@ class _JsonWindow:
             return False
         self.buf += data
         return True
+
+    def line(self, pos: int | None = None) -> int:
+        """The line of ``buf[pos]``: counts the dropped text again (only ever on an error)."""
+        before = 0
+        with open(self.path, encoding="utf-8-sig") as fh:
+            left = self.dropped
+            while left > 0:
+                part = fh.read(min(left, 1 << 20))
+                if not part:
+                    break
+                before += part.count("\n")
+                left -= len(part)
+        return 1 + before + self.buf.count("\n", 0, self.pos if pos is None else pos)
+
+    def error(self, message: str, pos: int | None = None) -> _JsonSyntaxError:
+        return _JsonSyntaxError(message, self.line(pos))
 
     def peek(self) -> str:
         """The next character that is not whitespace ("" at the end of the file); the cursor moves to it."""
@@ -238,30 +264,53 @@ class _JsonWindow:
             if not self.read_more():
                 return ""
 
-    def skip(self) -> None:
+    def expect(self, allowed: str) -> str:
+        char = self.peek()
+        if not char or char not in allowed:
+            got = repr(char) if char else "the end of the file"
+            raise self.error(f"expected {' or '.join(map(repr, allowed))}, got {got}")
         self.pos += 1
+        return char
 
-    def value(self):
-        """Decode the next value, reading on while it may be cut off by the window's end."""
-        self.peek()  # raw_decode does not skip leading whitespace
+    def _decode(self):
+        """raw_decode at the cursor; a failure reads on (doubling the window, so a long value is
+        parsed O(log) times, not once per chunk) and is an error only at the end of the file."""
         while True:
             try:
-                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                return self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                # cut off (or broken): read on, doubling the window so a long value is parsed
-                # O(log) times, not once per chunk; at the end of the file the error is real
-                line = self.line(exc.pos)  # before read_more drops text
-                if self.read_more(len(self.buf)):
-                    continue
-                exc.doc_line = line
-                raise
+                message, at = exc.msg, self.dropped + exc.pos  # in file characters: the window moves
+                if self._NOT_SPACE.match(self.buf, self.pos) is None and self.peek():
+                    continue  # the window ended in whitespace before the value: skipped now
+                if not self.read_more(len(self.buf)):
+                    raise self.error(message, at - self.dropped) from None
+
+    def value(self):
+        """Decode the next value (an object key or value of a wrapper object)."""
+        self.peek()  # raw_decode does not skip leading whitespace
+        while True:
+            obj, end = self._decode()
             if end == len(self.buf) and self.read_more():  # a number may continue in the next chunk
                 continue
             self.pos = end
             return obj
 
-    def line(self, pos: int | None = None) -> int:
-        return self.first_line + self.buf.count("\n", 0, self.pos if pos is None else pos)
+    def item(self) -> tuple[object, bool]:
+        """Decode the next array item and the ``,`` or ``]`` after it: (value, more items follow).
+
+        The hot loop of the reader: one raw_decode and one regex match per row.
+        """
+        while True:
+            obj, end = self._decode()
+            sep = self._ITEM_END.match(self.buf, end)
+            if sep:  # a separator follows, so the value was not cut off
+                self.pos = sep.end()
+                return obj, sep.group(1) == ","
+            after = self._NOT_SPACE.search(self.buf, end)
+            if after is not None:
+                raise self.error(f"expected ',' or ']', got {after.group()!r}", after.start())
+            if not self.read_more():  # the window ended inside or right after the value
+                raise self.error("expected ',' or ']', got the end of the file", len(self.buf))
 
 
 def _json_array_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
@@ -269,13 +318,13 @@ def _json_array_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
     (``{"data": [...]}``), decoded one row at a time (``json.JSONDecoder.raw_decode`` over a
     sliding window) and yielded every ``batch_rows`` rows."""
     with open(path, encoding="utf-8-sig") as fh:
-        doc = _JsonWindow(fh, JSON_CHUNK_CHARS)
+        doc = _JsonWindow(path, fh, JSON_CHUNK_CHARS)
         first = doc.peek()
         if first == "[":
-            doc.skip()
+            doc.pos += 1
             yield from _json_array_items(doc, path, batch_rows)
         elif first == "{":
-            doc.skip()
+            doc.pos += 1
             yield from _json_wrapped_array(doc, path, batch_rows)
         else:
             raise LabelsError(f"{path}: row 0: expected a JSON array of objects (or an object holding one)")
@@ -283,38 +332,23 @@ def _json_array_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
             raise LabelsError(f"{path}: line {doc.line()}: unreadable as json (extra data after the document)")
 
 
-def _json_decode(doc: _JsonWindow, path: Path, what: str):
-    try:
-        return doc.value()
-    except json.JSONDecodeError as exc:
-        raise LabelsError(f"{path}: {what}: line {exc.doc_line} is not JSON ({exc.msg})") from None
-
-
-def _json_expect(doc: _JsonWindow, path: Path, what: str, allowed: str) -> str:
-    char = doc.peek()
-    if not char or char not in allowed:
-        got = repr(char) if char else "the end of the file"
-        raise LabelsError(f"{path}: {what}: line {doc.line()} is not JSON (expected {' or '.join(map(repr, allowed))}, "
-                          f"got {got})")
-    doc.skip()
-    return char
-
-
 def _json_array_items(doc: _JsonWindow, path: Path, batch_rows: int) -> Iterator[pa.Table]:
     """The items of an array whose ``[`` was consumed, as tables of ``batch_rows`` rows."""
     rows: list = []
     n = 0
-    if doc.peek() == "]":
-        doc.skip()
-    else:
-        while True:
-            rows.append(_json_decode(doc, path, f"row {n}"))
+    more = doc.peek() != "]"
+    if not more:
+        doc.pos += 1
+    try:
+        while more:
+            row, more = doc.item()
+            rows.append(row)
             n += 1
             if len(rows) >= batch_rows:
                 yield _from_records(rows, path, n - len(rows))
                 rows = []
-            if _json_expect(doc, path, f"row {n - 1}", ",]") == "]":
-                break
+    except _JsonSyntaxError as exc:
+        raise LabelsError(f"{path}: row {n}: line {exc.line} is not JSON ({exc.message})") from None
     if rows or n == 0:
         yield _from_records(rows, path, n - len(rows))
 
@@ -323,36 +357,41 @@ def _json_wrapped_array(doc: _JsonWindow, path: Path, batch_rows: int) -> Iterat
     """An object whose ``{`` was consumed and one of whose values is the array of rows: that
     array is streamed; other values are decoded (and must not be arrays too)."""
     arrays = 0
-    if doc.peek() == "}":
-        doc.skip()
-    else:
-        while True:
-            key = _json_decode(doc, path, "row 0")
-            if not isinstance(key, str):
-                raise LabelsError(f"{path}: row 0: line {doc.line()} is not JSON (an object key must be a string)")
-            _json_expect(doc, path, f"row 0: field {key!r}", ":")
-            if doc.peek() == "[" and not arrays:
-                doc.skip()
-                arrays += 1
-                yield from _json_array_items(doc, path, batch_rows)
-            elif isinstance(_json_decode(doc, path, f"row 0: field {key!r}"), list):
-                arrays += 1
-            if _json_expect(doc, path, "row 0", ",}") == "}":
-                break
+    key = None
+    try:
+        if doc.peek() == "}":
+            doc.pos += 1
+        else:
+            while True:
+                key = doc.value()
+                if not isinstance(key, str):
+                    raise doc.error("an object key must be a string")
+                doc.expect(":")
+                if doc.peek() == "[" and not arrays:
+                    doc.pos += 1
+                    arrays += 1
+                    yield from _json_array_items(doc, path, batch_rows)
+                elif isinstance(doc.value(), list):
+                    arrays += 1
+                if doc.expect(",}") == "}":
+                    break
+    except _JsonSyntaxError as exc:
+        field = f": field {key!r}" if isinstance(key, str) else ""
+        raise LabelsError(f"{path}: row 0{field}: line {exc.line} is not JSON ({exc.message})") from None
     if arrays != 1:
         raise LabelsError(f"{path}: row 0: expected a JSON array of objects (or an object holding one)")
 
 
 def _from_records(rows: list, path: Path, first_row: int = 0) -> pa.Table:
     """JSON objects -> a table with a column for every key any row has (not just the first)."""
-    same_keys = True
-    keys = rows[0].keys() if rows and isinstance(rows[0], dict) else None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise LabelsError(f"{path}: row {first_row + i}: expected a JSON object, got {type(row).__name__}")
-        same_keys = same_keys and row.keys() == keys
-    if not same_keys:  # Arrow's from_pylist takes the columns from the first row only
-        return _from_records_loose(rows, None)
+    if not rows:
+        return pa.table({})
+    if set(map(type, rows)) != {dict}:  # C-speed checks; the row loop only to name the bad row
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise LabelsError(f"{path}: row {first_row + i}: expected a JSON object, got {type(row).__name__}")
+    if len(dict.fromkeys(itertools.chain.from_iterable(rows))) != len(rows[0]):
+        return _from_records_loose(rows, None)  # Arrow's from_pylist takes the columns from the first row only
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
