@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.kinds import MESSAGE, MESSAGES
+from schemas.prompts import to_messages_array
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -47,7 +48,7 @@ def prefix_to_messages(prefix: pa.Array) -> pa.Array:
 def turns_to_messages(text: pa.Array, markers: dict[str, str], first_role: str) -> pa.Array:
     """Text whose turns are separated by role markers -> message lists; the text before the
     first marker is a turn of ``first_role`` (HelpSteer2: ``a\\n<extra_id_1>Assistant\\nb``
-    -> [user a, assistant b]). Contents are trimmed of surrounding whitespace. Null -> []."""
+    -> [user a, assistant b]). Contents are trimmed of surrounding whitespace; null reads as ""."""
     marked = _mark_turns(pc.fill_null(text.cast(pa.string()), ""), markers)
     return _marked_to_messages(pc.binary_join_element_wise(_MSG + first_role + _ROLE, marked, ""))
 
@@ -56,8 +57,6 @@ def helpsteer_turns(text: pa.Array) -> pa.Array:
     """A HelpSteer2 prompt -> messages: earlier turns are inline, separated by
     ``<extra_id_1>User`` / ``<extra_id_1>Assistant`` lines, the first turn is the user's.
     Prompts without a marker become one user message, untouched (as plain prompts do)."""
-    from schemas.prompts import to_messages_array
-
     text = text.cast(pa.string())
     multi = pc.fill_null(pc.match_substring(text, NEMO_TURN), False)
     split = turns_to_messages(text, {NEMO_USER: "user", NEMO_ASSISTANT: "assistant"}, "user")
