@@ -39,13 +39,17 @@ def test_prefix_cached_scorer_equals_plain_scoring(gen):
 
     rows = scorer._plan(msgs, [["1"]] * 6)[0]
     P = _common_prefix_len(rows)  # the preamble
-    groups, ends = scorer._groups(rows, P, [10_000] * 6)
-    assert groups == [0, 0, 1, 1, 2, 2] and all(e >= P + 8 for e in ends)
+    groups = scorer._groups(rows, P, [10_000] * 6)
+    assert sorted(sorted(g.rows) for g in groups) == [[0, 1], [2, 3], [4, 5]]  # the two orders of each pair
+    assert all(g.end >= P + 8 for g in groups)
     got = scorer.score_batch(msgs, conts)
     flat_p = [m for m, cs in zip(msgs, conts) for _ in cs]
     ref = gen.score_batch(flat_p, [c for cs in conts for c in cs])
     np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
-    assert scorer.prefix_hits >= 1  # the shared preamble was computed once and reused
+    assert scorer.prefix_hits == 0
+    again = scorer.score_batch(msgs[:3], conts[:3])  # another call (other batches, no level-2 partner for row 3)
+    assert scorer.prefix_hits == 1  # the shared preamble was computed once and reused
+    np.testing.assert_allclose(np.concatenate(again), np.concatenate(got[:3]), atol=1e-5)
 
 
 def test_debiased_probability_is_order_symmetric(gen):
