@@ -139,6 +139,13 @@ def test_ratings_to_listwise_aspect_mix_and_na():
     assert st.extra["unrated_responses"] == 1
     out, _ = cv.ratings_to_listwise(t, "help=1,honest=3")
     assert out.column("scores").to_pylist() == [[2.0, 4.0]]
+    # a negative weight prefers low ratings: normalised by sum |w|, never divided by zero
+    out, _ = cv.ratings_to_listwise(t, "help=1,honest=-1")
+    assert out.column("scores").to_pylist() == [[2.0, -2.0]]
+    out, _ = cv.ratings_to_listwise(t, "honest=-1")
+    assert out.column("scores").to_pylist() == [[-1.0, -5.0, -3.0]]
+    with pytest.raises(ValueError, match="all zero"):
+        cv.ratings_to_listwise(t, "help=0")
     with pytest.raises(ValueError, match="unknown aspect"):
         cv.ratings_to_listwise(t, "nope")
 

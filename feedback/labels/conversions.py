@@ -513,6 +513,8 @@ def parse_aspect(spec: str | None, available: list[str], default: str | None) ->
             weights[name] = float(w) if w else 1.0
         except ValueError:
             raise LabelsError(f"aspect weight {w!r} is not a number (use e.g. helpfulness=0.7,honesty=0.3)") from None
+    if not any(weights.values()):
+        raise LabelsError(f"aspect weights {spec!r} are all zero")
     return weights
 
 
@@ -523,7 +525,8 @@ def aspects_of(table: pa.Table) -> list[str]:
 def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str | None = None) -> tuple[pa.Table, Stats]:
     """Per-aspect ratings (columns ``aspect:<name>``, lists aligned with ``responses``) -> scores.
 
-    ``scores`` = weighted mean of the chosen aspects. A response lacking a used rating (``N/A``)
+    ``scores`` = sum_a w_a * rating_a / sum_a |w_a| over the chosen aspects: a negative weight
+    prefers low ratings (e.g. ``quality=1,toxicity=-1``). A response lacking a used rating (``N/A``)
     is left out of its row (``stats.extra['unrated_responses']``); a row left with fewer than
     two rated responses is dropped by rule.
     """
@@ -541,7 +544,7 @@ def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str
         arr = vals.to_numpy(zero_copy_only=False)
         known &= ~np.isnan(arr)
         total += w * np.nan_to_num(arr)
-    score = total / sum(weights.values())
+    score = total / sum(abs(w) for w in weights.values())
     row_of = np.repeat(np.arange(table.num_rows), lengths)
     keep = np.flatnonzero(known)
     stats.extra["unrated_responses"] = int(len(total) - len(keep))
