@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -158,6 +159,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=24))
     seed: int = 0
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end) when a checkpoint_dir is given
 
 
 def _ptx_batch(tokenizer: Any, texts: Sequence[str], n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +172,15 @@ def _ptx_batch(tokenizer: Any, texts: Sequence[str], n: int, gen: torch.Generato
 def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
               reward_fn: Any, config: PPOConfig | None = None, ref: nn.Module | None = None,
               ptx_texts: Sequence[str] | None = None, eval_prompts: Sequence[Messages] | None = None,
-              eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, ValueHead, OnlineReport]:
+              eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None,
+              checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, ValueHead, OnlineReport]:
     """Train ``policy`` in place with PPO against ``reward_fn``; returns (policy, value head, report).
 
     ``make_generator(model, tokenizer)`` wraps the live policy for sampling (from the flow);
     ``ref`` defaults to a frozen copy of the starting policy; ``ptx_texts`` enables PPO-ptx.
+    ``checkpoint_dir``: save policy, value head, optimizer, RNG states and the record every
+    ``checkpoint_every`` steps and at the end; a call with the same folder, config and prompts
+    (``policy`` = the same starting weights) resumes from the newest checkpoint.
     """
     eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or PPOConfig()
@@ -190,12 +196,22 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * cfg.lr},
     ])
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     run = ro.begin_run("ppo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed)
+                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    start = 0
+    if saved is not None:  # resume: weights, optimizer moments, random streams and record
+        policy.load_state_dict(saved["policy"])
+        value_head.load_state_dict(saved["value_head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+        report.extra["resumed_from"] = meta["path"]
     generator = make_generator(policy, tokenizer)
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         # --- rollout: sample, score, old log-probs, reference log-probs, values
@@ -236,6 +252,11 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
             "step": step, "reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
             "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
+        if checkpoint_dir is not None and ((step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps):
+            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(step + 1), {
+                "policy": policy.state_dict(), "value_head": value_head.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen),
+            }, ro.checkpoint_meta(step + 1, fingerprint, report, spend, run.first))
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]

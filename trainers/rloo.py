@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -52,6 +53,7 @@ class RLOOConfig:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=24))
     layout: str = "packed"
     seed: int = 0
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end) when a checkpoint_dir is given
 
 
 def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages],
@@ -68,8 +70,13 @@ def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages]
 def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
                reward_fn: Any, config: RLOOConfig | None = None, ref: nn.Module | None = None,
                eval_prompts: Sequence[Messages] | None = None,
-               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, OnlineReport]:
-    """Train ``policy`` in place with RLOO (eq. 48); returns (policy, report)."""
+               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None,
+               checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, OnlineReport]:
+    """Train ``policy`` in place with RLOO (eq. 48); returns (policy, report).
+
+    ``checkpoint_dir``: save policy, optimizer, RNG states and the record every
+    ``checkpoint_every`` steps and at the end; a call with the same folder, config and prompts
+    (``policy`` = the same starting weights) resumes from the newest checkpoint."""
     eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or RLOOConfig()
     t0 = time.perf_counter()
@@ -78,12 +85,21 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     ref = ref if ref is not None else ro.frozen_copy(policy)
     optimizer = ro.make_optimizer(policy.parameters(), ro.OptimConfig(lr=cfg.lr))
     params = [p for p in policy.parameters() if p.requires_grad]
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     run = ro.begin_run("rloo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed)
+                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    start = 0
+    if saved is not None:  # resume: weights, optimizer moments, random streams and record
+        policy.load_state_dict(saved["policy"])
+        optimizer.load_state_dict(saved["optimizer"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+        report.extra["resumed_from"] = meta["path"]
     generator = make_generator(policy, tokenizer)
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         policy.eval()
@@ -104,6 +120,10 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "reward": float(scores.mean()), "kl": float(kl.mean()),
                                "loss": loss.item()})
+        if checkpoint_dir is not None and ((step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps):
+            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(step + 1), {
+                "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen),
+            }, ro.checkpoint_meta(step + 1, fingerprint, report, spend, run.first))
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]

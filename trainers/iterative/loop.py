@@ -22,8 +22,10 @@ One round t (survey 3.1.3, 3.5, 3.11):
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -283,18 +285,34 @@ def _sample_round(cfg: IterativeConfig, generator: Any, prompts: Sequence[Messag
     return [[g.text for g in gs] for gs in ro.sample(generator, prompts, cfg.k, cfg.sampling, spend)]
 
 
+def _save_round(folder: str | Path, index: int, policy: nn.Module, optimizer: torch.optim.Optimizer,
+                gen: torch.Generator, pairs: Sequence[Pair], meta: dict) -> Path:
+    """One finished round, atomically: weights + optimizer + RNG (``state.pt``), the record
+    (``meta.json``) and the round's training pairs (``pairs.jsonl``, kept for every round)."""
+    pairs_jsonl = "".join(json.dumps(asdict(p)) + "\n" for p in pairs)
+    return ro.save_checkpoint(folder, ro.checkpoint_name(index, "round"), {
+        "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen)}, meta,
+        files={"pairs.jsonl": pairs_jsonl})
+
+
 def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
                     config: IterativeConfig | None = None, *, reward_fn: Any = None,
                     preference_fn: Any = None, judge_factory: Any = None, gold: dict | None = None,
                     ref: nn.Module | None = None, eval_prompts: Sequence[Any] | None = None,
                     eval_reward_fn: Any = None, eval_sampling: SamplingParams | None = None,
-                    ) -> tuple[nn.Module, OnlineReport]:
+                    checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, OnlineReport]:
     """Run up to ``config.rounds`` rounds of ``config.method``; returns (policy, report).
 
     Oracles (from the flow): ``reward_fn`` (iterative-dpo, cringe), ``judge_factory`` building a
     reward function on the live model (self-rewarding), ``preference_fn`` (sppo, dno; also the
     termination rule's judge when given), ``gold`` {prompt text: gold response} (dno).
     ``eval_reward_fn`` (default ``reward_fn``) measures progress on ``eval_prompts``.
+
+    ``checkpoint_dir``: every finished round is saved there atomically (``round-000t/``: the
+    policy, the optimizer, the RNG states, the round's pairs and the record so far; the refreshed
+    reference is the round's policy itself, so it is not stored twice). A call with the same
+    folder, config (``rounds`` may grow) and prompts, given the same starting policy, skips the
+    finished rounds and continues; a run the termination rule stopped stays stopped.
     """
     cfg = config or IterativeConfig()
     if cfg.method not in METHODS:
@@ -313,15 +331,29 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     ref_t = sft_ref
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     generator = make_generator(policy, tokenizer)
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     run = ro.begin_run(cfg.method, make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed)
+                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     first = run.first
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None
-    for t in range(cfg.rounds):
+    start, stopped = 0, False
+    if saved is not None:  # resume after the newest finished round
+        policy.load_state_dict(saved["policy"])
+        optimizer.load_state_dict(saved["optimizer"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+        rewards_hist, prev_responses, stopped = meta["rewards_hist"], meta["prev_responses"], meta["stopped"]
+        report.termination = next((h["termination"] for h in reversed(report.history) if "termination" in h), None)
+        ref_t = ro.frozen_copy(policy) if cfg.refresh_reference else sft_ref
+        report.extra["resumed_from"] = meta["path"]
+    for t in range(start, cfg.rounds):
+        if stopped:
+            break
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
         round_prompts = [prompts[i] for i in idx]
         policy.eval()
@@ -347,13 +379,19 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
                 entry["rolled_back"] = True
                 rewards_hist[-1] = rewards_hist[-2]
             report.history.append(entry)
-            if stop:
-                break
+            stopped = stop
         else:
             report.history.append(entry)
-        prev_responses = ev["responses"]
-        if cfg.refresh_reference:
-            ref_t = ro.frozen_copy(policy)
+        if not stopped:
+            prev_responses = ev["responses"]
+            if cfg.refresh_reference:
+                ref_t = ro.frozen_copy(policy)
+        if checkpoint_dir is not None:
+            _save_round(checkpoint_dir, t + 1, policy, optimizer, gen, pairs, ro.checkpoint_meta(
+                t + 1, fingerprint, report, spend, first, rewards_hist=rewards_hist, prev_responses=prev_responses,
+                stopped=stopped))
+        if stopped:
+            break
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
     report.extra["eval_rewards_after"] = final["rewards"]

@@ -1,0 +1,171 @@
+"""Resume of the online trainers: a run killed (or stopped) mid-way and called again with the
+same checkpoint folder, config and prompts continues from its newest checkpoint and ends where
+an uninterrupted run ends (same weights, same record, same spend)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from schemas.generator import SamplingParams
+from trainers.iterative import rollout as ro
+
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=12)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files (no model)
+# --------------------------------------------------------------------------------------------
+def test_checkpoints_atomic_newest_and_pruned(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        lr: float = 0.1
+        steps: int = 3
+
+    fp = ro.run_fingerprint(Cfg(), ["a"])
+    assert fp == ro.run_fingerprint(Cfg(steps=9), ["a"])  # extending a run is the same run
+    assert fp != ro.run_fingerprint(Cfg(lr=0.2), ["a"]) != ro.run_fingerprint(Cfg(), ["b"])
+    for i in (1, 2, 3):
+        ro.save_checkpoint(tmp_path, ro.checkpoint_name(i), {"w": torch.full((2,), float(i))},
+                           {"index": i, "fingerprint": fp}, files={"note.txt": f"step {i}"})
+    (tmp_path / ".step-000004.tmp-1").mkdir()  # a save killed before its rename: ignored
+    newest = ro.latest_checkpoint(tmp_path)
+    assert newest.name == "step-000003"
+    state, meta = ro.load_checkpoint(newest, fp)
+    assert state["w"].tolist() == [3.0, 3.0] and meta["index"] == 3
+    # older checkpoints keep their record, not their weights
+    assert not (tmp_path / "step-000001" / ro.CHECKPOINT_STATE).exists()
+    assert (tmp_path / "step-000001" / "note.txt").read_text() == "step 1"
+    with pytest.raises(ValueError, match="different config"):
+        ro.load_checkpoint(newest, ro.run_fingerprint(Cfg(lr=0.2), ["a"]))
+    assert ro.latest_checkpoint(tmp_path / "absent") is None and ro.find_resume(None, fp) == (None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainers on the toy world
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(toy_world):
+    from transformers import AutoTokenizer
+
+    from flows.online import policy_generator_factory, toy_reward
+
+    torch.set_num_threads(1)  # bitwise-equal runs, and no oversubscription on shared cores
+
+    class Env:
+        tok = AutoTokenizer.from_pretrained(toy_world.path)
+        make_gen = staticmethod(policy_generator_factory("cpu"))
+        reward = toy_reward(toy_world.task)
+        prompts = [ro.as_messages(p) for p in toy_world.task.prompts(16, seed=21)]
+        eval_prompts = [ro.as_messages(p) for p in toy_world.task.prompts(8, seed=22)]
+
+        @staticmethod
+        def policy():
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(toy_world.path)
+
+    return Env
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def crashing(reward_fn, after_calls: int):
+    """The reward function of a run that dies on its ``after_calls + 1``-th scoring call."""
+    calls = {"n": 0}
+
+    def fn(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise Killed("run killed")
+        return reward_fn(prompts, responses)
+
+    return fn
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+
+
+def test_rloo_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
+    from trainers.rloo import RLOOConfig, train_rloo
+
+    cfg = RLOOConfig(steps=3, prompts_per_step=4, k=2, lr=3e-4, beta=0.05, sampling=SAMPLING, checkpoint_every=1)
+    kw = dict(eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
+    whole, rep_whole = train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg, **kw)
+
+    ckpt = tmp_path / "rloo"
+    with pytest.raises(Killed):  # dies while scoring step 3's samples
+        train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, crashing(env.reward, 2), cfg,
+                   checkpoint_dir=ckpt, **kw)
+    assert ro.latest_checkpoint(ckpt).name == "step-000002"
+    resumed, rep = train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                              checkpoint_dir=ckpt, **kw)
+    assert rep.extra["resumed_from"].endswith("step-000002")
+    assert_same_weights(whole, resumed)
+    assert [h["reward"] for h in rep.history] == [h["reward"] for h in rep_whole.history]
+    assert rep.reward_after == rep_whole.reward_after and rep.reward_before == rep_whole.reward_before
+    assert (rep.generations, rep.judge_calls) == (rep_whole.generations, rep_whole.judge_calls) == (24, 24)
+
+
+def test_ppo_extended_run_equals_one_long_run(env, tmp_path):
+    """PPO for 2 steps (checkpoint at the end), then the same run asked for 3 steps resumes at
+    step 3; policy, value head and record equal a 3-step run's."""
+    from trainers.ppo import PPOConfig, train_ppo
+
+    cfg = PPOConfig(steps=3, prompts_per_step=4, samples_per_prompt=2, lr=3e-4, beta=0.05, sampling=SAMPLING)
+    kw = dict(eval_prompts=env.eval_prompts)
+    whole, head_whole, rep_whole = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg, **kw)
+
+    ckpt = tmp_path / "ppo"
+    short = PPOConfig(**{**cfg.__dict__, "steps": 2})
+    train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, short, checkpoint_dir=ckpt, **kw)
+    resumed, head, rep = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                                   checkpoint_dir=ckpt, **kw)
+    assert_same_weights(whole, resumed)
+    assert_same_weights(head_whole, head)
+    assert [h["step"] for h in rep.history] == [0, 1, 2]
+    assert [h["reward"] for h in rep.history] == [h["reward"] for h in rep_whole.history]
+    assert rep.generations == rep_whole.generations == 24
+    with pytest.raises(ValueError, match="different config"):  # same folder, another run
+        train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward,
+                  PPOConfig(**{**cfg.__dict__, "lr": 1e-3}), checkpoint_dir=ckpt, **kw)
+
+
+def test_iterative_rounds_resume(env, tmp_path):
+    """Iterative DPO: 1 round, then the same run asked for 2 rounds skips round 1 and ends with
+    the weights of a 2-round run; every round's pairs are kept, only the newest weights; a
+    third call with nothing left to do trains nothing."""
+    from trainers.iterative.loop import IterativeConfig, train_iterative
+
+    cfg = IterativeConfig(method="iterative-dpo", rounds=2, prompts_per_round=6, k=2, epochs=1, batch_size=6,
+                          lr=3e-4, terminate=False, sampling=SAMPLING)
+    kw = dict(reward_fn=env.reward, eval_prompts=env.eval_prompts)
+    whole, rep_whole = train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, cfg, **kw)
+
+    ckpt = tmp_path / "idpo"
+    one = IterativeConfig(**{**cfg.__dict__, "rounds": 1})
+    _, rep1 = train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, one, checkpoint_dir=ckpt, **kw)
+    assert rep1.generations == 12
+    resumed, rep = train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, cfg, checkpoint_dir=ckpt, **kw)
+    assert rep.extra["resumed_from"].endswith("round-000001")
+    assert_same_weights(whole, resumed)
+    assert [(h["round"], h["pairs"], h["reward"]) for h in rep.history] == \
+        [(h["round"], h["pairs"], h["reward"]) for h in rep_whole.history]
+    assert rep.generations == rep_whole.generations == 24 and rep.reward_after == rep_whole.reward_after
+    rounds = sorted(p.name for p in ckpt.iterdir())
+    assert rounds == ["round-000001", "round-000002"]
+    assert not (ckpt / "round-000001" / ro.CHECKPOINT_STATE).exists()
+    pairs = [json.loads(line) for line in (ckpt / "round-000002" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == rep.history[-1]["pairs"] and {"prompt", "chosen", "rejected"} <= set(pairs[0])
+
+    again, rep3 = train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, cfg, checkpoint_dir=ckpt, **kw)
+    assert_same_weights(whole, again)
+    assert rep3.generations == 24 and len(rep3.history) == 2
