@@ -76,33 +76,14 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _expanded(cache: Any, n: int, device: Any) -> Any:
-    """A copy of a batch-1 key/value cache for ``n`` rows. Layers holding plain ``keys`` /
-    ``values`` tensors get broadcast views (no copy: the next forward's ``torch.cat`` writes the
-    only copy); any other cache type falls back to ``batch_select_indices``."""
-    import torch
-
-    layers = getattr(cache, "layers", None)
-    if layers and all(isinstance(getattr(layer, "keys", None), torch.Tensor)
-                      and isinstance(getattr(layer, "values", None), torch.Tensor) for layer in layers):
-        out = copy.copy(cache)
-        out.layers = [copy.copy(layer) for layer in layers]
-        for layer in out.layers:
-            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(n, *layer.values.shape[1:])
-        return out
-    out = copy.deepcopy(cache)
-    out.batch_select_indices(torch.zeros(n, dtype=torch.long, device=device))
-    return out
-
-
 def _plain_layers(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (keys/values tensors
-    [batch, heads, seq, d] grown along seq): the layout ``_FilledCache`` can preallocate."""
+    [batch, heads, seq, d] that only grow along seq): the layout ``_filled_cache`` preallocates.
+    Other layer types (sliding window, linear attention states) take the generic path."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 @functools.cache
@@ -111,8 +92,8 @@ def _buffer_layer_class():
 
     class BufferLayer(DynamicLayer):
         """A ``DynamicLayer`` over a preallocated buffer [batch, heads, total, d]: ``update``
-        writes the new keys/values into the next free slots instead of concatenating (each
-        slot is written once, no copy of the cached part per forward)."""
+        writes the new keys/values into the next free slots instead of concatenating, so each
+        slot is written once (no copy of the cached part per forward)."""
 
         def __init__(self, keys_buf, values_buf, filled: int):
             super().__init__()
@@ -132,34 +113,61 @@ def _buffer_layer_class():
     return BufferLayer
 
 
-def _filled_cache(template: Any, parts: Sequence[Callable[[int], tuple[Any, Any]]], widths: Sequence[int],
-                  rows: int, total: int) -> Any:
-    """A cache shaped like ``template`` (plain layers) over new buffers [rows, heads, total, d]
-    whose first sum(widths) slots are filled, part by part, with ``parts[i](layer) -> (keys,
-    values)`` broadcastable to [rows, heads, widths[i], d]."""
+def _filled_cache(template: Any, rows: int, total: int,
+                  parts: Sequence[tuple[int, Callable[[int], tuple[Any, Any]]]]) -> Any:
+    """A cache like ``template`` (plain layers, any batch) over new buffers [rows, heads, total, d]
+    whose first slots are filled part by part: ``(width, kv)`` with ``kv(layer) -> (keys,
+    values)`` broadcastable to [rows, heads, width, d]."""
     import torch
 
     layer_cls = _buffer_layer_class()
     out = copy.copy(template)
     out.layers = []
     for li, layer in enumerate(template.layers):
-        _, heads, _, d_k = layer.keys.shape
-        kb = torch.empty((rows, heads, total, d_k), dtype=layer.keys.dtype, device=layer.keys.device)
-        vb = torch.empty((rows, heads, total, layer.values.shape[-1]), dtype=layer.values.dtype,
-                         device=layer.values.device)
-        at = 0
-        for part, width in zip(parts, widths):
-            k, v = part(li)
-            kb[:, :, at: at + width] = k
-            vb[:, :, at: at + width] = v
-            at += width
-        out.layers.append(layer_cls(kb, vb, at))
+        buffers = []
+        for ref in (layer.keys, layer.values):
+            buf = torch.empty((rows, ref.shape[1], total, ref.shape[-1]), dtype=ref.dtype, device=ref.device)
+            at = 0
+            for width, kv in parts:
+                if width:
+                    buf[:, :, at: at + width] = kv(li)[len(buffers)]
+                at += width
+            buffers.append(buf)
+        out.layers.append(layer_cls(*buffers, sum(w for w, _ in parts)))
     return out
+
+
+def _expanded(cache: Any, n: int, device: Any) -> Any:
+    """A copy of a batch-1 cache of any type for ``n`` rows (the generic path)."""
+    import torch
+
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(torch.zeros(n, dtype=torch.long, device=device))
+    return out
+
+
+def _length_batches(lengths: Sequence[int], max_rows: int, overhead: int = 64) -> list[tuple[int, int]]:
+    """Cut items sorted by length (ascending) into consecutive batches of at most ``max_rows``,
+    minimising padded tokens plus ``overhead`` tokens per batch (one model call's fixed cost):
+    dynamic programming, cost(j, i) = overhead + (i - j) * lengths[i - 1]. Returns [(j, i)]."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max_rows), i):
+            cost = best[j] + overhead + (i - j) * lengths[i - 1]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    spans, i = [], n
+    while i > 0:
+        spans.append((cut[i], i))
+        i = cut[i]
+    return spans[::-1]
 
 
 @dataclass
 class _Group:
-    """Rows (indices into the plan's rows) whose tokens [0, end) are identical: the batch-wide
+    """Rows (indices into the plan's rows) whose tokens [0, end) are identical: the call-wide
     prefix [0, P) plus their own shared part [P, end) (the two orders of a judged pair share the
     request). A row alone forms a group with end = P."""
 
@@ -173,23 +181,25 @@ class PrefixCachedScorer:
     Rows: one per distinct model input (prompt tokens, then all but the last continuation
     token). A single-token continuation needs no extra row: it is read from the next-token
     distribution after its prompt, so both answers of a judge prompt cost one row; a row that
-    is a prefix of another is read from the longer one. Three levels of sharing:
+    is a prefix of another is read from the longer one. Three levels:
 
-    1. the token prefix P common to ALL rows of a call (a judge's preamble and exemplars) gets
-       its key/value cache ``[layers][1, heads, P, d]`` computed once, and kept for later calls
-       with the same prefix;
-    2. rows are sorted lexicographically, so rows sharing more than P are adjacent; runs
-       sharing at least ``min_prefix`` more tokens form groups (the two orders of one pair share
-       the request/conversation) whose shared part [P, L_g) runs once per group ``[G, M]``;
-    3. only each row's own suffix [L_g, len) runs ``[B, S]``, left-padded so the positions
-       that predict continuation tokens are the last columns: the LM head runs only there
-       (``logits_to_keep``), position ids continue each row's prefix and the attention mask
-       ``[B, P + M + S]`` hides other groups' slots and padding.
+    1. the token prefix P common to ALL rows of a call (a judge's preamble and exemplars) runs
+       once ``[1, P]``; its key/value cache is kept for later calls with the same prefix;
+    2. rows sorted lexicographically put rows sharing more than P side by side; runs sharing at
+       least ``min_prefix`` more tokens form groups (the two orders of one pair share the
+       request/conversation), whose shared part [P, L_g) runs once per group, groups of similar
+       length together ``[G, M]``;
+    3. each row's own suffix [L_g, len) runs ``[B, S]``, rows of similar suffix length together,
+       left-padded so the positions predicting continuation tokens are the last columns: the LM
+       head runs only there (``logits_to_keep``); position ids continue the row's prefix, and
+       the attention mask ``[B, P + M + S]`` hides padding and other groups' slots.
 
-    Groups are batched by suffix length (``batch_size`` rows at most), so padding is small.
-    Tokenization is that of ``HFGenerator.score_batch``: prompt tokens (chat template) followed
-    by the continuation tokenized on its own. Equal to scoring each full sequence from scratch
-    up to float rounding (tested, and printed by ``tests/bench/bench_judge.py``).
+    Keys/values go into preallocated buffers (prefix broadcast, group slots gathered, suffix
+    written in place) rather than being copied and concatenated per pass. Models whose cache
+    layers are not plain ``DynamicLayer`` s (sliding window, ...) get levels 1 and 3 through a
+    copied cache. Tokenization is that of ``HFGenerator.score_batch``: prompt tokens (chat
+    template), then the continuation tokenized on its own. Equal to scoring each full sequence
+    from scratch up to float rounding (tested; ``tests/bench/bench_judge.py`` prints the gap).
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, min_prefix: int = 8):
@@ -207,15 +217,14 @@ class PrefixCachedScorer:
     # -- planning -------------------------------------------------------------------------
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         unique = list(dict.fromkeys(texts))
-        ids = self.tokenizer(unique, add_special_tokens=False)["input_ids"]
-        by_text = dict(zip(unique, ids))
+        by_text = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"]))
         return [list(by_text[t]) for t in texts]
 
     def _plan(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]):
         """Rows to run and, per continuation, which row positions predict which tokens.
 
         Returns ``rows`` (token tuples) and ``targets``: (item, continuation, row,
-        [(position, token), ...]) with position t predicting ``token`` (= the token at t + 1)."""
+        [(position, token), ...]), position t predicting ``token`` (the token at t + 1)."""
         prompt_ids = self._tokenize([render_chat(self.tokenizer, m) for m in prompts])
         unique_conts = list(dict.fromkeys(c for cs in continuations for c in cs))
         cont_ids = dict(zip(unique_conts, self._tokenize(unique_conts))) if unique_conts else {}
@@ -224,23 +233,22 @@ class PrefixCachedScorer:
         for i, conts in enumerate(continuations):
             p = prompt_ids[i]
             for j, c in enumerate(conts):
-                cids = cont_ids[c]
-                if not cids:
+                if not cont_ids[c]:
                     raise ValueError(f"continuation {c!r} adds no token after the prompt")
-                full = p + cids
+                full = p + cont_ids[c]
                 row = rows.setdefault(tuple(full[:-1]), len(rows))
                 targets.append((i, j, row, [(t - 1, full[t]) for t in range(len(p), len(full))]))
         return list(rows), targets
 
     def _groups(self, rows: list[tuple[int, ...]], P: int, limits: list[int]) -> list[_Group]:
         """Level 2: rows sorted lexicographically; a run of neighbours sharing at least
-        ``min_prefix`` tokens beyond ``P`` is a group (at most ``batch_size`` rows). A group's end
-        is capped so every row keeps at least one token and all its target positions after it."""
+        ``min_prefix`` tokens beyond ``P`` is a group. A group's end is capped so every row keeps
+        at least one token and all its target positions after it (``limits``)."""
         order = sorted(range(len(rows)), key=rows.__getitem__)
         runs: list[list[int]] = []
         shared: list[int] = []  # tokens the run's rows share
         for r in order:
-            if runs and len(runs[-1]) < self.batch_size:
+            if runs:
                 lcp = min(shared[-1], _common_prefix_len([rows[runs[-1][-1]], rows[r]]))
                 # join unless that would halve what the run already shares beyond P
                 if lcp - P >= self.min_prefix and (len(runs[-1]) == 1 or 2 * (lcp - P) >= shared[-1] - P):
@@ -258,19 +266,6 @@ class PrefixCachedScorer:
                 groups.append(_Group(run, end))
         return groups
 
-    def _batches(self, rows: list[tuple[int, ...]], groups: list[_Group]) -> list[list[_Group]]:
-        """Groups by suffix length (similar lengths: little padding), ``batch_size`` rows at most."""
-        longest = {id(g): max(len(rows[r]) for r in g.rows) - g.end for g in groups}
-        batches: list[list[_Group]] = []
-        size = 0
-        for g in sorted(groups, key=lambda g: (longest[id(g)], g.end)):
-            if not batches or size + len(g.rows) > self.batch_size:
-                batches.append([])
-                size = 0
-            batches[-1].append(g)
-            size += len(g.rows)
-        return batches
-
     # -- running --------------------------------------------------------------------------
     def _prefix(self, ids: tuple[int, ...]):
         import torch
@@ -278,83 +273,100 @@ class PrefixCachedScorer:
         if self._prefix_ids == ids:
             self.prefix_hits += 1
             return self._prefix_cache
-        out = self.model(torch.tensor([ids], device=self.model.device), use_cache=True,
-                         **({self._keep_kw: 1} if self._keep_kw else {}))
-        self._prefix_ids = ids
-        self._prefix_cache = getattr(out, "cache", None) or out.past_key_values
-        return self._prefix_cache
+        _, cache = self._forward(torch.tensor([ids], device=self.model.device), None, None, None, keep=1)
+        self._prefix_ids, self._prefix_cache = ids, cache
+        return cache
 
-    def _forward(self, ids, mask, positions, cache, keep: int | None):
-        kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": True}
+    def _forward(self, ids, mask, positions, cache, keep: int | None, use_cache: bool = True):
+        """One model call; returns logits of the last ``keep`` positions and the cache."""
+        kwargs: dict[str, Any] = {"use_cache": use_cache}
+        if mask is not None:
+            kwargs.update(attention_mask=mask, position_ids=positions)
         if cache is not None:
             kwargs[self._cache_kw] = cache
         if keep is not None and self._keep_kw:
             kwargs[self._keep_kw] = keep
         out = self.model(ids, **kwargs)
-        logits = out.logits
-        return (logits if keep is None else logits[:, -keep:]), (getattr(out, "cache", None) or out.past_key_values)
+        logits = out.logits if keep is None else out.logits[:, -keep:]
+        return logits, (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
 
-    def _run_batch(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]],
-                   groups: list[_Group], P: int, prefix: Any) -> list[list[float]]:
-        """Log-probs at (position, token) pairs of ``rows`` (the batch's groups' rows, in order).
-        Shapes: group pass [G, M], M = max(L_g - P); suffix pass [B, S]; mask [B, P + M + S]."""
+    def _group_pass(self, rows: list[tuple[int, ...]], groups: list[_Group], P: int, prefix: Any):
+        """Level 2: the shared tokens [P, L_g) of every group, run once, groups of similar length
+        together ([Gc, Mc] per pass, right-padded). Returns a cache to copy layer shapes from,
+        {group index: slot} and per layer (keys, values) [slots, heads, max(L_g - P), d]."""
         import torch
 
         device = self.model.device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        B, G = len(rows), len(groups)
-        group_of = [g for g, grp in enumerate(groups) for _ in grp.rows]
-        M = max(g.end for g in groups) - P
-        starts = [groups[g].end for g in group_of]
-        lens = [len(r) - s for r, s in zip(rows, starts)]
+        multi = sorted((g for g, grp in enumerate(groups) if grp.end > P), key=lambda g: groups[g].end)
+        if not multi:
+            return prefix, {}, None
+        width = groups[multi[-1]].end - P
+        template, kv = prefix, None
+        for start, stop in _length_batches([groups[g].end - P for g in multi], self.batch_size):
+            chunk = multi[start: stop]
+            Gc, Mc = len(chunk), groups[chunk[-1]].end - P
+            ids = torch.full((Gc, Mc), pad, dtype=torch.long)
+            mask = torch.zeros((Gc, P + Mc), dtype=torch.long)
+            mask[:, :P] = 1
+            for k, g in enumerate(chunk):
+                grp = groups[g]
+                ids[k, : grp.end - P] = torch.tensor(rows[grp.rows[0]][P: grp.end])
+                mask[k, P: grp.end] = 1
+            cache = None
+            if prefix is not None:
+                cache = _filled_cache(prefix, Gc, P + Mc, [(P, lambda li: (prefix.layers[li].keys,
+                                                                             prefix.layers[li].values))])
+            _, cache = self._forward(ids.to(device), mask.to(device), (P + torch.arange(Mc)).expand(Gc, Mc).to(device),
+                                     cache, keep=1)
+            if kv is None:
+                template = template if template is not None else cache
+                kv = [tuple(torch.zeros((len(multi), t.shape[1], width, t.shape[-1]), dtype=t.dtype, device=t.device)
+                            for t in (layer.keys, layer.values)) for layer in cache.layers]
+            for (keys, values), layer in zip(kv, cache.layers):
+                keys[start: start + Gc, :, :Mc] = layer.keys[:, :, P: P + Mc]
+                values[start: start + Gc, :, :Mc] = layer.values[:, :, P: P + Mc]
+        return template, {g: k for k, g in enumerate(multi)}, kv
+
+    def _run_batch(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]], ends: list[int],
+                   slots: list[int], P: int, prefix: Any, shared: Any) -> list[list[float]]:
+        """Log-probs at (position, token) pairs of ``rows``, whose tokens before ``ends`` are
+        cached: [0, P) in ``prefix``, [P, end) in ``shared`` at ``slots`` (``_group_pass``).
+        Shapes: suffix [B, S] left-padded; mask [B, P + M + S] with M = max(end - P)."""
+        import torch
+
+        device = self.model.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        template, kv = shared if shared is not None else (prefix, None)
+        B = len(rows)
+        M = max(ends) - P
+        lens = [len(r) - e for r, e in zip(rows, ends)]
         S = max(lens)
-        plain = prefix is not None and _plain_layers(prefix)
-        cache = None
-        if prefix is not None and not plain:  # any other cache type: copy and select rows
-            cache = _expanded(prefix, G if M else B, device)
-        if M:  # level 2: each group's shared tokens, once per group (right-padded)
-            g_ids = torch.full((G, M), pad, dtype=torch.long)
-            g_mask = torch.zeros((G, P + M), dtype=torch.long)
-            g_mask[:, :P] = 1
-            first = 0
-            for g, grp in enumerate(groups):
-                n = grp.end - P
-                if n:
-                    g_ids[g, :n] = torch.tensor(rows[first][P: grp.end])
-                    g_mask[g, P: P + n] = 1
-                first += len(grp.rows)
-            if plain:
-                cache = _filled_cache(prefix, [lambda li: (prefix.layers[li].keys, prefix.layers[li].values)],
-                                      [P], G, P + M)
-            _, group_cache = self._forward(g_ids.to(device), g_mask.to(device),
-                                           (P + torch.arange(M)).expand(G, M).to(device), cache, keep=1)
-            select = torch.tensor(group_of, device=device)
-            if plain:  # the suffix pass's buffer: prefix broadcast, then each row's group slots
-                cache = _filled_cache(
-                    prefix, [lambda li: (prefix.layers[li].keys, prefix.layers[li].values),
-                             lambda li: (group_cache.layers[li].keys[select, :, P:],
-                                         group_cache.layers[li].values[select, :, P:])],
-                    [P, M], B, P + M + S)
-            else:
-                cache = group_cache
-                cache.batch_select_indices(select)
-        elif plain:
-            cache = _filled_cache(prefix, [lambda li: (prefix.layers[li].keys, prefix.layers[li].values)],
-                                  [P], B, P + S)
+        if template is not None and (shared is not None or _plain_layers(template)):
+            parts = []
+            if P:
+                parts.append((P, lambda li: (prefix.layers[li].keys, prefix.layers[li].values)))
+            if M:
+                sel = torch.tensor(slots, device=device)
+                parts.append((M, lambda li: (kv[li][0][sel, :, :M], kv[li][1][sel, :, :M])))
+            cache = _filled_cache(template, B, P + M + S, parts)
+        else:
+            cache = _expanded(prefix, B, device) if prefix is not None else None
         input_ids = torch.full((B, S), pad, dtype=torch.long)
         mask = torch.zeros((B, P + M + S), dtype=torch.long)
         positions = torch.zeros((B, S), dtype=torch.long)
         mask[:, :P] = 1
-        for b, (r, s, n) in enumerate(zip(rows, starts, lens)):
-            input_ids[b, S - n:] = torch.tensor(r[s:])  # left padding: every row ends at column S - 1
-            mask[b, P: s] = 1  # its group's prefix (the rest of the M slots belongs to other groups)
+        for b, (r, e, n) in enumerate(zip(rows, ends, lens)):
+            input_ids[b, S - n:] = torch.tensor(r[e:])  # left padding: every row ends at column S - 1
+            mask[b, P: e] = 1  # its group's slots (the rest of the M slots is padding)
             mask[b, P + M + S - n:] = 1
-            positions[b, S - n:] = torch.arange(s, len(r))
-        # column of position t in row b: S - n_b + t - s_b; keep the last `keep` columns
-        keep = max(n - (min(t for t, _ in w) - s) for w, s, n in zip(wanted, starts, lens))
-        logits, _ = self._forward(input_ids.to(device), mask.to(device), positions.to(device), cache, keep)
+            positions[b, S - n:] = torch.arange(e, len(r))
+        # position t of row b sits in column S - n_b + t - e_b: keep the last `keep` columns
+        keep = max(n - (w[0][0] - e) for w, e, n in zip(wanted, ends, lens))
+        logits, _ = self._forward(input_ids.to(device), mask.to(device), positions.to(device), cache, keep,
+                                  use_cache=cache is not None)
         b_idx = torch.tensor([b for b, w in enumerate(wanted) for _ in w], device=device)
-        c_idx = torch.tensor([keep - n + t - s for w, s, n in zip(wanted, starts, lens) for t, _ in w], device=device)
+        c_idx = torch.tensor([keep - n + t - e for w, e, n in zip(wanted, ends, lens) for t, _ in w], device=device)
         tok = torch.tensor([t for w in wanted for _, t in w], device=device)
         picked = logits[b_idx, c_idx].float().log_softmax(-1).gather(-1, tok[:, None])[:, 0].tolist()
         out, k = [], 0
@@ -373,32 +385,47 @@ class PrefixCachedScorer:
         # a row that is a prefix of another is read from the longer one (same logits there)
         alias = list(range(len(rows)))
         lex = sorted(range(len(rows)), key=rows.__getitem__)
-        for a, b in zip(lex[::-1][1:], lex[::-1]):  # from the end: chains resolve to the longest
+        for a, b in zip(lex[-2::-1], lex[::-1]):  # from the end: chains resolve to the longest
             if rows[b][: len(rows[a])] == rows[a]:
                 alias[a] = alias[b]
         by_row: dict[int, set[tuple[int, int]]] = {}
         for _, _, row, pairs in targets:
             by_row.setdefault(alias[row], set()).update(pairs)
         live = sorted(by_row)
-        wanted = {r: sorted(by_row[r]) for r in live}
-        limits = {r: min(len(rows[r]) - 1, wanted[r][0][0]) for r in live}
         live_rows = [rows[r] for r in live]
-        P = min(_common_prefix_len(live_rows), min(limits.values()))
+        wanted = [sorted(by_row[r]) for r in live]
+        limits = [min(len(r) - 1, w[0][0]) for r, w in zip(live_rows, wanted)]
+        P = min(_common_prefix_len(live_rows), min(limits))
         P = P if P >= self.min_prefix else 0
-        local_groups = self._groups(live_rows, P, [limits[r] for r in live])
         values: dict[tuple[int, int, int], float] = {}
         with torch.inference_mode():
             prefix = self._prefix(live_rows[0][:P]) if P else None
-            for batch in self._batches(live_rows, local_groups):
-                idx = [live[r] for g in batch for r in g.rows]
-                batch_groups, k = [], 0
-                for g in batch:
-                    batch_groups.append(_Group(list(range(k, k + len(g.rows))), g.end))
-                    k += len(g.rows)
-                got = self._run_batch([rows[r] for r in idx], [wanted[r] for r in idx], batch_groups, P, prefix)
+            if prefix is not None:
+                plain = _plain_layers(prefix)
+            else:
+                from transformers import DynamicCache
+
+                try:
+                    plain = _plain_layers(DynamicCache(config=self.model.config))
+                except Exception:  # an unusual config: stay on the generic path
+                    plain = False
+            groups = self._groups(live_rows, P, limits) if plain else [_Group([r], P) for r in range(len(live))]
+            shared = self._group_pass(live_rows, groups, P, prefix) if plain else None
+            end_of, slot_of = [P] * len(live), [0] * len(live)
+            for g, grp in enumerate(groups):
+                for r in grp.rows:
+                    end_of[r], slot_of[r] = grp.end, (shared[1].get(g, 0) if shared else 0)
+            shared = (shared[0], shared[2]) if shared and shared[2] is not None else None
+            # rows of similar suffix length together: little padding
+            order = sorted(range(len(live)), key=lambda r: len(live_rows[r]) - end_of[r])
+            spans = _length_batches([len(live_rows[r]) - end_of[r] for r in order], self.batch_size)
+            for start, stop in spans:
+                idx = order[start: stop]
+                got = self._run_batch([live_rows[r] for r in idx], [wanted[r] for r in idx],
+                                      [end_of[r] for r in idx], [slot_of[r] for r in idx], P, prefix, shared)
                 for r, v in zip(idx, got):
                     for pt, lp in zip(wanted[r], v):
-                        values[(r, *pt)] = lp
+                        values[(live[r], *pt)] = lp
                 if progress:
                     progress(len(idx))
         result = [[0.0] * len(c) for c in continuations]
