@@ -45,11 +45,36 @@ def test_prefix_cached_scorer_equals_plain_scoring(gen):
     got = scorer.score_batch(msgs, conts)
     flat_p = [m for m, cs in zip(msgs, conts) for _ in cs]
     ref = gen.score_batch(flat_p, [c for cs in conts for c in cs])
-    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-5)
     assert scorer.prefix_hits == 0
     again = scorer.score_batch(msgs[:3], conts[:3])  # another call (other batches, no level-2 partner for row 3)
     assert scorer.prefix_hits == 1  # the shared preamble was computed once and reused
     np.testing.assert_allclose(np.concatenate(again), np.concatenate(got[:3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kv-buffers", "generic-cache", "no-shared-preamble"])
+def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypatch):
+    """Every path of the scorer (preallocated key/value buffers; copied caches for other cache
+    layer types; no call-wide prefix but level-2 groups) gives the log-probs of scoring each
+    full sequence from scratch, for one- and many-token continuations."""
+    from feedback.judges import scoring
+
+    if path == "generic-cache":
+        monkeypatch.setattr(scoring, "_plain_layers", lambda cache: False)
+    if path == "no-shared-preamble":  # rows differ from their first characters on
+        msgs = [[{"role": "user", "content": f"{w}: a shared request about {w}, long enough; answer {x}"}]
+                for w in ("abc", "xyz", "hello") for x in ("yes", "no")]
+    else:
+        template = PairwiseJudge(gen).template
+        msgs = [template.messages(f"Reverse: {w}", a, b) for w in ("abc", "hello") for a, b in ((w[::-1], w), (w, w[::-1]))]
+        msgs += [template.messages("Copy: q", "q", "qq"), template.messages("Copy: q", "qq", "q")]
+    conts = [["1", "2"], ["1", "2 because"], ["x", "22"], ["2", "1"], ["1"], ["12", "1"]]
+    scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=3)
+    got = scorer.score_batch(msgs, conts)
+    flat_p = [m for m, cs in zip(msgs, conts) for _ in cs]
+    ref = gen.score_batch(flat_p, [c for cs in conts for c in cs])
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-5)
+    assert (scorer._prefix_ids is None) == (path == "no-shared-preamble")
 
 
 def test_debiased_probability_is_order_symmetric(gen):
