@@ -134,8 +134,9 @@ def test_cringe_round_runs_with_token_contrast(env):
 @pytest.mark.slow
 def test_self_rewarding_uses_the_live_model_as_judge(env):
     """Self-rewarding: the judge is rebuilt from the live policy each round (M1, M2).
-    The toy char model cannot read a rubric, so the factory's judge is the verifier here;
-    the test checks the rounds, that the factory saw the live model, and the gain."""
+    Here the factory's judge is the verifier: the test checks the rounds, that the factory saw
+    the live model, and the gain. With the model's own rubric scores as the judge (after
+    evaluation fine-tuning): tests/test_self_rewarding_rubric.py."""
     from trainers.iterative.loop import IterativeConfig, train_iterative
 
     seen = []
