@@ -5,6 +5,9 @@ them to the trainers of ``trainers`` (which never import ``feedback``).
 one) and writes ``OUTPUT/model`` (the trained weights + tokenizer) and ``OUTPUT/report.json``
 (reward before/after, KL to the reference, generations and judge calls spent, wall time,
 per-round history and, for iterative methods, the termination rule's decision and evidence).
+PPO, RLOO and the iterative methods checkpoint into ``OUTPUT/checkpoints`` (every
+``checkpoint_every`` steps / every finished round): running the same config into the same
+output folder again resumes a killed run instead of starting over.
 
 Rewards come from either source RLAIF (3.2.2) compares: ``reward="direct"`` uses the judge's
 score as the reward; ``reward="distilled"`` first trains a BT reward model on the judge's
@@ -22,7 +25,7 @@ from typing import Any, Sequence
 from schemas.generator import SamplingParams
 
 METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "self-rewarding", "cringe",
-           "sppo", "nash-md", "dno", "paft", "token-rewards")
+           "sppo", "nash-md", "dno", "paft", "token-rewards", "dro-v")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,12 +106,13 @@ class OnlineRunConfig:
     task: dict = dataclasses.field(default_factory=dict)  # toy-task kwargs (prompts + verifier)
     prompts: int = 64
     eval_prompts: int = 32
-    data: str | None = None  # pairwise/listwise dataset (reward-model, preference-model)
+    data: str | None = None  # pairwise/listwise dataset (reward-model, preference-model); binary/scored (dro-v)
     params: dict = dataclasses.field(default_factory=dict)  # method config overrides
     temperature: float = 1.0
     max_new_tokens: int = 24
     device: str = "cpu"
     seed: int = 0
+    checkpoints: bool = True  # write OUTPUT/checkpoints and resume from them (ppo, rloo, iterative methods)
 
 
 def _override(obj: Any, params: dict) -> Any:
@@ -197,7 +201,19 @@ def _preference(cfg: OnlineRunConfig, reward_fn: Any, tokenizer: Any):
 def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, reward_fn, eval_reward, preference_fn,
                   task, sampling):
     params = dict(cfg.params)
-    if cfg.method == "ppo":
+    ckpt = Path(cfg.output) / "checkpoints" if cfg.checkpoints else None
+    if cfg.method == "dro-v":
+        from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_rows
+
+        trajectories = None
+        if cfg.data:  # offline DRO: scored single responses (binary kind: reward or label column)
+            from schemas.store import read_dataset
+
+            trajectories = trajectories_from_rows(read_dataset(cfg.data).to_pylist())
+        policy, _, rep = train_dro_v(policy, tokenizer, _override(DROVConfig(sampling=sampling, seed=cfg.seed), params),
+                                     trajectories=trajectories, prompts=prompts, make_generator=make_gen,
+                                     reward_fn=reward_fn, eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
+    elif cfg.method == "ppo":
         from trainers.ppo import PPOConfig, train_ppo
 
         pcfg = _override(PPOConfig(sampling=sampling, seed=cfg.seed), params)
@@ -205,13 +221,13 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
         if pcfg.ptx_coef > 0:  # the toy world's "pretraining" text: prompts with their answers
             ptx = [f"{p} {task.reference(p)}" for p in task.prompts(256, seed=cfg.seed + 7)]
         policy, _, rep = train_ppo(policy, tokenizer, prompts, make_gen, reward_fn, pcfg, ptx_texts=ptx,
-                                   eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
+                                   eval_prompts=eval_prompts, eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "rloo":
         from trainers.rloo import RLOOConfig, train_rloo
 
         policy, rep = train_rloo(policy, tokenizer, prompts, make_gen, reward_fn,
                                  _override(RLOOConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
-                                 eval_reward_fn=eval_reward)
+                                 eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "nash-md":
         from trainers.iterative.nash_md import NashMDConfig, train_nash_md
 
@@ -232,7 +248,7 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
         gold = {ro_text(p): task.reference(ro_text(p)) for p in prompts} if cfg.method == "dno" else None
         policy, rep = train_iterative(policy, tokenizer, prompts, make_gen, icfg, reward_fn=reward_fn,
                                       preference_fn=preference_fn, judge_factory=judge_factory, gold=gold,
-                                      eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
+                                      eval_prompts=eval_prompts, eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     rep.extra["reward_source"] = cfg.reward
     return policy, rep
 

@@ -126,6 +126,39 @@ def test_offline_trajectories_without_generator(world):
         train_dro_v(policy, tok, DROVConfig())
 
 
+def test_cli_train_loss_dro_on_a_binary_dataset(world, tmp_path):
+    """``alignflow train DATA --loss dro``: offline DRO-V on a binary dataset with a reward column
+    (policy + value network written); a pairwise dataset is refused in one line."""
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from schemas.kinds import schema_for
+    from schemas.store import write_dataset
+
+    toy, _ = world
+    prompts = toy.task.prompts(4, seed=5)
+    rows = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": p}], "response": resp, "label": good,
+             "reward": float(good)} for i, p in enumerate(prompts)
+            for resp, good in ((toy.task.reference(p), True), ("zz", False))]
+    data = write_dataset(tmp_path / "bin", pa.Table.from_pylist(
+        rows, schema=schema_for("binary").append(pa.field("reward", pa.float64()))), "binary")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["train", str(data), "--model", str(toy.path), "--loss", "dro", "--param",
+                                   "beta=0.5", "--output", str(out), "--num_train_epochs", "1",
+                                   "--per_device_train_batch_size", "4"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").exists() and (out / "value_network.pt").exists()
+    assert "DRO-V on 8 scored responses" in res.output
+
+    pairs = write_dataset(tmp_path / "pw", pa.Table.from_pylist(
+        [{"prompt_id": "0", "prompt": [{"role": "user", "content": "a"}], "chosen": "x", "rejected": "y"}],
+        schema=schema_for("pairwise")), "pairwise")
+    res = CliRunner().invoke(app, ["train", str(pairs), "--model", str(toy.path), "--loss", "dro", "--output",
+                                   str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "binary data" in res.output
+
+
 @pytest.mark.slow
 def test_dro_v_raises_toy_reward(world):
     """Offline DRO-V: 64 prompts x 4 single samples of the SFT policy, each scored once by the

@@ -169,3 +169,20 @@ def test_iterative_rounds_resume(env, tmp_path):
     again, rep3 = train_iterative(env.policy(), env.tok, env.prompts, env.make_gen, cfg, checkpoint_dir=ckpt, **kw)
     assert_same_weights(whole, again)
     assert rep3.generations == 24 and len(rep3.history) == 2
+
+
+def test_run_online_resumes_into_the_same_output(toy_world, tmp_path):
+    """The flow checkpoints into OUTPUT/checkpoints: the same config run again into the same
+    folder (here asked for one more step) resumes; another config is refused in one line."""
+    from flows.online import run_online
+
+    base = {"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
+            "eval_prompts": 4, "params": {"steps": 2, "prompts_per_step": 4, "k": 2, "checkpoint_every": 1}}
+    first = run_online(base)
+    assert first["extra"].get("resumed_from") is None and first["generations"] == 16
+    more = run_online({**base, "params": {**base["params"], "steps": 3}})
+    assert more["extra"]["resumed_from"].endswith("step-000002")
+    assert [h["step"] for h in more["history"]] == [0, 1, 2] and more["generations"] == 24
+    assert more["reward_before"] == first["reward_before"]
+    with pytest.raises(ValueError, match="different config"):
+        run_online({**base, "params": {**base["params"], "k": 4}})

@@ -2,7 +2,8 @@
 iterative / online alignment (issue 6).
 
 Methods: reward-model, preference-model, ppo, rloo, iterative-dpo, self-rewarding, cringe,
-sppo, nash-md, dno, paft, token-rewards. Heavy imports stay inside the command bodies.
+sppo, nash-md, dno, paft, token-rewards, dro-v. Heavy imports stay inside the command bodies.
+A second run into the same --output resumes ppo / rloo / iterative runs from their checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import typer
 from flows.commands.common import console, fail, user_errors
 
 METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "self-rewarding", "cringe",
-           "sppo", "nash-md", "dno", "paft", "token-rewards")
+           "sppo", "nash-md", "dno", "paft", "token-rewards", "dro-v")
 
 
 def _params(items: List[str]) -> dict:
@@ -51,25 +52,29 @@ def register(app: typer.Typer) -> None:
         judge: str = typer.Option("verifier", help="verifier | reward_model:PATH | pairwise_llm:PATH | rubric:PATH"),
         reward: str = typer.Option("direct", help="direct (judge score is the reward) or distilled (train a BT RM first)"),
         preference: str = typer.Option("reward", help="nash methods: reward | judge | PATH of a preference model"),
-        data: Optional[Path] = typer.Option(None, help="pairwise/listwise dataset (reward-model, preference-model)"),
+        data: Optional[Path] = typer.Option(None, help="pairwise/listwise dataset (reward-model, preference-model); "
+                                            "binary dataset with a reward or label column (dro-v, offline)"),
         prompts: int = typer.Option(64, help="training prompts (toy task)"),
         eval_prompts: int = typer.Option(32, help="held-out prompts"),
         param: List[str] = typer.Option([], "--param", "-p", help="method config override key=value (repeatable)"),
         seed: int = typer.Option(0),
         device: str = typer.Option("cpu"),
+        resume: bool = typer.Option(True, help="checkpoint into OUTPUT/checkpoints and resume from them"),
     ) -> None:
         """Train with an online / RL method and write the run report (reward gain, KL, spend)."""
         if method not in METHODS:
             fail(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         if not model.exists():
             fail(f"{model}: model checkpoint not found")
+        if data is not None and not data.exists():
+            fail(f"{data}: dataset not found")
         with user_errors():
             from flows.online import OnlineRunConfig, run_online
 
             cfg = OnlineRunConfig(method=method, model=str(model), output=str(output), judge=_judge_spec(judge),
                                   reward=reward, preference=preference, data=str(data) if data else None,
                                   prompts=prompts, eval_prompts=eval_prompts, params=_params(param), seed=seed,
-                                  device=device)
+                                  device=device, checkpoints=resume)
             report = run_online(cfg)
         shown = {k: report[k] for k in ("reward_before", "reward_after", "reward_gain", "kl_to_ref", "generations",
                                         "judge_calls", "wall_s", "eval_accuracy", "eval_accuracy_before",

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def method_configs(samples: int, sampling) -> dict:
+    from trainers.dro_v import DROVConfig
     from trainers.iterative.loop import IterativeConfig
     from trainers.iterative.nash_md import NashMDConfig
     from trainers.iterative.paft import PAFTConfig
@@ -47,6 +48,9 @@ def method_configs(samples: int, sampling) -> dict:
         "dno": IterativeConfig(method="dno", **it),
         "nash-md": NashMDConfig(steps=max(1, samples // 32), prompts_per_step=16, lr=3e-4, sampling=sampling),
         "paft": PAFTConfig(rounds=rounds, prompts_per_round=per_round, k=k, epochs=2, sampling=sampling),
+        # offline DRO-V: one collection of single scored samples from the SFT policy, then epochs
+        "dro-v": DROVConfig(beta=0.03, epochs=4, batch_size=16, lr=3e-4, prompts_per_round=max(1, samples // k),
+                            k=k, sampling=sampling),
     }
 
 
@@ -73,6 +77,11 @@ def run(method: str, cfg, world, prompts, eval_prompts) -> dict:
         from trainers.iterative.nash_md import train_nash_md
 
         _, rep = train_nash_md(policy, tok, prompts, make_gen, pref, cfg, eval_prompts=eval_prompts, eval_reward_fn=reward)
+    elif method == "dro-v":
+        from trainers.dro_v import train_dro_v
+
+        _, _, rep = train_dro_v(policy, tok, cfg, prompts=prompts, make_generator=make_gen, reward_fn=reward,
+                                eval_prompts=eval_prompts)
     elif method == "paft":
         from trainers.iterative.paft import train_paft
 
