@@ -47,55 +47,141 @@ def token_rewards(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any
     return [TokenReward(tokenizer.decode([i]), beta * (a - b), a, b) for i, a, b in zip(ids, lp, rlp)]
 
 
-def _next_logps(model: nn.Module, seqs: Sequence[list[int]], pad: int) -> torch.Tensor:
-    """Next-token log-probs ``[N, V]`` after each (left-padded) sequence."""
+def _left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` ``[N, W]`` of left-padded sequences (so every
+    row's next token is predicted at the last column)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
-    return torch.log_softmax(logits.float(), -1)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_arg(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class _Decoder:
+    """One model decoding many rows incrementally with a KV cache (rows can be re-selected,
+    duplicated or dropped between steps: beam search's parent pointers)."""
+
+    def __init__(self, model: nn.Module, prompt_ids: Sequence[list[int]], pad: int):
+        self.model = model
+        ids, self.mask, pos = _left_padded(prompt_ids, pad)
+        self.cache_arg = _cache_arg(model)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
+        self.cache, self.pos = _cache_of(out), pos[:, -1]
+        self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)  # [R, V] next-token log-probs
+
+    def step(self, parents: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Continue row ``parents[j]`` with ``tokens[j]`` for every new row j."""
+        self.cache.reorder_cache(parents)
+        self.mask = torch.cat([self.mask[parents], torch.ones(len(parents), 1, dtype=torch.long)], 1)
+        self.pos = self.pos[parents] + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = _cache_of(out)
+        self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)
+
+
+def _final_score(score: float, n_tokens: int, length_penalty: float) -> float:
+    """Ranking score of a complete hypothesis: ``score / n_tokens**length_penalty`` (0 = the sum)."""
+    return score / max(n_tokens, 1) ** length_penalty if length_penalty else score
 
 
 @torch.no_grad()
 def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: Sequence[Any], beam_size: int = 4,
                       beta: float = 0.1, max_new_tokens: int = 24, expand: int | None = None,
-                      objective: str = "q") -> list[tuple[str, float]]:
-    """Reward-guided beam search for many prompts at once (all live beams of all prompts in
-    one forward per step); returns (best response, its score) per prompt."""
+                      objective: str = "q", length_penalty: float = 0.0) -> list[tuple[str, float]]:
+    """Reward-guided beam search for many prompts at once; returns (best response, its score)
+    per prompt, the score being the summed objective of the returned response (eos included).
+
+    Per step every live beam proposes its ``expand`` (default ``max(beam_size, 2)``) most likely
+    next tokens under the policy, scored by the running sum of ``objective``: ``"q"``
+    ``beta*log pi`` (eq. 23's Q) or ``"reward"`` ``beta*log(pi/pi_ref)``. The ``beam_size``
+    best continuations stay live; a candidate ending in eos that ranks within the best
+    ``beam_size`` becomes a finished hypothesis (kept apart, so finished answers do not take
+    live slots). A prompt stops when it has ``beam_size`` finished hypotheses and (for ``"q"``
+    without length penalty, where scores only fall) no live beam can still beat the worst of
+    them; beams alive after ``max_new_tokens`` count as (truncated) hypotheses. The answer is the
+    hypothesis with the best ``score / n_tokens**length_penalty``. Beam size 1 with ``"q"`` is
+    greedy decoding. One KV-cached forward per step for all live beams of all prompts (and one
+    of the reference for ``"reward"``).
+    """
     if objective not in ("q", "reward"):
         raise ValueError("objective must be 'q' or 'reward'")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     expand = expand or max(beam_size, 2)
     prompt_ids = [ro.encode_prompt(tokenizer, ro.as_messages(p)) for p in prompts]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    # per prompt: list of (tokens, score, finished)
-    beams: list[list[tuple[list[int], float, bool]]] = [[([], 0.0, False)] for _ in prompts]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    dec = _Decoder(policy, prompt_ids, pad)
+    ref_dec = _Decoder(ref, prompt_ids, pad) if objective == "reward" else None
+    # live rows, aligned with the decoders' rows: (prompt index, tokens, summed score)
+    live: list[tuple[int, list[int], float]] = [(i, [], 0.0) for i in range(len(prompts))]
+    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in prompts]  # (rank score, tokens, score)
+    done = [False] * len(prompts)
+    monotone = objective == "q" and not length_penalty
     for _ in range(max_new_tokens):
-        live = [(i, b) for i, bs in enumerate(beams) for b in bs if not b[2]]
-        if not live:
+        gains = beta * dec.logps if ref_dec is None else beta * (dec.logps - ref_dec.logps)
+        top = dec.logps.topk(min(expand, dec.logps.shape[-1]), -1).indices  # [R, expand]
+        cand_gain = gains.gather(-1, top)
+        by_prompt: dict[int, list[tuple[float, int, int]]] = {}
+        for row, (i, _, score) in enumerate(live):
+            for tok, g in zip(top[row].tolist(), cand_gain[row].tolist()):
+                by_prompt.setdefault(i, []).append((score + g, row, tok))
+        parents, tokens, new_live = [], [], []
+        for i, cands in by_prompt.items():
+            kept = 0
+            for rank, (score, row, tok) in enumerate(sorted(cands, key=lambda c: -c[0])):
+                if tok == eos:
+                    if rank < beam_size:
+                        seq = live[row][1] + [tok]
+                        finished[i].append((_final_score(score, len(seq), length_penalty), seq, score))
+                    continue
+                parents.append(row)
+                tokens.append(tok)
+                new_live.append((i, live[row][1] + [tok], score))
+                kept += 1
+                if kept == beam_size:
+                    break
+            finished[i] = sorted(finished[i], key=lambda h: -h[0])[:beam_size]
+            best_live = max((s for j, _, s in new_live if j == i), default=float("-inf"))
+            if len(finished[i]) == beam_size and monotone and best_live <= finished[i][-1][0]:
+                done[i] = True
+        keep = [j for j, (i, _, _) in enumerate(new_live) if not done[i]]
+        if not keep:
+            live = []
             break
-        seqs = [prompt_ids[i] + b[0] for i, b in live]
-        lp = _next_logps(policy, seqs, pad)
-        rlp = _next_logps(ref, seqs, pad) if objective == "reward" else None
-        top = lp.topk(min(expand, lp.shape[-1]), -1)
-        cands: list[list[tuple[list[int], float, bool]]] = [[b for b in bs if b[2]] for bs in beams]
-        for row, (i, b) in enumerate(live):
-            for logp, tok in zip(top.values[row].tolist(), top.indices[row].tolist()):
-                gain = beta * logp if objective == "q" else beta * (logp - float(rlp[row, tok]))
-                cands[i].append((b[0] + [tok], b[1] + gain, tok == eos))
-        beams = [sorted(c, key=lambda c_: c_[1], reverse=True)[:beam_size] for c in cands]
+        live = [new_live[j] for j in keep]
+        parents_t = torch.tensor([parents[j] for j in keep], dtype=torch.long)
+        tokens_t = torch.tensor([tokens[j] for j in keep], dtype=torch.long)
+        dec.step(parents_t, tokens_t)
+        if ref_dec is not None:
+            ref_dec.step(parents_t, tokens_t)
+    for i, seq, score in live:  # out of budget: truncated hypotheses compete as they are
+        finished[i].append((_final_score(score, len(seq), length_penalty), seq, score))
     out = []
-    for bs in beams:
-        best = max(bs, key=lambda c: c[1])
-        out.append((tokenizer.decode([t for t in best[0] if t != eos], skip_special_tokens=True), best[1]))
+    for hyps in finished:
+        _, seq, score = max(hyps, key=lambda h: h[0])
+        out.append((tokenizer.decode([t for t in seq if t != eos], skip_special_tokens=True), score))
     return out
 
 
 def beam_search(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any, beam_size: int = 4,
                 beta: float = 0.1, max_new_tokens: int = 24, expand: int | None = None,
-                objective: str = "q") -> tuple[str, float]:
+                objective: str = "q", length_penalty: float = 0.0) -> tuple[str, float]:
     """Reward-guided beam search for one prompt; returns (best response, its score)."""
-    return beam_search_batch(policy, ref, tokenizer, [prompt], beam_size, beta, max_new_tokens, expand, objective)[0]
+    return beam_search_batch(policy, ref, tokenizer, [prompt], beam_size, beta, max_new_tokens, expand, objective,
+                             length_penalty)[0]
