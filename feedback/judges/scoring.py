@@ -113,28 +113,40 @@ def _buffer_layer_class():
     return BufferLayer
 
 
-def _filled_cache(template: Any, rows: int, total: int,
-                  parts: Sequence[tuple[int, Callable[[int], tuple[Any, Any]]]]) -> Any:
-    """A cache like ``template`` (plain layers, any batch) over new buffers [rows, heads, total, d]
-    whose first slots are filled part by part: ``(width, kv)`` with ``kv(layer) -> (keys,
-    values)`` broadcastable to [rows, heads, width, d]."""
-    import torch
+class _KVBuffers:
+    """Per-layer key/value buffers [rows, heads, width, d] that every pass of one phase reuses:
+    slots [0, P) hold the call-wide prefix, broadcast ONCE; a pass takes the first B rows and
+    P + M + S slots, writes its rows' group slots [P, P + M), and the model writes the rest
+    (``BufferLayer``). Slots a row does not own are hidden by its attention mask."""
 
-    layer_cls = _buffer_layer_class()
-    out = copy.copy(template)
-    out.layers = []
-    for li, layer in enumerate(template.layers):
-        buffers = []
-        for ref in (layer.keys, layer.values):
-            buf = torch.empty((rows, ref.shape[1], total, ref.shape[-1]), dtype=ref.dtype, device=ref.device)
-            at = 0
-            for width, kv in parts:
-                if width:
-                    buf[:, :, at: at + width] = kv(li)[len(buffers)]
-                at += width
-            buffers.append(buf)
-        out.layers.append(layer_cls(*buffers, sum(w for w, _ in parts)))
-    return out
+    def __init__(self, template: Any, rows: int, width: int, prefix: Any = None, P: int = 0):
+        import torch
+
+        self.template = template
+        self.layers = []
+        for li, layer in enumerate(template.layers):
+            pair = []
+            for k, ref in enumerate((layer.keys, layer.values)):
+                buf = torch.empty((rows, ref.shape[1], width, ref.shape[-1]), dtype=ref.dtype, device=ref.device)
+                buf[:, :, P:] = 0  # slots hidden by the mask must hold finite numbers, not garbage
+                if P:
+                    buf[:, :, :P] = (prefix.layers[li].keys, prefix.layers[li].values)[k]
+                pair.append(buf)
+            self.layers.append(pair)
+
+    def cache(self, B: int, P: int, M: int, S: int, group_kv: Callable[[int], tuple[Any, Any]] | None = None) -> Any:
+        """A cache (``template``'s type) over B rows and P + M + S slots, P + M of them filled;
+        ``group_kv(layer) -> (keys, values)`` broadcastable to [B, heads, M, d] fills [P, P + M)."""
+        layer_cls = _buffer_layer_class()
+        out = copy.copy(self.template)
+        out.layers = []
+        for li, (keys, values) in enumerate(self.layers):
+            keys, values = keys[:B, :, : P + M + S], values[:B, :, : P + M + S]
+            if M:
+                k, v = group_kv(li)
+                keys[:, :, P: P + M], values[:, :, P: P + M] = k, v
+            out.layers.append(layer_cls(keys, values, P + M))
+        return out
 
 
 def _expanded(cache: Any, n: int, device: Any) -> Any:
@@ -216,8 +228,15 @@ class PrefixCachedScorer:
 
     # -- planning -------------------------------------------------------------------------
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added), each distinct text encoded once."""
         unique = list(dict.fromkeys(texts))
-        by_text = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"]))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        fast = getattr(backend, "encode_batch_fast", None)  # a fast tokenizer's encoder, without offsets
+        if fast is not None and backend.padding is None and backend.truncation is None:
+            ids = [e.ids for e in fast(unique, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(unique, add_special_tokens=False)["input_ids"]
+        by_text = dict(zip(unique, ids))
         return [list(by_text[t]) for t in texts]
 
     def _plan(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]]):
@@ -303,7 +322,11 @@ class PrefixCachedScorer:
             return prefix, {}, None
         width = groups[multi[-1]].end - P
         template, kv = prefix, None
-        for start, stop in _length_batches([groups[g].end - P for g in multi], self.batch_size):
+        spans = _length_batches([groups[g].end - P for g in multi], self.batch_size)
+        buffers = None
+        if prefix is not None:
+            buffers = _KVBuffers(prefix, max(j - i for i, j in spans), P + width, prefix, P)
+        for start, stop in spans:
             chunk = multi[start: stop]
             Gc, Mc = len(chunk), groups[chunk[-1]].end - P
             ids = torch.full((Gc, Mc), pad, dtype=torch.long)
@@ -313,10 +336,7 @@ class PrefixCachedScorer:
                 grp = groups[g]
                 ids[k, : grp.end - P] = torch.tensor(rows[grp.rows[0]][P: grp.end])
                 mask[k, P: grp.end] = 1
-            cache = None
-            if prefix is not None:
-                cache = _filled_cache(prefix, Gc, P + Mc, [(P, lambda li: (prefix.layers[li].keys,
-                                                                             prefix.layers[li].values))])
+            cache = buffers.cache(Gc, P, 0, Mc) if buffers is not None else None
             _, cache = self._forward(ids.to(device), mask.to(device), (P + torch.arange(Mc)).expand(Gc, Mc).to(device),
                                      cache, keep=1)
             if kv is None:
@@ -329,27 +349,21 @@ class PrefixCachedScorer:
         return template, {g: k for k, g in enumerate(multi)}, kv
 
     def _run_batch(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]], ends: list[int],
-                   slots: list[int], P: int, prefix: Any, shared: Any) -> list[list[float]]:
+                   slots: list[int], P: int, prefix: Any, kv: Any, buffers: "_KVBuffers | None") -> list[list[float]]:
         """Log-probs at (position, token) pairs of ``rows``, whose tokens before ``ends`` are
-        cached: [0, P) in ``prefix``, [P, end) in ``shared`` at ``slots`` (``_group_pass``).
+        cached: [0, P) in ``prefix`` (and ``buffers``), [P, end) in ``kv`` at ``slots`` (``_group_pass``).
         Shapes: suffix [B, S] left-padded; mask [B, P + M + S] with M = max(end - P)."""
         import torch
 
         device = self.model.device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        template, kv = shared if shared is not None else (prefix, None)
         B = len(rows)
         M = max(ends) - P
         lens = [len(r) - e for r, e in zip(rows, ends)]
         S = max(lens)
-        if template is not None and (shared is not None or _plain_layers(template)):
-            parts = []
-            if P:
-                parts.append((P, lambda li: (prefix.layers[li].keys, prefix.layers[li].values)))
-            if M:
-                sel = torch.tensor(slots, device=device)
-                parts.append((M, lambda li: (kv[li][0][sel, :, :M], kv[li][1][sel, :, :M])))
-            cache = _filled_cache(template, B, P + M + S, parts)
+        if buffers is not None:
+            sel = torch.tensor(slots, device=device)
+            cache = buffers.cache(B, P, M, S, lambda li: (kv[li][0][sel, :, :M], kv[li][1][sel, :, :M]))
         else:
             cache = _expanded(prefix, B, device) if prefix is not None else None
         input_ids = torch.full((B, S), pad, dtype=torch.long)
@@ -415,14 +429,19 @@ class PrefixCachedScorer:
             for g, grp in enumerate(groups):
                 for r in grp.rows:
                     end_of[r], slot_of[r] = grp.end, (shared[1].get(g, 0) if shared else 0)
-            shared = (shared[0], shared[2]) if shared and shared[2] is not None else None
             # rows of similar suffix length together: little padding
             order = sorted(range(len(live)), key=lambda r: len(live_rows[r]) - end_of[r])
             spans = _length_batches([len(live_rows[r]) - end_of[r] for r in order], self.batch_size)
+            template, kv = (shared[0], shared[2]) if shared else (prefix, None)
+            buffers = None
+            if plain and template is not None:
+                width = max(max(end_of[r] for r in order[i:j]) + len(live_rows[order[j - 1]]) - end_of[order[j - 1]]
+                            for i, j in spans)
+                buffers = _KVBuffers(template, max(j - i for i, j in spans), width, prefix, P)
             for start, stop in spans:
                 idx = order[start: stop]
                 got = self._run_batch([live_rows[r] for r in idx], [wanted[r] for r in idx],
-                                      [end_of[r] for r in idx], [slot_of[r] for r in idx], P, prefix, shared)
+                                      [end_of[r] for r in idx], [slot_of[r] for r in idx], P, prefix, kv, buffers)
                 for r, v in zip(idx, got):
                     for pt, lp in zip(wanted[r], v):
                         values[(live[r], *pt)] = lp
