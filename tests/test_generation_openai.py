@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from feedback.generation.openai import (LogprobsUnavailable, OpenAIError, OpenAIGenerator, backoff_delay,
-                                        chat_payload, lookup_continuations, parse_chat_choices)
+                                        chat_payload, echo_payload, echoed_span_logprob, lookup_continuations,
+                                        parse_chat_choices)
 from schemas.generator import SamplingParams
 
 MSG = [{"role": "user", "content": "Reverse: abc"}]
@@ -136,6 +137,74 @@ def test_score_reads_top_logprobs_and_raises_without_them():
         gen.score(MSG, ["1", "2"])
     assert gen.logprobs_supported is False
     assert lookup_continuations({"A": -1.0}, ["A", " A"]) == [-1.0, -1.0]
+
+
+class _TagTemplate:
+    """Stands in for the served model's tokenizer: only its chat template is used."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        assert tokenize is False and add_generation_prompt is True
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def _fake_vllm_echo(requests):
+    """A vLLM-like ``/completions`` answer to echo=True, logprobs=1: tokens are whitespace-led
+    words (so one can straddle the prompt/continuation boundary), log-prob -0.5 per character,
+    none for the first token; then one generated token "!"."""
+    import re
+
+    def handler(request):
+        body = json.loads(request.content)
+        requests.append((request.url.path, body))
+        choices = []
+        for i, text in enumerate(body["prompt"]):
+            tokens = re.findall(r"\s*\S+", text)
+            offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+            logps = [None] + [-0.5 * len(t) for t in tokens[1:]]
+            choices.append({"index": i, "text": text + "!", "logprobs": {
+                "tokens": tokens + ["!"], "token_logprobs": logps + [-9.0], "text_offset": offsets + [len(text)],
+                "top_logprobs": None}})
+        return httpx.Response(200, json={"choices": choices[::-1]})  # order by "index", not position
+
+    return handler
+
+
+def test_multi_token_score_by_completions_echo():
+    requests = []
+    gen, _ = _gen(_fake_vllm_echo(requests), tokenizer=_TagTemplate())
+    # rendered prompt "<user>Reverse: abc<assistant>"; its last token " abc<assistant>" (15 chars)
+    # runs into a continuation that starts without a space, so it counts for the continuation
+    got = gen.score(MSG, [" cba", "c ba", "2 because", " a b c"])
+    assert got == [-2.0, -0.5 * 16 - 1.5, -0.5 * 16 - 4.0, -3.0]
+    assert len(requests) == 1  # one request answers every continuation of a prompt
+    path, body = requests[0]
+    assert path == "/v1/completions" and body == echo_payload("toy", [
+        "<user>Reverse: abc<assistant>" + c for c in (" cba", "c ba", "2 because", " a b c")])
+    assert body["echo"] is True and body["logprobs"] == 1 and body["max_tokens"] == 1
+    # flat pairs over two prompts: one request per distinct prompt
+    other = [{"role": "user", "content": "Copy: q"}]
+    assert gen.score_batch([MSG, other, MSG], [" cba", " q", " x y"]) == [-2.0, -1.0, -2.0]
+    assert len(requests) == 3
+    assert echoed_span_logprob({"logprobs": None}, 0, 3) is None
+
+
+def test_echo_scoring_fails_in_one_clear_line_where_unsupported():
+    # a server that echoes but sends no log-probs (or no /completions at all): LogprobsUnavailable,
+    # which an "auto" judge takes as the cue to generate-and-parse
+    gen, _ = _gen(lambda r: httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "logprobs": None}]}),
+                  tokenizer=_TagTemplate())
+    with pytest.raises(LogprobsUnavailable, match="no log-probs of the echoed prompt") as err:
+        gen.score(MSG, ["1 2"])
+    assert "\n" not in str(err.value)
+    gen, _ = _gen(lambda r: httpx.Response(404, json={"error": "not found"}), tokenizer=_TagTemplate())
+    with pytest.raises(LogprobsUnavailable, match="HTTP 404"):
+        gen.score(MSG, ["1 2"])
+    # without a tokenizer the chat route reads one position: a longer continuation names the fix
+    top = [{"token": "1", "logprob": -0.2}, {"token": "2", "logprob": -1.8}]
+    gen, _ = _gen(lambda r: httpx.Response(200, json=_answer("1", [{"token": "1", "logprob": -0.2, "top_logprobs": top}])))
+    with pytest.raises(LogprobsUnavailable, match="tokenizer=") as err:
+        gen.score(MSG, ["1", "2 because"])
+    assert "\n" not in str(err.value)
 
 
 def test_payload_and_no_secret_in_repr_or_provenance():

@@ -11,6 +11,15 @@
   OpenAI), and the backend works without them (``transformers serve`` ignores the field):
   ``Generation.logp`` is then ``None`` and ``score`` raises ``LogprobsUnavailable`` (a
   ``NotImplementedError``), which judges take as the signal to generate-and-parse instead.
+* Scoring (``score``/``score_batch``), two routes:
+  - with ``tokenizer=`` (the served model's tokenizer, or its name/path; only its chat template
+    is used): the legacy ``/completions`` endpoint with ``echo=True, logprobs=1,
+    max_tokens=1`` (vLLM serve supports it; vLLM rejects ``max_tokens=0``) returns the log-prob
+    of every prompt token; a continuation of ANY length is scored as the sum over the tokens of
+    the chat-templated "prompt + continuation" that end after the prompt text (``text_offset``);
+  - without: ``/chat/completions`` with ``top_logprobs``: single-token continuations only (a
+    judge's "1"/"2"), read at the first answer position; a longer continuation that is not in
+    that table raises ``LogprobsUnavailable`` naming the fix (pass ``tokenizer=``).
 * Secrets: the API key comes from the argument or the environment (``ALIGNFLOW_API_KEY``, then
   ``OPENAI_API_KEY``); it is sent only in the ``Authorization`` header and never appears in
   ``repr``, error messages or ``provenance()``.
@@ -40,6 +49,10 @@ class LogprobsUnavailable(NotImplementedError):
 
 class OpenAIError(RuntimeError):
     """A request failed for good (non-retryable status, or retries exhausted)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status of a non-retryable answer, else None
 
 
 def api_key_from_env() -> str | None:
@@ -138,6 +151,31 @@ def lookup_continuations(top: dict[str, float], continuations: Sequence[str]) ->
     return [top.get(c, stripped.get(c.strip(), -math.inf)) for c in continuations]
 
 
+def echo_payload(model: str, texts: Sequence[str]) -> dict:
+    """Body of one legacy ``/completions`` request that echoes ``texts`` (rendered prompt +
+    continuation, one per entry) with each token's log-prob. ``max_tokens=1``: vLLM rejects 0;
+    the one generated token lies after the echoed text and is left out by offset."""
+    return {"model": model, "prompt": list(texts), "echo": True, "logprobs": 1, "max_tokens": 1,
+            "temperature": 0.0}
+
+
+def echoed_span_logprob(choice: dict, start: int, stop: int) -> float | None:
+    """Sum of the echoed token log-probs over the text [start, stop) of one ``/completions``
+    choice (``logprobs.text_offset`` / ``token_logprobs``): the tokens that end after ``start``
+    and begin before ``stop``, so a token a merge stretches across the prompt/continuation
+    boundary counts for the continuation. None when the server returned no such log-probs."""
+    lp = choice.get("logprobs") or {}
+    offsets, values = lp.get("text_offset"), lp.get("token_logprobs")
+    if not offsets or not values or len(offsets) != len(values):
+        return None
+    text = choice.get("text")
+    ends = list(offsets[1:]) + [max(len(text) if isinstance(text, str) else stop, stop)]
+    span = [v for off, end, v in zip(offsets, ends, values) if end > start and off < stop]
+    if not span or any(v is None for v in span):
+        return None
+    return float(sum(float(v) for v in span))
+
+
 class OpenAIGenerator:
     """``schemas.generator.Generator`` over HTTP for an OpenAI-compatible server.
 
@@ -150,8 +188,8 @@ class OpenAIGenerator:
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
                  max_concurrency: int = 8, max_retries: int = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0, timeout: float = 120.0, top_logprobs: int = 20,
-                 request_logprobs: bool = True, transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 request_logprobs: bool = True, tokenizer: Any = None,
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep):
         self.model = model
         self.base_url = (base_url or os.environ.get("ALIGNFLOW_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or DEFAULT_BASE_URL).rstrip("/")
@@ -162,6 +200,7 @@ class OpenAIGenerator:
         self.top_logprobs = top_logprobs
         self.request_logprobs = request_logprobs
         self.logprobs_supported: bool | None = None  # learnt from the first answer
+        self._tokenizer = tokenizer  # object or name/path (loaded on first use); its chat template renders prompts
         self._sleep = sleep
         self._rng = random.Random(0)
         self._lock = threading.Lock()
@@ -202,7 +241,7 @@ class OpenAIGenerator:
                     return resp.json()
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in RETRY_STATUS:
-                    raise OpenAIError(f"{self.base_url}{path}: {last}")
+                    raise OpenAIError(f"{self.base_url}{path}: {last}", status=resp.status_code)
                 retry_after = resp.headers.get("retry-after")
             if attempt == self.max_retries:
                 break
@@ -257,9 +296,8 @@ class OpenAIGenerator:
         return self._map(one, list(enumerate(prompts)), progress)
 
     def score(self, prompt: Messages, continuations: Sequence[str]) -> list[float]:
-        """Log-probs of single-token continuations (e.g. a judge's "1"/"2") at the first
-        answer position, from ``top_logprobs``. Raises ``LogprobsUnavailable`` when the server
-        returns no log-probs."""
+        """Summed log-probs of each continuation after the prompt (see the module doc for the
+        two routes). Raises ``LogprobsUnavailable`` when the server cannot give them."""
         return self.score_batch([prompt] * len(continuations), list(continuations))
 
     def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[str],
@@ -268,27 +306,68 @@ class OpenAIGenerator:
         per distinct prompt answers all of its continuations."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        if self.logprobs_supported is False:
+        if self.logprobs_supported is False and self._tokenizer is None:
             raise LogprobsUnavailable(f"{self.base_url} returns no log-probs")
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
         groups: dict[str, list[int]] = {}
         for k, p in enumerate(prompts):
             groups.setdefault(repr(p), []).append(k)
         keys = list(groups)
-
-        def one(key: str) -> list[float]:
-            idx = groups[key]
-            data = self.post("/chat/completions", chat_payload(self.model, prompts[idx[0]], 1, greedy, logprobs=True,
-                                                               top_logprobs=self.top_logprobs))
-            top = first_token_top_logprobs(data)
-            if top is None:
-                self.logprobs_supported = False
-                raise LogprobsUnavailable(f"{self.base_url} returned no log-probs (the server ignores 'logprobs')")
-            self.logprobs_supported = True
-            return lookup_continuations(top, [continuations[k] for k in idx])
-
+        one = self._score_by_echo if self._tokenizer is not None else self._score_by_top_logprobs
         out = [0.0] * len(prompts)
-        for key, values in zip(keys, self._map(one, keys, progress)):
+        for key, values in zip(keys, self._map(lambda key: one(prompts[groups[key][0]],
+                                                               [continuations[k] for k in groups[key]]),
+                                               keys, progress)):
             for k, v in zip(groups[key], values):
                 out[k] = v
         return out
+
+    def _score_by_top_logprobs(self, prompt: Messages, continuations: list[str]) -> list[float]:
+        """Single-token continuations from the first answer position's ``top_logprobs``."""
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
+        data = self.post("/chat/completions", chat_payload(self.model, prompt, 1, greedy, logprobs=True,
+                                                           top_logprobs=self.top_logprobs))
+        top = first_token_top_logprobs(data)
+        if top is None:
+            self.logprobs_supported = False
+            raise LogprobsUnavailable(f"{self.base_url} returned no log-probs (the server ignores 'logprobs')")
+        self.logprobs_supported = True
+        values = lookup_continuations(top, continuations)
+        for c, v in zip(continuations, values):
+            if v == -math.inf and len(c.strip()) > 1:
+                raise LogprobsUnavailable(
+                    f"continuation {c[:40]!r} is not a single token in the top log-probs of {self.base_url}/chat/"
+                    "completions; to score longer continuations pass tokenizer=<the served model's tokenizer> "
+                    "(scores via /completions with echo, which vLLM serve supports)")
+        return values
+
+    @property
+    def tokenizer(self) -> Any:
+        if isinstance(self._tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self._tokenizer))
+        return self._tokenizer
+
+    def render(self, prompt: Messages) -> str:
+        """The prompt text the served chat model continues (the tokenizer's chat template)."""
+        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+    def _score_by_echo(self, prompt: Messages, continuations: list[str]) -> list[float]:
+        """Any-length continuations: one ``/completions`` echo request for all of them."""
+        text = self.render(prompt)
+        if not all(continuations):
+            raise ValueError("an empty continuation has no tokens to score")
+        try:
+            data = self.post("/completions", echo_payload(self.model, [text + c for c in continuations]))
+        except OpenAIError as exc:
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise LogprobsUnavailable(f"{self.base_url}/completions refused echo+logprobs scoring "
+                                          f"(HTTP {exc.status}); vLLM serve supports it") from exc
+            raise
+        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        values = [None if k >= len(choices) else echoed_span_logprob(choices[k], len(text), len(text) + len(c))
+                  for k, c in enumerate(continuations)]
+        if any(v is None for v in values):
+            raise LogprobsUnavailable(f"{self.base_url}/completions returned no log-probs of the echoed prompt "
+                                      "(echo with logprobs unsupported; vLLM serve supports it)")
+        return values  # type: ignore[return-value]
