@@ -5,8 +5,8 @@ them to the trainers of ``trainers`` (which never import ``feedback``).
 one) and writes ``OUTPUT/model`` (the trained weights + tokenizer) and ``OUTPUT/report.json``
 (reward before/after, KL to the reference, generations and judge calls spent, wall time,
 per-round history and, for iterative methods, the termination rule's decision and evidence).
-PPO, RLOO and the iterative methods checkpoint into ``OUTPUT/checkpoints`` (every
-``checkpoint_every`` steps / every finished round): running the same config into the same
+PPO, RLOO, DRO-V and the iterative methods checkpoint into ``OUTPUT/checkpoints`` (every
+``checkpoint_every`` steps / every epoch / every finished round): running the same config into the same
 output folder again resumes a killed run instead of starting over.
 
 Rewards come from either source RLAIF (3.2.2) compares: ``reward="direct"`` uses the judge's
@@ -112,7 +112,7 @@ class OnlineRunConfig:
     max_new_tokens: int = 24
     device: str = "cpu"
     seed: int = 0
-    checkpoints: bool = True  # write OUTPUT/checkpoints and resume from them (ppo, rloo, iterative methods)
+    checkpoints: bool = True  # write OUTPUT/checkpoints and resume from them (ppo, rloo, dro-v, iterative methods)
 
 
 def _override(obj: Any, params: dict) -> Any:
@@ -212,7 +212,8 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
             trajectories = trajectories_from_rows(read_dataset(cfg.data).to_pylist())
         policy, _, rep = train_dro_v(policy, tokenizer, _override(DROVConfig(sampling=sampling, seed=cfg.seed), params),
                                      trajectories=trajectories, prompts=prompts, make_generator=make_gen,
-                                     reward_fn=reward_fn, eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
+                                     reward_fn=reward_fn, eval_prompts=eval_prompts, eval_reward_fn=eval_reward,
+                                     checkpoint_dir=ckpt)
     elif cfg.method == "ppo":
         from trainers.ppo import PPOConfig, train_ppo
 

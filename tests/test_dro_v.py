@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainers.dro_v import (DROVConfig, Trajectory, ValueNetwork, dro_policy_loss, dro_value_loss, prompt_value,
-                            trajectories_from_rows)
+                            trajectories_from_rows, unique_prompts)
 from trainers.iterative.rollout import make_token_batch
 
 
@@ -104,6 +104,8 @@ def test_rows_to_trajectories():
     got = trajectories_from_rows(rows)
     assert [t.reward for t in got] == [1.0, -1.0, 0.25]
     assert got[0].prompt == [{"role": "user", "content": "a"}]
+    twice = trajectories_from_rows(rows + [{"prompt": "a", "response": "w", "reward": 0.5}])
+    assert [p[0]["content"] for p in unique_prompts(twice)] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="row 0"):
         trajectories_from_rows([{"prompt": "a", "response": "x"}])
 

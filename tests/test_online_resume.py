@@ -186,3 +186,34 @@ def test_run_online_resumes_into_the_same_output(toy_world, tmp_path):
     assert more["reward_before"] == first["reward_before"]
     with pytest.raises(ValueError, match="different config"):
         run_online({**base, "params": {**base["params"], "k": 4}})
+
+
+def test_dro_v_killed_mid_epoch_resumes_to_the_same_result(env, tmp_path, monkeypatch):
+    """DRO-V collects its single trajectories once, checkpoints after every epoch (with the
+    collected samples); killed in epoch 2, the same call resumes there without re-sampling."""
+    import trainers.dro_v as dv
+
+    cfg = dv.DROVConfig(beta=0.1, epochs=2, batch_size=8, lr=3e-4, prompts_per_round=8, k=2, sampling=SAMPLING)
+    kw = dict(prompts=env.prompts, make_generator=env.make_gen, reward_fn=env.reward, eval_prompts=env.eval_prompts)
+    whole, v_whole, rep_whole = dv.train_dro_v(env.policy(), env.tok, cfg, **kw)
+
+    real, calls = dv.dro_policy_loss, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first step of epoch 2
+            raise Killed("run killed")
+        return real(*a, **k)
+
+    ckpt = tmp_path / "drov"
+    monkeypatch.setattr(dv, "dro_policy_loss", dying)
+    with pytest.raises(Killed):
+        dv.train_dro_v(env.policy(), env.tok, cfg, checkpoint_dir=ckpt, **kw)
+    monkeypatch.setattr(dv, "dro_policy_loss", real)
+    assert ro.latest_checkpoint(ckpt).name == "epoch-000001"
+    resumed, v, rep = dv.train_dro_v(env.policy(), env.tok, cfg, checkpoint_dir=ckpt, **kw)
+    assert rep.extra["resumed_from"].endswith("epoch-000001")
+    assert_same_weights(whole, resumed)
+    assert_same_weights(v_whole, v)
+    assert [h["dro_loss"] for h in rep.history] == [h["dro_loss"] for h in rep_whole.history]
+    assert rep.generations == rep_whole.generations == 16 and rep.reward_after == rep_whole.reward_after

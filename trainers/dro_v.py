@@ -37,8 +37,10 @@ column, or ``label`` as +1/-1) or collected from the behaviour policy with
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -143,6 +145,14 @@ def trajectories_from_rows(rows: Sequence[dict]) -> list[Trajectory]:
     return out
 
 
+def unique_prompts(rows: Sequence[Trajectory]) -> list[Messages]:
+    """The distinct prompts of a dataset, in first-seen order (several responses share one)."""
+    seen: dict[str, Messages] = {}
+    for t in rows:
+        seen.setdefault(repr(t.prompt), t.prompt)
+    return list(seen.values())
+
+
 def collect_trajectories(generator: Any, prompts: Sequence[Messages], reward_fn: Any, k: int,
                          sampling: SamplingParams, spend: ro.Spend | None = None) -> list[Trajectory]:
     """``k`` samples per prompt from the behaviour policy, each scored once: ``N*k`` trajectories."""
@@ -193,13 +203,16 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
                 trajectories: Sequence[Trajectory] | None = None, prompts: Sequence[Any] | None = None,
                 make_generator: Any = None, reward_fn: Any = None, ref: nn.Module | None = None,
                 eval_prompts: Sequence[Any] | None = None, eval_reward_fn: Any = None,
-                eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, ValueNetwork, OnlineReport]:
+                eval_sampling: SamplingParams | None = None,
+                checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, ValueNetwork, OnlineReport]:
     """Train ``policy`` in place with DRO-V; returns (policy, value network, report).
 
     Offline: pass ``trajectories`` (scored single responses). Collected: pass ``prompts``,
     ``make_generator`` and ``reward_fn``; round 1 samples the starting policy (the behaviour
     policy of offline DRO), later rounds (``rounds > 1``) the current one. Evaluation (reward
     before/after on ``eval_prompts``) runs when ``make_generator`` and a reward function are given.
+    ``checkpoint_dir``: policy, value network, both optimizers, RNG states, the round's
+    trajectories and the record are saved after every epoch; the same call again resumes there.
     """
     cfg = config or DROVConfig()
     if cfg.value_outputs not in ("prompt", "response"):
@@ -214,9 +227,13 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
     ref = ref if ref is not None else ro.frozen_copy(policy)
     eval_reward_fn = eval_reward_fn or reward_fn
     evaluating = make_generator is not None and eval_reward_fn is not None
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts or []]
+                                     + [asdict(t) for t in trajectories or []])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     if evaluating:
-        run = ro.begin_run("dro-v", make_generator, policy, tokenizer, prompts or [t.prompt for t in trajectories],
-                           eval_prompts, eval_reward_fn, cfg.sampling, eval_sampling, cfg.seed)
+        run = ro.begin_run("dro-v", make_generator, policy, tokenizer, prompts or unique_prompts(trajectories),
+                           eval_prompts, eval_reward_fn, cfg.sampling, eval_sampling, cfg.seed,
+                           first=meta["first"] if meta else None)
         spend, report, eval_prompts, eval_sampling = run.spend, run.report, run.eval_prompts, run.eval_sampling
         prompts = run.prompts
     else:
@@ -230,9 +247,24 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
     policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr)
     value_opt = torch.optim.AdamW(value_params, lr=cfg.value_lr or 10 * cfg.lr)
     generator = make_generator(policy, tokenizer) if make_generator is not None else None
-    for rnd in range(cfg.rounds):
+    start_round, start_epoch = 0, 0
+    if saved is not None:  # resume after the newest finished epoch
+        policy.load_state_dict(saved["policy"])
+        value_net.load_state_dict(saved["value_net"])
+        policy_opt.load_state_dict(saved["policy_opt"])
+        value_opt.load_state_dict(saved["value_opt"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend = meta["history"], ro.spend_of(meta)
+        start_round, start_epoch = meta["next_round"], meta["next_epoch"]
+        if meta["collected"]:  # this round's samples were drawn by the run: read them back
+            lines = (Path(meta["path"]) / "trajectories.jsonl").read_text().splitlines()
+            data = [Trajectory(**json.loads(line)) for line in lines]
+        report.extra["resumed_from"] = meta["path"]
+    for rnd in range(start_round, cfg.rounds):
+        resuming = saved is not None and rnd == start_round and start_epoch > 0
         # --- data of this round: the given trajectories, or single samples scored by the reward
-        if data is None or rnd > 0:
+        collected = trajectories is None or rnd > 0
+        if not resuming and collected:
             idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
             policy.eval()
             data = collect_trajectories(generator, [prompts[i] for i in idx], reward_fn, cfg.k, cfg.sampling, spend)
@@ -244,7 +276,7 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
         # --- joint updates: policy (eq. 38, V fixed) and value (eq. 39, log-ratio fixed)
         policy.train()
         value_net.train()
-        for _ in range(cfg.epochs):
+        for epoch in range(start_epoch if resuming else 0, cfg.epochs):
             for chunk in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
                 batch = encode(tokenizer, [data[i] for i in chunk.tolist()])
                 logps = ro.forward_token_logprobs(policy, batch)[0].sum(-1)
@@ -270,6 +302,16 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
                     "dro_loss": float(0.5 * ((r - v - cfg.beta * log_ratio) ** 2).mean()),  # eq. 37
                     "value_mean": float(v.mean()), "log_ratio": float(log_ratio.mean()), "reward": float(r.mean()),
                 })
+            if checkpoint_dir is not None:
+                last = epoch + 1 == cfg.epochs
+                ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(rnd * cfg.epochs + epoch + 1, "epoch"), {
+                    "policy": policy.state_dict(), "value_net": value_net.state_dict(),
+                    "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
+                    "rng": ro.rng_state(gen),
+                }, ro.checkpoint_meta(rnd * cfg.epochs + epoch + 1, fingerprint, report, spend,
+                                      run.first if evaluating else {}, next_round=rnd + 1 if last else rnd,
+                                      next_epoch=0 if last else epoch + 1, collected=collected),
+                    files={"trajectories.jsonl": "".join(json.dumps(asdict(t)) + "\n" for t in data)} if collected else None)
         policy.eval()
         value_net.eval()
     report.extra["trajectories"] = len(data)
