@@ -95,7 +95,12 @@ def test_value_network_sees_only_the_prompt(world):
     with torch.no_grad():
         v = prompt_value(net(batch), batch.action_mask)
     assert torch.allclose(v[0], v[1], atol=1e-5)
-    assert net.head.weight.abs().sum() > 0
+    # the prompt-only pass (each distinct prompt once) gives the same V(x)
+    other = [{"role": "user", "content": "Spell out: 907"}]
+    with torch.no_grad():
+        alone = net.prompt_values(tok, [prompt, other, prompt])
+        full = prompt_value(net(encode(tok, [Trajectory(other, "x", 0.0)])), encode(tok, [Trajectory(other, "x", 0.0)]).action_mask)
+    torch.testing.assert_close(alone, torch.stack([v[0], full[0], v[0]]), atol=1e-5, rtol=1e-5)
 
 
 def test_rows_to_trajectories():

@@ -103,10 +103,27 @@ class ValueNetwork(nn.Module):
             p.requires_grad_(True)
         return cls(backbone, policy.config.hidden_size, init_value)
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     def forward(self, batch: ro.TokenBatch) -> torch.Tensor:
-        out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.head(hidden[:, :-1].float()).squeeze(-1)
+        return self.head(self.hidden(batch.input_ids, batch.attention_mask)[:, :-1].float()).squeeze(-1)
+
+    def prompt_values(self, tokenizer: Any, prompts: Sequence[Messages]) -> torch.Tensor:
+        """``V(x)`` per row ``[B]`` from a pass over the prompts ALONE, each distinct prompt once
+        (K responses of one prompt share it): the same number ``prompt_value`` reads from a full
+        (prompt, response) pass, without running the value backbone over the responses."""
+        keys = [repr(p) for p in prompts]
+        distinct = list(dict.fromkeys(keys))
+        first = {k: keys.index(k) for k in distinct}
+        ids = [ro.encode_prompt(tokenizer, prompts[first[k]]) for k in distinct]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batch = ro.make_token_batch(ids, [[] for _ in ids], pad)
+        hidden = self.hidden(batch.input_ids, batch.attention_mask)  # [U, T, H], right-padded
+        last = torch.tensor([len(x) - 1 for x in ids])
+        values = self.head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)  # [U]
+        return values[torch.tensor([distinct.index(k) for k in keys])]
 
 
 def prompt_value(values: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -280,15 +297,15 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
             for chunk in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
                 batch = encode(tokenizer, [data[i] for i in chunk.tolist()])
                 logps = ro.forward_token_logprobs(policy, batch)[0].sum(-1)
-                values = value_net(batch)
-                v_x = prompt_value(values, batch.action_mask)
                 r, rl = rewards[chunk], ref_lp[chunk]
-                policy_loss = dro_policy_loss(logps, rl, v_x, r, cfg.beta).mean()
-                if cfg.value_outputs == "prompt":
+                if cfg.value_outputs == "prompt":  # V(x) from the prompts alone
+                    v_x = value_net.prompt_values(tokenizer, [data[i].prompt for i in chunk.tolist()])
                     value_loss = dro_value_loss(v_x, logps, rl, r, cfg.beta).mean()
-                else:
-                    # V(x) (first response column) plus every later response position
+                else:  # V(x) (first response column) plus every later response position
+                    values = value_net(batch)
+                    v_x = prompt_value(values, batch.action_mask)
                     value_loss = dro_value_loss(values, logps, rl, r, cfg.beta, mask=batch.action_mask).mean()
+                policy_loss = dro_policy_loss(logps, rl, v_x, r, cfg.beta).mean()
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
                 (policy_loss + value_loss).backward()  # disjoint graphs: each loss reaches one network
