@@ -190,3 +190,21 @@ def test_chain_of_thought_first_pass_then_logprobs_after_the_rationale():
     assert res.method == "logprobs" and res.judge_prob[0] == pytest.approx(0.8)
     assert res.rationales == [("reasoning about good", "reasoning about bad")]
     assert all(p.endswith(PairwiseTemplate().cot_request) for p in gen.cot_prompts)
+
+
+def test_common_prefix_and_length_batches():
+    import random
+
+    from feedback.judges.scoring import _common_prefix_len, _lcp, _length_batches
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = tuple(rng.randrange(3) for _ in range(rng.randrange(12)))
+        b = tuple(rng.randrange(3) for _ in range(rng.randrange(12)))
+        naive = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _lcp(a, b) == naive
+    assert _common_prefix_len([(1, 2, 3, 4), (1, 2, 3), (1, 2, 9)]) == 2
+    # padding + per-call overhead minimised: the long outlier gets a batch of its own
+    assert _length_batches([10, 10, 11, 11, 80], max_rows=4, overhead=5) == [(0, 4), (4, 5)]
+    spans = _length_batches([10] * 5, max_rows=2, overhead=5)  # equal lengths: as few batches as allowed
+    assert len(spans) == 3 and all(0 < j - i <= 2 for i, j in spans) and spans[0][0] == 0 and spans[-1][1] == 5

@@ -5,10 +5,11 @@
 continuation after the chat-templated prompt):
 
 * for an in-process transformers model (a generator exposing ``.model`` and ``.tokenizer``):
-  ``PrefixCachedScorer``, which computes the key/value cache of the token prefix shared by a
-  batch (a judge's preamble, few-shot exemplars) ONCE, keeps it across batches, and runs only
-  the suffixes; single-token continuations (a judge's "1"/"2", a rubric's "0".."5") all come
-  from one forward pass of their prompt (the next-token distribution at its last position);
+  ``PrefixCachedScorer``, which runs the token prefix shared by all rows of a call (a judge's
+  preamble, few-shot exemplars) ONCE and keeps its key/value cache across calls, runs the part
+  shared by a few rows (the two orders of a judged pair share the request) once per group, and
+  only each row's own suffix per row; single-token continuations (a judge's "1"/"2", a rubric's
+  "0".."5") all come from one row per prompt (the next-token distribution at its last position);
 * otherwise the generator's own ``score_batch`` (vLLM, OpenAI-compatible servers) or a loop over
   its ``score``.
 
@@ -62,15 +63,28 @@ def render_chat(tokenizer: Any, messages: Messages) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences (bisection over slice equality, which
+    runs in C: O(n log n) element compares instead of a Python loop over n tokens)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by all ``rows``."""
     first = rows[0]
-    n = min(len(r) for r in rows)
+    n = len(first)
     for other in rows[1:]:
-        k = 0
-        while k < n and other[k] == first[k]:
-            k += 1
-        n = k
+        n = _lcp(first[:n], other)
         if n == 0:
             break
     return n
@@ -268,7 +282,7 @@ class PrefixCachedScorer:
         shared: list[int] = []  # tokens the run's rows share
         for r in order:
             if runs:
-                lcp = min(shared[-1], _common_prefix_len([rows[runs[-1][-1]], rows[r]]))
+                lcp = min(shared[-1], _lcp(rows[runs[-1][-1]], rows[r]))
                 # join unless that would halve what the run already shares beyond P
                 if lcp - P >= self.min_prefix and (len(runs[-1]) == 1 or 2 * (lcp - P) >= shared[-1] - P):
                     runs[-1].append(r)
@@ -308,6 +322,17 @@ class PrefixCachedScorer:
         out = self.model(ids, **kwargs)
         logits = out.logits if keep is None else out.logits[:, -keep:]
         return logits, (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+
+    def _plain_cache(self, prefix: Any) -> bool:
+        """Whether this model's cache has plain layers (buffers and level 2 apply)."""
+        if prefix is not None:
+            return _plain_layers(prefix)
+        from transformers import DynamicCache
+
+        try:
+            return _plain_layers(DynamicCache(config=self.model.config))
+        except Exception:  # an unusual config: stay on the generic path
+            return False
 
     def _group_pass(self, rows: list[tuple[int, ...]], groups: list[_Group], P: int, prefix: Any):
         """Level 2: the shared tokens [P, L_g) of every group, run once, groups of similar length
@@ -414,15 +439,7 @@ class PrefixCachedScorer:
         values: dict[tuple[int, int, int], float] = {}
         with torch.inference_mode():
             prefix = self._prefix(live_rows[0][:P]) if P else None
-            if prefix is not None:
-                plain = _plain_layers(prefix)
-            else:
-                from transformers import DynamicCache
-
-                try:
-                    plain = _plain_layers(DynamicCache(config=self.model.config))
-                except Exception:  # an unusual config: stay on the generic path
-                    plain = False
+            plain = self._plain_cache(prefix)
             groups = self._groups(live_rows, P, limits) if plain else [_Group([r], P) for r in range(len(live))]
             shared = self._group_pass(live_rows, groups, P, prefix) if plain else None
             end_of, slot_of = [P] * len(live), [0] * len(live)

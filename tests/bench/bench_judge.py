@@ -3,9 +3,11 @@ one-at-a-time generation. Toy model, CPU. Run: ``python tests/bench/bench_judge.
 
 Both judges are position-debiased (both orders per pair), on the same pairs, in the same run:
 
-* log-probs: one scoring pass per order; the answer tokens "1"/"2" are read from the next-token
-  distribution (no generation), the shared preamble's key/value cache computed once
-  (``PrefixCachedScorer``);
+* log-probs: one scoring row per order; the answer tokens "1"/"2" are read from the next-token
+  distribution (no generation). ``PrefixCachedScorer`` computes the preamble shared by all rows
+  once, the part shared by the two orders of a pair (the request) once per pair, and only each
+  order's own suffix (the two responses and the ending) per row, rows of similar length
+  batched together, the LM head only at the answer position;
 * log-probs without the prefix cache: ``HFGenerator.score_batch`` (one row per continuation);
 * generate-and-parse: greedy verdict of ``--verdict-tokens`` tokens per order, parsed.
 
