@@ -26,7 +26,13 @@ linear head), as the paper found best. ``V(x)`` is read at the last prompt token
 that has seen ``x`` and nothing of ``y``. ``value_outputs="response"`` also regresses the value
 read at every response position onto the same target (the paper's "multiple value outputs per
 batch"; our reading: more regression outputs per sequence for the shared value backbone, while
-the policy's baseline stays ``V(x)`` at the prompt position).
+the policy's baseline stays ``V(x)`` at the prompt position). In ``"prompt"`` mode (default) the
+value network runs over the prompts alone, each distinct prompt once per batch.
+
+Toy world (tests/test_dro_v.py; 64 prompts x 4 SFT samples, 4 epochs, beta 0.03, 64 held-out
+prompts): reward 0.543 -> 0.739 (paired one-sided t-test p < 1e-4); seeds 1 and 2: 0.593 ->
+0.687 (p 0.02), 0.558 -> 0.677 (p 0.009). beta 0.1-0.3 moved too little on rewards in [0, 1];
+``value_outputs="response"`` was not better in the one setting tried (0.60 -> 0.68, p 0.06).
 
 Data: ``Trajectory`` rows, offline (a scored dataset, e.g. the ``binary`` kind with a ``reward``
 column, or ``label`` as +1/-1) or collected from the behaviour policy with
