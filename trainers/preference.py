@@ -37,10 +37,11 @@ logger = logging.getLogger(__name__)
 # logits, a value head); the summary trainer refuses them with this hint.
 NEEDS_MORE_THAN_SUMMARIES = {
     "tdpo": "per-token log-probs of policy and reference over the vocabulary",
-    "cringe": "top-k logits of the policy",
-    "dro": "a value head V(x) and a reward column",
+    "cringe": "top-k logits of the policy (iterative: `alignflow online cringe`)",
+    "dro": "a value network V(x) and a reward column (trainers.dro_v: `alignflow train DATA --loss dro` "
+           "on binary data, or `alignflow online dro-v`)",
     "nn": "K sampled responses and two reference models",
-    "bt": "reward-model scores (it trains a reward model, not a policy)",
+    "bt": "reward-model scores (it trains a reward model, not a policy: `alignflow online reward-model`)",
 }
 
 
