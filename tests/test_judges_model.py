@@ -77,6 +77,27 @@ def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypa
     assert (scorer._prefix_ids is None) == (path == "no-shared-preamble")
 
 
+def test_kept_prefix_cache_is_recomputed_after_the_weights_change():
+    """A judge over a live model (online training): the preamble's cache kept from an earlier
+    call must not outlive an in-place weight update."""
+    import torch
+
+    from feedback.generation.hf import HFGenerator
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+
+    tok = make_char_tokenizer()
+    live = HFGenerator(make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=5), tok, device="cpu")
+    judge = PairwiseJudge(live)
+    msgs = [judge.template.messages("Reverse: ab", "ba", "ab")]
+    first = judge.scorer.score_batch(msgs, [["1", "2"]])
+    with torch.no_grad():  # what an optimizer step does: in place
+        live.model.get_input_embeddings().weight.mul_(1.5)
+    second = judge.scorer.score_batch(msgs, [["1", "2"]])
+    assert judge.scorer.prefix_hits == 0 and second != first
+    np.testing.assert_allclose(second[0], live.score_batch(msgs * 2, ["1", "2"]), atol=1e-5)
+    assert judge.scorer.score_batch(msgs, [["1", "2"]]) == second and judge.scorer.prefix_hits == 1
+
+
 def test_debiased_probability_is_order_symmetric(gen):
     judge = PairwiseJudge(gen)
     a, b = ["cba", "XY!"], ["abc", "XY"]

@@ -90,6 +90,16 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _weights_version(model: Any) -> Any:
+    """The parameters' in-place version counters: a training step or ``load_state_dict`` between
+    two calls bumps them, so a kept key/value cache is known stale. Parameters made under
+    inference mode keep no counter: a fresh object, never equal (no reuse across calls)."""
+    try:
+        return tuple(p._version for p in model.parameters())
+    except RuntimeError:
+        return object()
+
+
 def _plain_layers(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (keys/values tensors
     [batch, heads, seq, d] that only grow along seq): the layout ``_filled_cache`` preallocates.
@@ -238,6 +248,7 @@ class PrefixCachedScorer:
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._prefix_ids: tuple[int, ...] | None = None
         self._prefix_cache: Any = None
+        self._prefix_weights: Any = None
         self.prefix_hits = 0  # calls that reused a cached prefix (for tests and benches)
 
     # -- planning -------------------------------------------------------------------------
@@ -303,9 +314,11 @@ class PrefixCachedScorer:
     def _prefix(self, ids: tuple[int, ...]):
         import torch
 
-        if self._prefix_ids == ids:
+        weights = _weights_version(self.model)
+        if self._prefix_ids == ids and self._prefix_weights == weights:
             self.prefix_hits += 1
             return self._prefix_cache
+        self._prefix_weights = weights
         _, cache = self._forward(torch.tensor([ids], device=self.model.device), None, None, None, keep=1)
         self._prefix_ids, self._prefix_cache = ids, cache
         return cache
