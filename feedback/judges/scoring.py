@@ -102,7 +102,7 @@ def _weights_version(model: Any) -> Any:
 
 def _plain_layers(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (keys/values tensors
-    [batch, heads, seq, d] that only grow along seq): the layout ``_filled_cache`` preallocates.
+    [batch, heads, seq, d] that only grow along seq): the layout ``_KVBuffers`` preallocates.
     Other layer types (sliding window, linear attention states) take the generic path."""
     from transformers.cache_utils import DynamicLayer
 
