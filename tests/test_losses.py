@@ -274,16 +274,18 @@ def _reference_row(case: str, r: dict, p: dict) -> float:  # noqa: C901 (one bra
 
 
 def _cringe_contrast(r: dict, prefix: str, k: int) -> float:
-    total = 0.0
+    """Eq. 29's bracket as a mean over the negative tokens (the positive term is a mean too)."""
+    total, count = 0.0, 0
     for t, on in enumerate(r[f"{prefix}token_mask"]):
         if not on:
             continue
+        count += 1
         topk = r[f"{prefix}topk_logits"][t][:k]
         neg = r[f"{prefix}token_logits"][t]
         z = lse(topk)
         # expectation over s* ~ softmax(top-k) of -log(e^s* / (e^s* + e^neg))
         total += sum(math.exp(s - z) * -math.log(math.exp(s) / (math.exp(s) + math.exp(neg))) for s in topk)
-    return total
+    return total / max(count, 1)
 
 
 def _binary_row(case: str, r: dict, p: dict) -> float:
@@ -555,16 +557,19 @@ def test_cringe_closed_forms():
              "label": torch.tensor([True, False]), "token_logits": torch.zeros(2, T, dtype=torch.float64),
              "topk_logits": torch.zeros(2, T, 5, dtype=torch.float64), "token_mask": torch.ones(2, T, dtype=torch.bool)}
     out = compute_loss("cringe", equal, alpha=0.5)
-    # positive: mean NLL 2; negative: each token ties its contrast: -log(1/2) per token
-    torch.testing.assert_close(out, torch.tensor([2.0, 0.5 * T * LN2], dtype=torch.float64))
+    # positive: mean NLL 2; negative: each token ties its contrast: -log(1/2) per token, averaged
+    # over the T negative tokens (a mean like the positive term's)
+    torch.testing.assert_close(out, torch.tensor([2.0, 0.5 * LN2], dtype=torch.float64))
+    half = {**equal, "token_mask": torch.tensor([[True] * T, [True] + [False] * (T - 1)])}
+    torch.testing.assert_close(compute_loss("cringe", half, alpha=0.5)[1], torch.tensor(0.5 * LN2, dtype=torch.float64))
     pair = {**pair_batch(c=-2.0, r=-2.0, B=2, tc=2), "rejected_token_logits": equal["token_logits"],
             "rejected_topk_logits": equal["topk_logits"], "rejected_token_mask": equal["token_mask"]}
     # gate sigmoid((b - 0)/tau) = 1/2 at b = 0
-    close(compute_loss("cringe", pair, alpha=1.0), 0.5 * (1.0 + T * LN2))
+    close(compute_loss("cringe", pair, alpha=1.0), 0.5 * (1.0 + LN2))
     # the sampled form picks the indexed candidate
     sampled = {**equal, "topk_logits": torch.tensor([[[0.0, 5.0]] * T] * 2, dtype=torch.float64),
                "sampled_index": torch.ones(2, T, dtype=torch.long)}
-    close(compute_loss("cringe", sampled, k=2)[1:], T * softplus(-5.0))
+    close(compute_loss("cringe", sampled, k=2)[1:], softplus(-5.0))
     with pytest.raises(ValueError, match="width"):
         compute_loss("cringe", equal, k=6)
 

@@ -152,51 +152,112 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], k: int,
-                             from_divergence: bool = False) -> dict:
-    """Top-k logits (negative token excluded) and the negative token's logit over the rejected
-    responses' tokens, the extra tensors the pairwise ``cringe`` loss reads.
+CRINGE_NEGATIVES = ("all", "after_divergence", "first_divergence", "diff")
 
-    ``from_divergence``: contrast only the rejected response's first token that departs from
-    the chosen response (the shared prefix is not negative, and what follows the error is a
-    correct continuation of a wrong prefix as often as not)."""
+
+def unshared_positions(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> list[bool]:
+    """Per token of the rejected answer: True where it is NOT part of a longest-matching-block
+    alignment with the chosen answer (``difflib``; the tokens only the rejected answer has)."""
+    import difflib
+
+    out = [True] * len(rejected_ids)
+    for blk in difflib.SequenceMatcher(None, list(chosen_ids), list(rejected_ids), autojunk=False).get_matching_blocks():
+        out[blk.b:blk.b + blk.size] = [False] * blk.size
+    return out
+
+
+def cringe_negative_flags(chosen_ids: Sequence[int], rejected_ids: Sequence[int], negatives: str = "all",
+                          eos_id: int | None = None) -> list[bool]:
+    """Which tokens of the rejected answer ``rejected_ids`` are contrasted as negatives (eq. 29's
+    y_t-), one flag per token; ``chosen_ids`` is the chosen answer of the same pair.
+
+    ``negatives``: ``"all"`` every token (eq. 29 as the survey writes it); ``"after_divergence"``
+    from the first token that departs from the chosen answer to the end; ``"first_divergence"``
+    only that token (eos excluded); ``"diff"`` the tokens outside a longest-matching-block
+    alignment with the chosen answer (``unshared_positions``). Why restrict: tokens the two
+    answers share are trained UP by the positive term; contrasting them too pushes the same
+    token both ways, and the contrast wins (see ``cringe_pair_loss``).
+    """
+    if negatives not in CRINGE_NEGATIVES:
+        raise ValueError(f"cringe negatives must be one of {CRINGE_NEGATIVES}, not {negatives!r}")
+    n = len(rejected_ids)
+    if negatives == "all":
+        return [True] * n
+    if negatives == "diff":
+        return unshared_positions(chosen_ids, rejected_ids)
+    shared = common_prefix_len(chosen_ids, rejected_ids)
+    if negatives == "after_divergence":
+        return [i >= shared for i in range(n)]
+    return [i == shared and rejected_ids[i] != eos_id for i in range(n)]
+
+
+def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], k: int,
+                             negatives: str = "all") -> dict:
+    """Top-k logits (negative token excluded) and the negative token's logit over the rejected
+    responses' tokens, the extra tensors the pairwise ``cringe`` loss reads; the mask holds the
+    negatives chosen by ``cringe_negative_flags``."""
     batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs])
     logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     topk, tok = cringe_topk_excluding(logits.float(), batch.actions, k)
     mask = batch.action_mask.clone()
-    if from_divergence:
+    if negatives != "all":
         for i, x in enumerate(pairs):
-            shared = common_prefix_len(ro.encode_response(tokenizer, x.chosen), ro.encode_response(tokenizer, x.rejected))
-            cols = batch.action_mask[i].nonzero().flatten()
-            keep = cols[shared:shared + 1]  # the token where the rejected answer went wrong
-            mask[i] = False
-            mask[i, keep] = batch.actions[i, keep] != tokenizer.eos_token_id
+            flags = cringe_negative_flags(ro.encode_response(tokenizer, x.chosen), ro.encode_response(tokenizer, x.rejected),
+                                          negatives, tokenizer.eos_token_id)
+            cols = batch.action_mask[i].nonzero().flatten()  # the response's tokens, in order
+            mask[i, cols] = torch.tensor(flags, dtype=torch.bool)
     return {"rejected_topk_logits": topk, "rejected_token_logits": tok, "rejected_token_mask": mask}
 
 
-def cringe_pair_loss(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], logps: torch.Tensor,
-                     tokens: torch.Tensor, alpha: float = 1.0, k: int = 5, b: float = 0.0, tau: float = 1.0,
-                     gate_grad: bool = False, from_divergence: bool = False) -> torch.Tensor:
-    """Pairwise CRINGE (eq. 30): ``g * L_bin`` with ``L_bin`` the binary loss of eq. 29 on the
-    pair (``-a_w`` on the chosen response + ``alpha`` * token contrast on the rejected one), both
-    from the registry's ``cringe`` (binary form), and the gate
-    ``g = sigmoid((b - (log pi(y_w) - log pi(y_l))) / tau)``.
+# Defaults of iterative pairwise CRINGE (the survey and DESIGN.md give no b, tau; alpha and the
+# negative tokens are measured choices, see cringe_pair_loss).
+CRINGE_DEFAULTS = {"alpha": 0.03, "k": 5, "b": 100.0, "tau": 10.0, "negatives": "first_divergence"}
 
-    ``gate_grad=False`` (default) uses the gate as a weight without gradient: on the toy world
-    the gate's own gradient is a reference-free ranking term that drove the policy to collapse
-    (held-out reward fell in both settings we tried); ``True`` is the registry's pairwise form.
-    ``from_divergence=True`` contrasts only the rejected response's first token that departs
-    from the chosen one (eos excluded) instead of every token (eq. 29, the default). NOT PROVEN:
-    on the toy world's near-miss negatives neither helps. Contrasting every token raised the
-    top-k alternatives of correct characters, sampling entropy grew and the held-out reward fell
-    (0.60 -> 0.16 in two rounds; 0.60 -> 0.37 at alpha 0.02); the first-token variant fell less
-    (0.60 -> 0.42); alpha = 0 (gated SFT on the best sample) stayed level (0.58).
+
+def cringe_pair_loss(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], logps: torch.Tensor,
+                     tokens: torch.Tensor, alpha: float = CRINGE_DEFAULTS["alpha"], k: int = CRINGE_DEFAULTS["k"],
+                     b: float = CRINGE_DEFAULTS["b"], tau: float = CRINGE_DEFAULTS["tau"],
+                     negatives: str = CRINGE_DEFAULTS["negatives"], gate_grad: bool = False,
+                     from_divergence: bool | None = None) -> torch.Tensor:
+    """Pairwise CRINGE (eq. 30): ``g * L_bin`` with ``L_bin`` the binary loss of eq. 29 on the
+    pair (``-a_w`` on the chosen response + ``alpha`` * mean token contrast on the rejected
+    one), both from the registry's ``cringe`` (binary form), and the gate
+    ``g = sigmoid((b - (log pi(y_w) - log pi(y_l))) / tau)`` on summed log-probs.
+
+    logps, tokens: ``[B, 2]`` summed log-probs and token counts of (chosen, rejected).
+    ``negatives``: which rejected tokens are contrasted (``cringe_negative_flags``).
+    ``gate_grad=False`` uses the gate as a weight without gradient; ``True`` is the registry's
+    pairwise form (its gradient adds a reference-free ranking term).
+    ``from_divergence=True`` is the older spelling of ``negatives="first_divergence"``.
+
+    Defaults (measured on the toy world, 3 rounds, 64 held-out prompts; the first set fell
+    0.60 -> 0.18):
+    - ``b=100, tau=10`` (were 0, 1): sequence log-prob gaps of sampled pairs are tens of nats,
+      so b=0, tau=1 made the gate a 0/1 switch that was open on the few pairs whose REJECTED
+      answer is short (a short answer is likely), 4 of 32; under Adam that small set still
+      gets full-size steps, and even the positive term alone (alpha=0) then lowered the reward
+      (0.60 -> 0.53) while the same term ungated raised it (0.60 -> 0.69). b is the margin in
+      nats past which a pair the policy already separates stops counting.
+    - ``negatives="first_divergence"`` (was every token): half the rejected answer's tokens are
+      the policy's own top choice (correct characters); the contrast's gradient is largest on
+      exactly those (sigmoid(s_neg - s*) ~ 1) and lifts the top-k alternatives, so entropy
+      rose everywhere and the reward collapsed at any alpha >= 0.1 even ungated. Only the
+      first departing token keeps the negative signal where the pair actually differs.
+    - ``alpha=0.03`` (was 1): even on the first departing token the contrast's gradient is
+      dominated by the negatives the policy is sure of, and in self-generated near-miss pairs
+      those are often right (16% of first departing tokens are the policy's top choice; the
+      chosen answer has errors too); it lifts the top-k alternatives and entropy rises. With
+      alpha 0.3 the reward fell on 2 of 3 seeds; 0.1 rose on 4 of 5 but not at 16 new tokens
+      and lr 5e-4; 0.03 rose in every setting tried. NOT shown: that the negative term adds to
+      the gain; alpha=0 (gated SFT on the best of K) rose as much or more in every setting.
     """
+    if from_divergence is not None:
+        negatives = "first_divergence" if from_divergence else "all"
     if gate_grad:
         batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1], "chosen_tokens": tokens[:, 0]}
-        batch.update(_cringe_rejected_tensors(policy, tokenizer, pairs, k, from_divergence))
+        batch.update(_cringe_rejected_tensors(policy, tokenizer, pairs, k, negatives))
         return compute_loss("cringe", batch, alpha=alpha, k=k, b=b, tau=tau).mean()
-    neg = _cringe_rejected_tensors(policy, tokenizer, pairs, k, from_divergence)
+    neg = _cringe_rejected_tensors(policy, tokenizer, pairs, k, negatives)
     n = len(pairs)
     binary = {
         "logps": torch.cat([logps[:, 0], logps[:, 1]]), "tokens": torch.cat([tokens[:, 0], tokens[:, 1]]),

@@ -99,8 +99,10 @@ def cringe_sample_index(topk_logits: torch.Tensor, generator: torch.Generator | 
 
 def cringe_token_contrast(topk_logits: torch.Tensor, token_logits: torch.Tensor, token_mask: torch.Tensor,
                           k: int, sampled_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 29's bracket, ``[B]``: ``sum_t -log(exp(s*_t) / (exp(s*_t) + exp(s_t[y_t-])))`` =
-    ``sum_t softplus(s_t[y_t-] - s*_t)`` over masked-in positions.
+    """Eq. 29's bracket per negative token, ``[B]``: ``mean_t -log(exp(s*_t) / (exp(s*_t) + exp(s_t[y_t-])))``
+    = ``mean_t softplus(s_t[y_t-] - s*_t)`` over masked-in positions (0 for a row without any).
+    Eq. 29 sums both of its terms over tokens; DESIGN.md makes the positive term a mean per token
+    (``-a_w``), so this term is a mean as well and alpha keeps eq. 29's ratio between them.
 
     With ``sampled_index`` ``[B,T]``, s* is that top-k entry (the paper's sampling). Without, the
     term is its expectation under the softmax over the top-k (weights detached): the same expected
@@ -117,7 +119,11 @@ def cringe_token_contrast(topk_logits: torch.Tensor, token_logits: torch.Tensor,
     else:
         weights = torch.softmax(topk.detach(), dim=-1)
         per_token = (weights * per_candidate).sum(-1)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    # mean over the negative tokens: the same normalisation as the positive term -a_w (DESIGN.md's
+    # mean per-token NLL), so alpha weighs the two terms as eq. 29 does (both summed there). A sum
+    # here against a mean there made the negative term ~T times heavier than alpha says.
+    return per_token.sum(-1) / mask.sum(-1).clamp(min=1).to(per_token.dtype)
 
 
 @register("cringe", kind="binary or pairwise", equation="29-30",
@@ -131,7 +137,7 @@ def cringe(batch: Batch, *, alpha: float = 1.0, k: int = 5, b: float = 0.0, tau:
     ``[B,T]`` (logit of each negative token y_t-), ``topk_logits`` ``[B,T,>=k]`` (top-k logits
     excluding y_t-, see ``cringe_topk_excluding``), ``token_mask`` ``[B,T]`` bool, optional
     ``sampled_index`` ``[B,T]``. Loss: label True ``-a`` (mean per-token NLL); label False
-    ``alpha * contrast`` (``cringe_token_contrast``, summed over tokens as eq. 29).
+    ``alpha * contrast`` (``cringe_token_contrast``: mean over the negative tokens, like ``-a``).
 
     Pairwise batch: ``chosen_logps``, ``rejected_logps``, ``chosen_tokens`` and the same token
     tensors for the rejected response, prefixed ``rejected_`` (``rejected_token_logits``,
