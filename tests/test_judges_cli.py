@@ -52,3 +52,16 @@ def test_bad_input_is_one_line_exit_2(world, tmp_path):
     assert res.exit_code == 2 and "reads a samples dataset" in res.output
     res = r.invoke(app, ["generate", str(world / "prompts"), str(tmp_path / "o"), "--model", "m", "--backend", "nope"])
     assert res.exit_code == 2 and "--backend must be one of" in res.output
+
+
+def test_openai_judge_gets_the_tokenizer_for_echo_scoring():
+    """``alignflow judge --backend openai --tokenizer T`` hands T to the client, which then
+    scores any answer text through /completions echo instead of the chat top log-probs."""
+    from flows.commands.feedback import _make_judge
+
+    judge = _make_judge("pairwise", "openai", "served-judge", "logprobs", False, 0.05, 1, 0, 8, None,
+                        "http://127.0.0.1:9/v1", 2, "some/tokenizer")
+    assert judge.generator._tokenizer == "some/tokenizer" and judge.generator.base_url == "http://127.0.0.1:9/v1"
+    plain = _make_judge("pairwise", "openai", "served-judge", "logprobs", False, 0.05, 1, 0, 8, None,
+                        "http://127.0.0.1:9/v1", 2)
+    assert plain.generator._tokenizer is None

@@ -31,7 +31,7 @@ def _progress(label: str, total: int) -> Iterator:
 
 
 def _generator(backend: str, model: str, base_url: Optional[str], batch_size: int, device: Optional[str],
-               max_concurrency: int):
+               max_concurrency: int, tokenizer: Optional[str] = None):
     from feedback.generation.registry import BACKENDS, make_generator
 
     if backend not in BACKENDS:
@@ -41,7 +41,8 @@ def _generator(backend: str, model: str, base_url: Optional[str], batch_size: in
             fail(f"{model}: no such checkpoint folder")
         return make_generator("hf", model, device=device, batch_size=batch_size)
     if backend == "openai":
-        return make_generator("openai", model, base_url=base_url, max_concurrency=max_concurrency)
+        extra = {"tokenizer": tokenizer} if tokenizer else {}
+        return make_generator("openai", model, base_url=base_url, max_concurrency=max_concurrency, **extra)
     return make_generator("vllm", model)
 
 
@@ -99,6 +100,10 @@ def judge(
     device: Optional[str] = typer.Option(None, help="hf / reward-model: cpu, cuda, ..."),
     base_url: Optional[str] = typer.Option(None, help="openai: server URL."),
     max_concurrency: int = typer.Option(8, help="openai: requests in flight at most."),
+    tokenizer: Optional[str] = typer.Option(None, help="openai: the served model's tokenizer (folder or name). "
+                                            "Its chat template lets log-prob judging score any answer text "
+                                            "through /completions echo (vLLM serve); without it only "
+                                            "single-token answers are read."),
     overwrite: bool = typer.Option(False, help="Replace an existing output dataset."),
 ) -> None:
     """Label data with a judge. samples + pairwise judge -> pairwise (AI labels, position debiased);
@@ -122,7 +127,7 @@ def judge(
         table = read_dataset(dataset)
         prov = {"flow": "judge", "seed": seed, "parent_datasets": [str(dataset)]}
         judge_obj = _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, seed, batch_size,
-                                device, base_url, max_concurrency)
+                                device, base_url, max_concurrency, tokenizer)
         prov["judge"] = judge_obj.config()
         if judge_kind in ("pairwise", "rubric", "listwise") and hasattr(judge_obj, "generator"):
             prov["models"] = {"judge": generator_provenance(judge_obj.generator)}
@@ -165,7 +170,7 @@ def _pairwise_report(result, pairs, metrics) -> dict:
 
 
 def _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, seed, batch_size, device,
-                base_url, max_concurrency):
+                base_url, max_concurrency, tokenizer=None):
     from feedback import judges
 
     if judge_kind == "toy-task":
@@ -178,7 +183,7 @@ def _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, s
         if not Path(model).exists():
             fail(f"{model}: no such checkpoint folder")
         return judges.RewardModelJudge(model, device=device, batch_size=batch_size)
-    gen = _generator(backend, model, base_url, batch_size, device, max_concurrency)
+    gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, tokenizer)
     if judge_kind == "pairwise":
         return judges.PairwiseJudge(gen, mode=mode, cot=cot, tie_band=tie_band, batch_size=batch_size)
     if judge_kind == "rubric":
