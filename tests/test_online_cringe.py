@@ -70,17 +70,12 @@ def test_pair_loss_contrasts_only_the_flagged_tokens():
     """The contrast reaches the policy only through the flagged rejected tokens: with a
     rejected answer that equals the chosen one up to its last character, the default
     (first departing token) contrasts that one position; "all" contrasts every position."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from trainers.iterative import loop
     from trainers.iterative.loop import Pair
-    from trainers.toy_model import make_char_tokenizer
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    model = make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2)
     pairs = [Pair([{"role": "user", "content": "Spell out: 42"}], "forty-two", "forty-twx")]
     first = loop._cringe_rejected_tensors(model, tok, pairs, k=3, negatives="first_divergence")
     every = loop._cringe_rejected_tensors(model, tok, pairs, k=3, negatives="all")

@@ -13,6 +13,13 @@ and ``sum_t beta*log pi(a_t|s_t) = sum_t [r(s_t, a_t) + beta*log pi_ref(a_t|s_t)
   next tokens under the policy; beams are ranked by ``objective``: ``"q"`` = the summed
   ``beta*log pi`` (eq. 23's Q, i.e. implicit reward plus ``beta*log pi_ref``) or ``"reward"`` =
   the summed implicit reward alone. Beam size 1 with ``"q"`` is greedy decoding.
+
+Measured on the toy world (tests/bench/bench_beam.py; three iterative-DPO policies, every
+two-digit prompt not trained on, where greedy decoding is imperfect): with ``"q"`` the task
+reward rises with the beam, 0.842 (greedy) -> 0.848 / 0.854 / 0.854 at beams 2 / 4 / 8 (beam 8
+vs greedy p = 0.014; on the task's own prompt mix, where greedy is already at 0.92, +0.006,
+p = 0.04). ``"reward"`` alone is over-optimised: the search finds long answers of high implicit
+reward and the task reward FALLS as the beam grows (0.13 -> 0.05).
 """
 
 from __future__ import annotations
