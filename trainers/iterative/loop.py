@@ -72,6 +72,9 @@ class Pair:
     rejected: str
     chosen_winrate: float = 1.0
     rejected_winrate: float = 0.0
+    # a sample cut off at max_new_tokens is trained without eos (it did not choose to stop)
+    chosen_finished: bool = True
+    rejected_finished: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,35 +110,39 @@ def winrates(mat: torch.Tensor) -> torch.Tensor:
 
 def build_pairs(cfg: IterativeConfig, prompts: Sequence[Messages], samples: Sequence[Sequence[str]],
                 reward_fn: Any = None, preference_fn: Any = None, gold: dict | None = None,
-                spend: ro.Spend | None = None) -> list[Pair]:
-    """The round's training pairs for ``cfg.method`` (see the module table)."""
+                spend: ro.Spend | None = None, finished: Sequence[Sequence[bool]] | None = None) -> list[Pair]:
+    """The round's training pairs for ``cfg.method`` (see the module table).
+
+    ``finished[i][j]``: sample j of prompt i ended by itself (default: all did)."""
+    finished = finished or [[True] * len(s) for s in samples]
     pairs: list[Pair] = []
     if cfg.method in ("iterative-dpo", "self-rewarding", "cringe"):
         flat_p = [p for p, s in zip(prompts, samples) for _ in s]
         flat = ro.score(reward_fn, flat_p, [x for s in samples for x in s], spend).tolist()
         pos = 0
-        for p, s in zip(prompts, samples):
+        for p, s, fin in zip(prompts, samples, finished):
             sc = flat[pos:pos + len(s)]
             pos += len(s)
             bw = best_worst(sc)
             if bw is not None and s[bw[0]] != s[bw[1]]:
-                pairs.append(Pair(p, s[bw[0]], s[bw[1]]))
+                pairs.append(Pair(p, s[bw[0]], s[bw[1]], chosen_finished=fin[bw[0]], rejected_finished=fin[bw[1]]))
         return pairs
     if cfg.method == "sppo":
-        for p, s in zip(prompts, samples):
+        for p, s, fin in zip(prompts, samples, finished):
             w = winrates(winrate_matrix(preference_fn, p, s, spend))
             bw = best_worst(w.tolist())
             if bw is not None and s[bw[0]] != s[bw[1]]:
-                pairs.append(Pair(p, s[bw[0]], s[bw[1]], float(w[bw[0]]), float(w[bw[1]])))
+                pairs.append(Pair(p, s[bw[0]], s[bw[1]], float(w[bw[0]]), float(w[bw[1]]), fin[bw[0]], fin[bw[1]]))
         return pairs
     if cfg.method == "dno":
-        for p, s in zip(prompts, samples):
+        for p, s, fin in zip(prompts, samples, finished):
             key = ro.prompt_text_of(p)
             cands = list(s) + ([gold[key]] if gold and key in gold else [])
+            done = list(fin) + [True] * (len(cands) - len(s))  # a gold response is complete
             w = winrates(winrate_matrix(preference_fn, p, cands, spend))
             bw = best_worst(w.tolist())
             if bw is not None and float(w[bw[0]] - w[bw[1]]) >= cfg.dno_margin and cands[bw[0]] != cands[bw[1]]:
-                pairs.append(Pair(p, cands[bw[0]], cands[bw[1]], float(w[bw[0]]), float(w[bw[1]])))
+                pairs.append(Pair(p, cands[bw[0]], cands[bw[1]], float(w[bw[0]]), float(w[bw[1]]), done[bw[0]], done[bw[1]]))
         return pairs
     raise ValueError(f"unknown iterative method {cfg.method!r}; known: {', '.join(METHODS)}")
 
@@ -196,13 +203,15 @@ def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[
     """Top-k logits (negative token excluded) and the negative token's logit over the rejected
     responses' tokens, the extra tensors the pairwise ``cringe`` loss reads; the mask holds the
     negatives chosen by ``cringe_negative_flags``."""
-    batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs])
+    batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs],
+                              [x.rejected_finished for x in pairs])
     logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     topk, tok = cringe_topk_excluding(logits.float(), batch.actions, k)
     mask = batch.action_mask.clone()
     if negatives != "all":
         for i, x in enumerate(pairs):
-            flags = cringe_negative_flags(ro.encode_response(tokenizer, x.chosen), ro.encode_response(tokenizer, x.rejected),
+            flags = cringe_negative_flags(ro.encode_response(tokenizer, x.chosen, x.chosen_finished),
+                                          ro.encode_response(tokenizer, x.rejected, x.rejected_finished),
                                           negatives, tokenizer.eos_token_id)
             cols = batch.action_mask[i].nonzero().flatten()  # the response's tokens, in order
             mask[i, cols] = torch.tensor(flags, dtype=torch.bool)
@@ -273,11 +282,15 @@ def cringe_pair_loss(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], l
     return (gate * l_bin).mean()
 
 
+def _finished(pairs: Sequence[Pair]) -> list[list[bool]]:
+    return [[x.chosen_finished, x.rejected_finished] for x in pairs]
+
+
 def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair],
               ref_logps: torch.Tensor) -> torch.Tensor:
     """Mean loss of the method over a minibatch of pairs; ``ref_logps`` ``[B, 2]`` (chosen, rejected)."""
     logps, tokens = response_logps(policy, tokenizer, [x.prompt for x in pairs],
-                                   [[x.chosen, x.rejected] for x in pairs], layout=cfg.layout)
+                                   [[x.chosen, x.rejected] for x in pairs], _finished(pairs), layout=cfg.layout)
     batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
              "ref_chosen_logps": ref_logps[:, 0], "ref_rejected_logps": ref_logps[:, 1],
              "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
@@ -297,7 +310,8 @@ def train_on_pairs(cfg: IterativeConfig, policy: nn.Module, ref: nn.Module, toke
     with torch.no_grad():
         ref_logps = torch.cat([
             response_logps(ref, tokenizer, [x.prompt for x in pairs[s:s + 64]],
-                           [[x.chosen, x.rejected] for x in pairs[s:s + 64]], layout=cfg.layout)[0]
+                           [[x.chosen, x.rejected] for x in pairs[s:s + 64]], _finished(pairs[s:s + 64]),
+                           layout=cfg.layout)[0]
             for s in range(0, len(pairs), 64)])
     params = [p for p in policy.parameters() if p.requires_grad]
     losses = []
@@ -333,17 +347,20 @@ def compare_iterates(prompts: Sequence[Messages], new: Sequence[str], old: Seque
 
 
 def _sample_round(cfg: IterativeConfig, generator: Any, prompts: Sequence[Messages],
-                  spend: ro.Spend) -> list[list[str]]:
-    """K samples per prompt; the temperature enhancer adds K/2 hotter samples to K/2 normal ones."""
+                  spend: ro.Spend) -> tuple[list[list[str]], list[list[bool]]]:
+    """K samples per prompt and whether each ended by itself; the temperature enhancer adds
+    K/2 hotter samples to K/2 normal ones."""
     if cfg.enhancer == "temperature":
         half = max(1, cfg.k // 2)
         main = ro.sample(generator, prompts, half, cfg.sampling, spend)
         hot = SamplingParams(**{**cfg.sampling.__dict__, "temperature": cfg.enhancer_temperature})
-        enh = ro.sample(generator, prompts, half, hot, spend)
-        return [[g.text for g in a] + [g.text for g in b] for a, b in zip(main, enh)]
-    if cfg.enhancer != "rejection":
+        gens = [a + b for a, b in zip(main, ro.sample(generator, prompts, half, hot, spend))]
+    elif cfg.enhancer == "rejection":
+        gens = ro.sample(generator, prompts, cfg.k, cfg.sampling, spend)
+    else:
         raise ValueError(f"enhancer must be 'rejection' or 'temperature', not {cfg.enhancer!r}")
-    return [[g.text for g in gs] for gs in ro.sample(generator, prompts, cfg.k, cfg.sampling, spend)]
+    texts = [[g.text for g in gs] for gs in gens]
+    return texts, [ro.finished_flags(gs, cfg.sampling.max_new_tokens) for gs in gens]
 
 
 def _save_round(folder: str | Path, index: int, policy: nn.Module, optimizer: torch.optim.Optimizer,
@@ -418,9 +435,9 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
         round_prompts = [prompts[i] for i in idx]
         policy.eval()
-        samples = _sample_round(cfg, generator, round_prompts, spend)
+        samples, finished = _sample_round(cfg, generator, round_prompts, spend)
         oracle = judge_factory(policy, tokenizer) if cfg.method == "self-rewarding" else reward_fn
-        pairs = build_pairs(cfg, round_prompts, samples, oracle, preference_fn, gold, spend)
+        pairs = build_pairs(cfg, round_prompts, samples, oracle, preference_fn, gold, spend, finished)
         entry: dict = {"round": t + 1, "pairs": len(pairs)}
         if pairs:
             previous_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}

@@ -89,20 +89,24 @@ def merge_adapters(peft_model: nn.Module, cfg: PAFTConfig) -> nn.Module:
     return peft_model.merge_and_unload()
 
 
-def _sft_loss(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
-    logps, tokens = response_logps(model, tokenizer, prompts, [[r] for r in responses])
+def _sft_loss(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str],
+              finished: Sequence[bool] | None = None) -> torch.Tensor:
+    finished = [[f] for f in finished] if finished is not None else None
+    logps, tokens = response_logps(model, tokenizer, prompts, [[r] for r in responses], finished)
     return compute_loss("sft", {"chosen_logps": logps[:, 0], "chosen_tokens": tokens[:, 0]}).mean()
 
 
-def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence[tuple[Any, str]],
+def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence[tuple],
                         pairs: Sequence[Pair], cfg: PAFTConfig) -> tuple[nn.Module, dict]:
     """Train the two adapters in parallel (alternating steps) and merge them; returns the
-    merged plain model and losses."""
+    merged plain model and losses. ``sft_examples``: (prompt, response) or (prompt, response,
+    finished) tuples; an unfinished response is learnt without eos."""
     peft_model = add_paft_adapters(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad(), peft_model.disable_adapter():
         ref_logps = response_logps(peft_model, tokenizer, [p.prompt for p in pairs],
-                                   [[p.chosen, p.rejected] for p in pairs])[0] if pairs else None
+                                   [[p.chosen, p.rejected] for p in pairs],
+                                   [[p.chosen_finished, p.rejected_finished] for p in pairs])[0] if pairs else None
     opts = {}
     for name in ("sft", "dpo"):
         peft_model.set_adapter(name)
@@ -116,7 +120,8 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             params = adapter_params(peft_model, "sft")
             idx = torch.randint(len(sft_examples), (min(cfg.batch_size, len(sft_examples)),), generator=gen).tolist()
             ex = [sft_examples[i] for i in idx]
-            loss = _sft_loss(peft_model, tokenizer, [e[0] for e in ex], [e[1] for e in ex]) + cfg.l1 * l1_penalty(params)
+            loss = _sft_loss(peft_model, tokenizer, [e[0] for e in ex], [e[1] for e in ex],
+                             [e[2] if len(e) > 2 else True for e in ex]) + cfg.l1 * l1_penalty(params)
             ro.step(opts["sft"], loss, params, cfg.max_grad_norm)
             hist["sft"].append(loss.item())
         # --- DPO adapter step against pi_pre
@@ -126,7 +131,8 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             idx = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen)
             sel = [pairs[i] for i in idx.tolist()]
             logps, tokens = response_logps(peft_model, tokenizer, [p.prompt for p in sel],
-                                           [[p.chosen, p.rejected] for p in sel])
+                                           [[p.chosen, p.rejected] for p in sel],
+                                           [[p.chosen_finished, p.rejected_finished] for p in sel])
             batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
                      "ref_chosen_logps": ref_logps[idx, 0], "ref_rejected_logps": ref_logps[idx, 1],
                      "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
@@ -162,8 +168,10 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         round_prompts = [prompts[i] for i in idx]
         policy.eval()
         gens = ro.sample(make_generator(policy, tokenizer), round_prompts, cfg.k, cfg.sampling, spend)
-        pairs = build_pairs(pair_cfg, round_prompts, [[g.text for g in gs] for gs in gens], reward_fn, spend=spend)
-        sft_examples = [(p.prompt, p.chosen) for p in pairs]
+        pairs = build_pairs(pair_cfg, round_prompts, [[g.text for g in gs] for gs in gens], reward_fn, spend=spend,
+                            finished=[ro.finished_flags(gs, cfg.sampling.max_new_tokens) for gs in gens])
+        # (prompt, response, finished): a chosen answer that was cut off is learnt without eos
+        sft_examples = [(p.prompt, p.chosen, p.chosen_finished) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)

@@ -1,0 +1,52 @@
+"""Iterative pairs remember whether each sample ended by itself: a sample cut off at
+max_new_tokens is trained without eos (training it with eos would teach the policy to stop
+where it was merely truncated)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.iterative.loop import IterativeConfig, Pair, _finished, build_pairs
+
+
+def _reward(prompts, responses):
+    return [float(len(r)) for r in responses]  # longer is better
+
+
+def test_build_pairs_carries_finished_flags():
+    cfg = IterativeConfig(method="iterative-dpo", k=3)
+    prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    samples = [["xx", "xxxx", "x"], ["yyy", "y", "yy"]]
+    finished = [[True, False, True], [False, True, True]]
+    pairs = build_pairs(cfg, prompts, samples, _reward, finished=finished)
+    assert [(p.chosen, p.rejected, p.chosen_finished, p.rejected_finished) for p in pairs] == [
+        ("xxxx", "x", False, True), ("yyy", "y", False, True)]
+    # default: every sample finished
+    assert all(p.chosen_finished and p.rejected_finished for p in build_pairs(cfg, prompts, samples, _reward))
+
+
+def test_dno_gold_counts_as_finished():
+    cfg = IterativeConfig(method="dno", k=2, dno_margin=0.0)
+    prompt = [{"role": "user", "content": "q"}]
+
+    def prefer_longer(ps, a, b):
+        return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
+
+    pairs = build_pairs(cfg, [prompt], [["ab", "a"]], preference_fn=prefer_longer, gold={"q": "gold answer"},
+                        finished=[[False, False]])
+    (pair,) = pairs
+    assert pair.chosen == "gold answer" and pair.chosen_finished and not pair.rejected_finished
+
+
+def test_unfinished_response_is_scored_without_eos():
+    from trainers.rloo import response_logps
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+
+    tok = make_char_tokenizer()
+    model = make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    pairs = [Pair([{"role": "user", "content": "Spell out: 3"}], "three", "thr", rejected_finished=False)]
+    with torch.no_grad():
+        _, tokens = response_logps(model, tok, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs],
+                                   _finished(pairs))
+        _, all_eos = response_logps(model, tok, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs])
+    assert tokens.tolist() == [[all_eos[0, 0].item(), all_eos[0, 1].item() - 1]]
