@@ -3,7 +3,7 @@
 Exactness on a tiny random model (greedy = ``generate``; a wide beam finds the exhaustive
 optimum; batched = one prompt; the returned score is the objective of the returned answer),
 then the toy-world protocol of tests/bench/bench_beam.py: a larger beam raises the TASK reward
-of DPO policies on the prompts where greedy decoding is imperfect.
+of DPO policies on fresh held-out prompts.
 """
 
 from __future__ import annotations
@@ -109,31 +109,33 @@ def test_rejects_bad_arguments(tiny):
 
 @pytest.mark.slow
 def test_larger_beam_raises_the_task_reward_of_dpo_policies(toy_world, one_thread):
-    """The protocol of tests/bench/bench_beam.py (fixed before measuring): three DPO policies
-    (iterative DPO on toy-world preferences, seeds 0-2), searched with eq. 23's Q objective,
-    on EVERY two-digit "Spell out" prompt not used in training (where greedy is imperfect);
-    the TASK reward of beam 8 beats greedy's (one-sided paired t-test over prompts, each
-    prompt's reward averaged over the three policies). Measured: 0.842 -> 0.854, p = 0.014
-    (beam 2: 0.848, 4: 0.854); per policy 0.884 -> 0.901, 0.857 -> 0.851, 0.786 -> 0.812."""
+    """Protocol v2 of tests/bench/bench_beam.py (fixed after calibration on other prompts and
+    DPO seeds, before these were measured): three DPO policies (iterative DPO, 32 training
+    tokens so no sample is cut off, lr 1e-4, seeds 0-2) searched with eq. 23's Q objective on
+    192 fresh held-out prompts; the TASK reward of beam 8 beats greedy's (one-sided paired
+    t-test over prompts, each prompt's reward averaged over the three policies). Measured once:
+    0.9516 -> 0.9563, p = 0.0047 (beam 2: 0.9568, p = 0.0066); per policy 0.951 -> 0.959,
+    0.950 -> 0.952, 0.954 -> 0.958. The SFT model with the same beam (plain maximum-likelihood
+    decoding) reaches as much, 0.9570: see the bench's docstring."""
     import numpy as np
     from scipy.stats import ttest_rel
     from transformers import AutoModelForCausalLM
 
-    from tests.bench.bench_beam import dpo_policy, search_rewards, two_digit_prompts
+    from tests.bench.bench_beam import DPO_SEEDS, dpo_policy, evaluation_prompt_texts, search_rewards, train_prompt_texts
     from trainers.iterative.rollout import as_messages
 
-    train_prompts = [as_messages(p) for p in toy_world.task.prompts(64, seed=11)]
-    prompts = two_digit_prompts(train_prompts)
+    train_prompts = [as_messages(p) for p in train_prompt_texts(toy_world.task)]
+    prompts = [as_messages(p) for p in evaluation_prompt_texts(toy_world.task)]
     ref = AutoModelForCausalLM.from_pretrained(toy_world.path).eval()
     greedy, beam8, scores = [], [], []
-    for seed in (0, 1, 2):
+    for seed in DPO_SEEDS:
         policy, tok = dpo_policy(toy_world, train_prompts, seed)
         found = search_rewards(policy, ref, tok, toy_world.task, prompts, (1, 8), "q")
         greedy.append(found[1][0])
         beam8.append(found[8][0])
         scores.append((found[1][1], found[8][1]))
     greedy, beam8 = np.mean(greedy, 0), np.mean(beam8, 0)
-    assert len(prompts) > 80 and greedy.mean() < 0.95  # headroom: greedy is imperfect here
+    assert len(prompts) == 192 and greedy.mean() < 0.97  # headroom: greedy is imperfect here
     p = ttest_rel(beam8, greedy, alternative="greater").pvalue
     assert beam8.mean() > greedy.mean() and p < 0.05, (greedy.mean(), beam8.mean(), p)
     # what the search optimises rises too (and never falls per prompt here)

@@ -15,13 +15,16 @@ and ``sum_t beta*log pi(a_t|s_t) = sum_t [r(s_t, a_t) + beta*log pi_ref(a_t|s_t)
   the summed implicit reward alone. Beam size 1 with ``"q"`` (no length penalty) is greedy
   decoding.
 
-Measured on the toy world (tests/bench/bench_beam.py; three iterative-DPO policies, every
-two-digit prompt not trained on, where greedy decoding is imperfect): with ``"q"`` the task
-reward rises with the beam, 0.842 (greedy) -> 0.848 / 0.854 / 0.854 at beams 2 / 4 / 8 (beam 8
-vs greedy p = 0.014; on the task's own prompt mix, where greedy is already at 0.92, +0.006,
-p = 0.04). ``"reward"`` alone is over-optimised: the search finds long answers of high implicit
-reward and the task reward FALLS as the beam grows (0.13 -> 0.05). A length penalty of 1 (mean instead of summed
-log-prob) lowered the beam-8 reward there (0.854 -> 0.829): the default 0 keeps eq. 23's sum.
+Measured on the toy world (tests/bench/bench_beam.py, protocol v2: three iterative-DPO
+policies, 192 fresh held-out prompts): with ``"q"`` the task reward rises with the beam, 0.9516
+(greedy) -> 0.9568 / 0.9563 / 0.9563 at beams 2 / 4 / 8 (beam 8 vs greedy p = 0.005; on the
+two-digit prompts 0.874 -> 0.910, p = 0.009). But the SFT model with the same beam (its own
+likelihood, no reward) does as well (0.9570; DPO + beam vs SFT + beam p = 0.73): there the gain
+is that of likelihood search, not of the learned reward. ``"reward"`` alone is over-optimised:
+the search finds long answers of high implicit reward and the task reward FALLS as the beam
+grows (0.47 -> 0.14). A length penalty of 1 (mean instead of summed log-prob) lowered the beam-8
+reward (0.854 -> 0.829, v1 protocol, before the iterative trainers' eos fix): the default 0
+keeps eq. 23's sum.
 """
 
 from __future__ import annotations

@@ -35,6 +35,23 @@ lr 5e-5 p 0.019. SFT alone: 0.954 -> 0.971 (p 0.020); 48 search tokens = 32. Cho
 2 rounds, 32 tokens (smallest p among the rounds/tokens that train on no cut-off sample).
 Seen there: lr 3e-4 DPO moves the policy away from SFT and LOWERS its greedy reward on held-out
 prompts (0.954 -> 0.918); the beam's gain shrinks with that drift.
+
+Evaluation (measured once, after the above was committed; 1 thread, this machine), task reward,
+Q objective, pooled over DPO seeds 0-2, one-sided p vs greedy:
+- PRIMARY (192 fresh prompts): beam 1 0.9516, 2 0.9568 (p 0.0066), 4 0.9563 (p 0.0047),
+  8 0.9563 (p 0.0047; ratio 1.005; exact match 0.793 -> 0.821); per policy beam 8 vs greedy
+  0.951 -> 0.959 (p 0.021), 0.950 -> 0.952 (p 0.041), 0.954 -> 0.958 (p 0.079). HOLDS.
+- secondary (92 two-digit prompts): 0.874, 0.903 (p 0.012), 0.908 (p 0.012), 0.910 (p 0.009).
+- SFT alone (beam = maximum-likelihood decoding, no reward): primary 0.9551 -> 0.9570 at beam 8
+  (p 0.22; beam 2 0.9592, p 0.088); two-digit 0.877 -> 0.910 (p 0.049).
+- DPO vs SFT (two-sided, paired): greedy 0.9516 vs 0.9551 (p 0.066); DPO beam 8 vs SFT beam 8
+  0.9563 vs 0.9570 (p 0.73); two-digit 0.910 vs 0.910 (p 0.97). So the beam raises the DPO
+  policies' reward, but DPO + beam is no better than the SFT model + the same beam: on this toy
+  world the gain is that of likelihood search, not of the learned (implicit) reward.
+- objective "reward" (implicit reward alone, eq. 23 without beta*log pi_ref): greedy 0.466,
+  beam 8 0.145 (two-digit 0.181 -> 0.068): the search exploits the implicit reward (answers run
+  to 30+ of 32 tokens, exact match 0); it needs the reference term.
+Wall (192 prompts, 1 thread): greedy 0.3 s, beam 8 2.2 s per policy; DPO training 1.4 s each.
 """
 
 from __future__ import annotations
