@@ -114,6 +114,7 @@ class ValueNetwork(nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def forward(self, batch: ro.TokenBatch) -> torch.Tensor:
+        batch = batch.to(ro.device_of(self))
         return self.head(self.hidden(batch.input_ids, batch.attention_mask)[:, :-1].float()).squeeze(-1)
 
     def prompt_values(self, tokenizer: Any, prompts: Sequence[Messages]) -> torch.Tensor:
@@ -125,11 +126,12 @@ class ValueNetwork(nn.Module):
         first = {k: keys.index(k) for k in distinct}
         ids = [ro.encode_prompt(tokenizer, prompts[first[k]]) for k in distinct]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batch = ro.make_token_batch(ids, [[] for _ in ids], pad)
+        device = ro.device_of(self)
+        batch = ro.make_token_batch(ids, [[] for _ in ids], pad).to(device)
         hidden = self.hidden(batch.input_ids, batch.attention_mask)  # [U, T, H], right-padded
-        last = torch.tensor([len(x) - 1 for x in ids])
-        values = self.head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)  # [U]
-        return values[torch.tensor([distinct.index(k) for k in keys])]
+        last = torch.tensor([len(x) - 1 for x in ids], device=device)
+        values = self.head(hidden[torch.arange(len(ids), device=device), last].float()).squeeze(-1)  # [U]
+        return values[torch.tensor([distinct.index(k) for k in keys], device=device)]
 
 
 def prompt_value(values: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -194,10 +196,10 @@ def encode(tokenizer: Any, rows: Sequence[Trajectory]) -> ro.TokenBatch:
 
 @torch.no_grad()
 def reference_logps(ref: nn.Module, tokenizer: Any, rows: Sequence[Trajectory], chunk: int = 64) -> torch.Tensor:
-    """``log pi_ref(y|x)`` summed over response tokens, computed once: ``[N]``."""
+    """``log pi_ref(y|x)`` summed over response tokens, computed once: ``[N]`` on ``ref``'s device."""
     out = [ro.forward_token_logprobs(ref, encode(tokenizer, rows[s:s + chunk]))[0].sum(-1)
            for s in range(0, len(rows), chunk)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(ref))
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,14 +264,17 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
     else:
         spend, report = ro.Spend(), OnlineReport(method="dro-v")
         prompts = [ro.as_messages(p) for p in prompts] if prompts is not None else None
+    # the generator factory moves the policy to its device; reference and value network follow
+    generator = make_generator(policy, tokenizer) if make_generator is not None else None
+    ro.colocate(ref, policy)
     data = list(trajectories) if trajectories is not None else None
     mean_reward = (sum(t.reward for t in data) / len(data)) if data else 0.0
-    value_net = ValueNetwork.from_policy(policy, init_value=mean_reward)
+    device = ro.device_of(policy)  # data tensors go where the policy is
+    value_net = ValueNetwork.from_policy(policy, init_value=mean_reward).to(device)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = list(value_net.parameters())
     policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr)
     value_opt = torch.optim.AdamW(value_params, lr=cfg.value_lr or 10 * cfg.lr)
-    generator = make_generator(policy, tokenizer) if make_generator is not None else None
     start_round, start_epoch = 0, 0
     if saved is not None:  # resume after the newest finished epoch
         policy.load_state_dict(saved["policy"])
@@ -294,16 +299,16 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
             if rnd == 0:
                 with torch.no_grad():
                     value_net.head.bias.fill_(sum(t.reward for t in data) / len(data))
-        ref_lp = reference_logps(ref, tokenizer, data)
-        rewards = torch.tensor([t.reward for t in data], dtype=torch.float32)
+        ref_lp = reference_logps(ref, tokenizer, data).to(device)
+        rewards = torch.tensor([t.reward for t in data], dtype=torch.float32, device=device)
         # --- joint updates: policy (eq. 38, V fixed) and value (eq. 39, log-ratio fixed)
         policy.train()
         value_net.train()
         for epoch in range(start_epoch if resuming else 0, cfg.epochs):
             for chunk in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
-                batch = encode(tokenizer, [data[i] for i in chunk.tolist()])
+                batch = encode(tokenizer, [data[i] for i in chunk.tolist()]).to(device)
                 logps = ro.forward_token_logprobs(policy, batch)[0].sum(-1)
-                r, rl = rewards[chunk], ref_lp[chunk]
+                r, rl = rewards[chunk.to(device)], ref_lp[chunk.to(device)]
                 if cfg.value_outputs == "prompt":  # V(x) from the prompts alone
                     v_x = value_net.prompt_values(tokenizer, [data[i].prompt for i in chunk.tolist()])
                     value_loss = dro_value_loss(v_x, logps, rl, r, cfg.beta).mean()

@@ -116,6 +116,8 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def ptx_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token NLL of pretraining text (``-log pi(x)`` of eq. 2's gamma term, per token)."""
+    device = ro.device_of(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     logps = ro.gather_token_logprobs(logits, input_ids[:, 1:])
     return -masked_mean(logps, attention_mask[:, 1:].bool())
@@ -190,7 +192,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ref = ref if ref is not None else ro.frozen_copy(policy)
-    value_head = ValueHead(policy.config.hidden_size)
+    value_head = ValueHead(policy.config.hidden_size).to(ro.device_of(policy))
     optimizer = torch.optim.AdamW([
         {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * cfg.lr},
@@ -202,6 +204,9 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
                        cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    device = ro.device_of(policy)  # every rollout tensor lives where the policy does (after the
+    ro.colocate(ref, policy)       # generator factory has moved it); reference and head follow
+    ro.colocate(value_head, policy)
     start = 0
     if saved is not None:  # resume: weights, optimizer moments, random streams and record
         policy.load_state_dict(saved["policy"])
@@ -219,14 +224,14 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         gens = ro.sample(generator, batch_prompts, cfg.samples_per_prompt, cfg.sampling, spend)
         flat_p = [p for p, g in zip(batch_prompts, gens) for _ in g]
         flat_g = [x for g in gens for x in g]
-        scores = ro.score(reward_fn, flat_p, [g.text for g in flat_g], spend)
+        scores = ro.score(reward_fn, flat_p, [g.text for g in flat_g], spend, device=device)
         batch = ro.encode_samples(tokenizer, flat_p, [g.text for g in flat_g],
-                                  ro.finished_flags(flat_g, cfg.sampling.max_new_tokens))
+                                  ro.finished_flags(flat_g, cfg.sampling.max_new_tokens)).to(device)
         mask = batch.action_mask
         with torch.no_grad():
             old_logps, hidden = ro.forward_token_logprobs(policy, batch, return_hidden=True)
             old_values = value_head(hidden) * mask
-            ref_logps, _ = ro.forward_token_logprobs(ref, batch)
+            ref_logps = ro.forward_token_logprobs(ref, batch)[0].to(device)
             rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, cfg.beta)
             adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
@@ -238,6 +243,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=gen)
             for mb in perm.chunk(max(1, min(cfg.minibatches, n))):
+                mb = mb.to(device)
                 sub = ro.TokenBatch(batch.input_ids[mb], batch.attention_mask[mb], mask[mb])
                 logps, hidden = ro.forward_token_logprobs(policy, sub, return_hidden=True)
                 values = value_head(hidden)

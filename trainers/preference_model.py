@@ -35,8 +35,9 @@ def pair_text(a: str, b: str) -> str:
 
 
 def pair_logits(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
-    """``f(x, a, b)`` for aligned lists: ``[N]``."""
-    batch = ro.encode_samples(tokenizer, [ro.as_messages(p) for p in prompts], [pair_text(x, y) for x, y in zip(a, b)])
+    """``f(x, a, b)`` for aligned lists: ``[N]`` on the model's device."""
+    batch = ro.encode_samples(tokenizer, [ro.as_messages(p) for p in prompts],
+                              [pair_text(x, y) for x, y in zip(a, b)]).to(ro.device_of(model))
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
 
 
@@ -50,7 +51,7 @@ def preference_probs(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], a
             ab = torch.sigmoid(pair_logits(model, tokenizer, p, x, y))
             ba = torch.sigmoid(pair_logits(model, tokenizer, p, y, x))
             out.append((ab + 1.0 - ba) / 2.0)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(model))
 
 
 def ordered_pairs(examples: Sequence[RankedExample]) -> list[tuple[Any, str, str]]:
@@ -102,8 +103,9 @@ def train_preference_model(model: nn.Module, tokenizer: Any, train: Sequence[Ran
             prompts = [x[0] for x in sel] * 2
             first = [x[1] for x in sel] + [x[2] for x in sel]
             second = [x[2] for x in sel] + [x[1] for x in sel]
-            labels = torch.cat([torch.ones(len(sel)), torch.zeros(len(sel))])
-            loss = F.binary_cross_entropy_with_logits(pair_logits(model, tokenizer, prompts, first, second), labels)
+            logits = pair_logits(model, tokenizer, prompts, first, second)
+            labels = torch.cat([torch.ones(len(sel)), torch.zeros(len(sel))]).to(logits.device)
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
             ro.step(optimizer, loss, params, cfg.max_grad_norm)
             last = loss.item()
     model.eval()

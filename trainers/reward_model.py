@@ -63,30 +63,33 @@ def make_reward_model(model_or_path: Any, tokenizer: Any) -> nn.Module:
     return model
 
 
-def _encode_rows(tokenizer: Any, prompts: Sequence[list[dict]], responses: Sequence[str]) -> dict:
+def _encode_rows(tokenizer: Any, prompts: Sequence[list[dict]], responses: Sequence[str],
+                 device: torch.device | str | None = None) -> dict:
     batch = ro.encode_samples(tokenizer, [ro.as_messages(p) for p in prompts], responses)
+    if device is not None:
+        batch = batch.to(device)
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 
 def reward_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str],
                   batch_size: int = 64) -> torch.Tensor:
-    """``r(x, y)`` for aligned prompts and responses: float ``[N]`` (no gradient)."""
+    """``r(x, y)`` for aligned prompts and responses: float ``[N]`` on the model's device (no gradient)."""
     out = []
     with torch.no_grad():
         for s in range(0, len(responses), batch_size):
-            enc = _encode_rows(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size])
+            enc = _encode_rows(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], ro.device_of(model))
             out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(model))
 
 
 def listwise_rewards(model: nn.Module, tokenizer: Any, examples: Sequence[RankedExample]) -> dict:
     """One forward over every response of the examples; returns ``rewards``, ``scores``,
-    ``mask`` ``[B, K_max]`` (the ``bt`` loss's listwise batch)."""
+    ``mask`` ``[B, K_max]`` (the ``bt`` loss's listwise batch), on the model's device."""
     k_max = max(len(e.responses) for e in examples)
     flat_p = [e.prompt for e in examples for _ in e.responses]
     flat_r = [r for e in examples for r in e.responses]
-    flat = model(**_encode_rows(tokenizer, flat_p, flat_r)).logits[:, 0].float()
-    rewards = torch.zeros(len(examples), k_max, dtype=flat.dtype)
+    flat = model(**_encode_rows(tokenizer, flat_p, flat_r, ro.device_of(model))).logits[:, 0].float()
+    rewards = torch.zeros(len(examples), k_max, dtype=flat.dtype, device=flat.device)
     scores = torch.zeros(len(examples), k_max)
     mask = torch.zeros(len(examples), k_max, dtype=torch.bool)
     pos = 0
@@ -98,8 +101,10 @@ def listwise_rewards(model: nn.Module, tokenizer: Any, examples: Sequence[Ranked
             scores[b, k] = s
             mask[b, k] = True
         pos += len(e.responses)
-    rewards = rewards.index_put((torch.tensor(rows), torch.tensor(cols)), flat)
-    return {"rewards": rewards, "scores": scores, "mask": mask}
+    index = (torch.tensor(rows, device=flat.device), torch.tensor(cols, device=flat.device))
+    rewards = rewards.index_put(index, flat)
+    # scores and mask are filled on the host (per-element writes) and moved once
+    return {"rewards": rewards, "scores": scores.to(flat.device), "mask": mask.to(flat.device)}
 
 
 def pairwise_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[RankedExample]) -> float:
@@ -151,7 +156,8 @@ def train_reward_model(model: nn.Module, tokenizer: Any, train: Sequence[RankedE
             if any(m is not None for m in margins) and batch["rewards"].shape[1] == 2:
                 # pairwise data with a margin column: the pairwise form of ``bt``
                 pair_batch = {"chosen_rewards": batch["rewards"][:, 0], "rejected_rewards": batch["rewards"][:, 1],
-                              "margin": torch.tensor([math.nan if m is None else m for m in margins])}
+                              "margin": torch.tensor([math.nan if m is None else m for m in margins],
+                                                     device=batch["rewards"].device)}
                 per_example = compute_loss("bt", pair_batch, margin=cfg.margin)
             else:
                 per_example = compute_loss("bt", batch, margin=cfg.margin)

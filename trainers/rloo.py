@@ -59,12 +59,13 @@ class RLOOConfig:
 def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages],
                    responses: Sequence[Sequence[str]], finished: Sequence[Sequence[bool]] | None = None,
                    layout: str = "packed") -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts ``[B, K]`` of K responses per prompt (eos included when finished)."""
+    """Summed log-probs and token counts ``[B, K]`` of K responses per prompt (eos included when
+    finished), on the model's device."""
     p_ids = [ro.encode_prompt(tokenizer, p) for p in prompts]
     finished = finished or [[True] * len(r) for r in responses]
     r_ids = [[ro.encode_response(tokenizer, r, f) for r, f in zip(rs, fs)] for rs, fs in zip(responses, finished)]
     batch = build_sequence_batch(p_ids, r_ids, tokenizer.pad_token_id, resolve_layout(model, layout))
-    return sequence_logps(model, batch)
+    return sequence_logps(model, batch.to(ro.device_of(model)))
 
 
 def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
@@ -91,6 +92,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
                        cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    ro.colocate(ref, policy)  # the generator factory may have moved the policy
     start = 0
     if saved is not None:  # resume: weights, optimizer moments, random streams and record
         policy.load_state_dict(saved["policy"])
@@ -107,12 +109,13 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         texts = [[g.text for g in gs] for gs in gens]
         finished = [ro.finished_flags(gs, cfg.sampling.max_new_tokens) for gs in gens]
         flat_p = [p for p, gs in zip(batch_prompts, gens) for _ in gs]
-        scores = ro.score(reward_fn, flat_p, [t for ts in texts for t in ts], spend).view(len(gens), cfg.k)
+        scores = ro.score(reward_fn, flat_p, [t for ts in texts for t in ts], spend,
+                          device=ro.device_of(policy)).view(len(gens), cfg.k)
         policy.train()
         logps, _ = response_logps(policy, tokenizer, batch_prompts, texts, finished, cfg.layout)
         with torch.no_grad():
             ref_logps, _ = response_logps(ref, tokenizer, batch_prompts, texts, finished, cfg.layout)
-            kl = logps.detach() - ref_logps
+            kl = logps.detach() - ref_logps.to(logps.device)
             adv = leave_one_out_advantages(scores - cfg.beta * kl)
             if cfg.normalize_advantages:
                 adv = adv / adv.std().clamp_min(1e-6)

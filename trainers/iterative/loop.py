@@ -204,7 +204,7 @@ def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[
     responses' tokens, the extra tensors the pairwise ``cringe`` loss reads; the mask holds the
     negatives chosen by ``cringe_negative_flags``."""
     batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs],
-                              [x.rejected_finished for x in pairs])
+                              [x.rejected_finished for x in pairs]).to(ro.device_of(policy))
     logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     topk, tok = cringe_topk_excluding(logits.float(), batch.actions, k)
     mask = batch.action_mask.clone()
@@ -214,7 +214,7 @@ def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[
                                           ro.encode_response(tokenizer, x.rejected, x.rejected_finished),
                                           negatives, tokenizer.eos_token_id)
             cols = batch.action_mask[i].nonzero().flatten()  # the response's tokens, in order
-            mask[i, cols] = torch.tensor(flags, dtype=torch.bool)
+            mask[i, cols] = torch.tensor(flags, dtype=torch.bool, device=mask.device)
     return {"rejected_topk_logits": topk, "rejected_token_logits": tok, "rejected_token_mask": mask}
 
 
@@ -270,7 +270,8 @@ def cringe_pair_loss(policy: nn.Module, tokenizer: Any, pairs: Sequence[Pair], l
     n = len(pairs)
     binary = {
         "logps": torch.cat([logps[:, 0], logps[:, 1]]), "tokens": torch.cat([tokens[:, 0], tokens[:, 1]]),
-        "label": torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]),
+        "label": torch.cat([torch.ones(n, dtype=torch.bool, device=logps.device),
+                            torch.zeros(n, dtype=torch.bool, device=logps.device)]),
         # token tensors: rows of the chosen half are unused (label True), so they repeat the negatives
         "topk_logits": torch.cat([neg["rejected_topk_logits"]] * 2),
         "token_logits": torch.cat([neg["rejected_token_logits"]] * 2),
@@ -291,6 +292,7 @@ def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Se
     """Mean loss of the method over a minibatch of pairs; ``ref_logps`` ``[B, 2]`` (chosen, rejected)."""
     logps, tokens = response_logps(policy, tokenizer, [x.prompt for x in pairs],
                                    [[x.chosen, x.rejected] for x in pairs], _finished(pairs), layout=cfg.layout)
+    ref_logps = ref_logps.to(logps.device)
     batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
              "ref_chosen_logps": ref_logps[:, 0], "ref_rejected_logps": ref_logps[:, 1],
              "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
@@ -298,8 +300,10 @@ def pair_loss(cfg: IterativeConfig, policy: nn.Module, tokenizer: Any, pairs: Se
     if cfg.method == "cringe":
         return cringe_pair_loss(policy, tokenizer, pairs, logps, tokens, **params)
     if cfg.method == "sppo":
-        batch["chosen_winrate"] = torch.tensor([x.chosen_winrate for x in pairs], dtype=logps.dtype)
-        batch["rejected_winrate"] = torch.tensor([x.rejected_winrate for x in pairs], dtype=logps.dtype)
+        batch["chosen_winrate"] = torch.tensor([x.chosen_winrate for x in pairs], dtype=logps.dtype,
+                                               device=logps.device)
+        batch["rejected_winrate"] = torch.tensor([x.rejected_winrate for x in pairs], dtype=logps.dtype,
+                                                 device=logps.device)
         return compute_loss("sppo", batch, beta=cfg.beta, **params).mean()
     return compute_loss("dpo", batch, beta=cfg.beta, **params).mean()
 
@@ -319,7 +323,8 @@ def train_on_pairs(cfg: IterativeConfig, policy: nn.Module, ref: nn.Module, toke
     for _ in range(cfg.epochs):
         order = torch.randperm(len(pairs), generator=gen)
         for chunk in order.split(cfg.batch_size):
-            loss = pair_loss(cfg, policy, tokenizer, [pairs[i] for i in chunk.tolist()], ref_logps[chunk])
+            loss = pair_loss(cfg, policy, tokenizer, [pairs[i] for i in chunk.tolist()],
+                             ref_logps[chunk.to(ref_logps.device)])
             ro.step(optimizer, loss, params, cfg.max_grad_norm)
             losses.append(loss.item())
     policy.eval()
@@ -416,6 +421,7 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     first = run.first
+    ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy (ref_t is sft_ref)
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None

@@ -41,9 +41,14 @@ def mixture_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mix: f
 def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: Sequence[Messages],
                    mix: float, max_new_tokens: int = 24, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> list[str]:
-    """One response per prompt from pi_mix, token by token (left-padded batch, two KV caches)."""
+    """One response per prompt from pi_mix, token by token (left-padded batch, two KV caches).
+
+    The batch lives on the policy's device (``ref`` must be there too). A ``generator`` on
+    another device than the models (the trainers' CPU generator, a CUDA policy) draws from the
+    mixture's probabilities copied to its device; on CPU nothing is copied."""
     from transformers import DynamicCache
 
+    device = ro.device_of(policy)
     seqs = [ro.encode_prompt(tokenizer, p) for p in prompts]
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id
@@ -52,23 +57,27 @@ def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: S
     for i, s in enumerate(seqs):
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     caches = [DynamicCache(), DynamicCache()]
     outs = [m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True)
             for m, c in zip((policy, ref), caches)]
     next_pos = pos[:, -1:] + 1
-    done = torch.zeros(len(seqs), dtype=torch.bool)
+    done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in seqs]
     for _ in range(max_new_tokens):
         logits = mixture_logits(outs[0].logits[:, -1], outs[1].logits[:, -1], mix) / max(temperature, 1e-6)
-        tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
-        for i in range(len(seqs)):
-            if not done[i]:
-                tokens[i].append(int(tok[i]))
+        probs = torch.softmax(logits, -1)
+        if generator is not None and probs.device != generator.device:
+            probs = probs.cpu()  # a generator draws on its own device
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
+        for i, (t, finished) in enumerate(zip(tok.tolist(), done.tolist())):  # one host copy per step
+            if not finished:
+                tokens[i].append(t)
         done |= tok == tokenizer.eos_token_id
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype)], -1)
+        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], -1)
         outs = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
                   past_key_values=o.past_key_values, use_cache=True) for m, o in zip((policy, ref), outs)]
         next_pos = next_pos + 1
@@ -106,6 +115,7 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     generator = make_generator(policy, tokenizer)
+    ro.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
     for step in range(cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
@@ -114,13 +124,13 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         y_mix = sample_mixture(policy, ref, tokenizer, batch_prompts, cfg.mixture,
                                cfg.sampling.max_new_tokens, cfg.sampling.temperature, gen)
         spend.add(generations=len(y_mix))
-        pref = torch.tensor([float(p) for p in preference_fn(batch_prompts, ys, y_mix)])
+        pref = torch.tensor([float(p) for p in preference_fn(batch_prompts, ys, y_mix)], device=ro.device_of(policy))
         spend.add(judge_calls=len(ys))
         policy.train()
         logps, _ = response_logps(policy, tokenizer, batch_prompts, [[y] for y in ys])
         with torch.no_grad():
             ref_logps, _ = response_logps(ref, tokenizer, batch_prompts, [[y] for y in ys])
-            kl = (logps.detach() - ref_logps)[:, 0]
+            kl = (logps.detach() - ref_logps.to(logps.device))[:, 0]
             advantage = (pref - 0.5) - cfg.beta * kl
         loss = -(advantage * logps[:, 0]).mean()
         ro.step(optimizer, loss, params, cfg.max_grad_norm)

@@ -133,8 +133,9 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             logps, tokens = response_logps(peft_model, tokenizer, [p.prompt for p in sel],
                                            [[p.chosen, p.rejected] for p in sel],
                                            [[p.chosen_finished, p.rejected_finished] for p in sel])
+            ref_sel = ref_logps[idx.to(ref_logps.device)].to(logps.device)
             batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
-                     "ref_chosen_logps": ref_logps[idx, 0], "ref_rejected_logps": ref_logps[idx, 1],
+                     "ref_chosen_logps": ref_sel[:, 0], "ref_rejected_logps": ref_sel[:, 1],
                      "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
             loss = compute_loss("dpo", batch, beta=cfg.beta).mean()
             ro.step(opts["dpo"], loss, params, cfg.max_grad_norm)
@@ -162,6 +163,7 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
                        cfg.sampling, eval_sampling, cfg.seed)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()

@@ -72,6 +72,27 @@ class TokenBatch:
     def actions(self) -> torch.Tensor:
         return self.input_ids[:, 1:]
 
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        """The same batch on ``device`` (no copy when it is already there)."""
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.action_mask.to(device))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: the device of its first parameter (CPU for a model without
+    parameters). Every tensor a trainer builds for a model is put there, so the same code runs
+    on CPU and on CUDA."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def colocate(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """Move ``module`` (a reference policy, a value head) onto ``model``'s device, in place.
+
+    Trainers call it after ``begin_run``: the flow's generator factory moves the live policy to
+    its device on first use, and a reference copied before that would stay behind."""
+    device = device_of(model)
+    return module if device_of(module) == device else module.to(device)
+
 
 def make_token_batch(prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]],
                      pad_id: int) -> TokenBatch:
@@ -108,7 +129,9 @@ def gather_token_logprobs(logits: torch.Tensor, actions: torch.Tensor) -> torch.
 def forward_token_logprobs(model: torch.nn.Module, batch: TokenBatch,
                            return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-action log-probs ``[B, T-1]`` (zero off the response) and optionally the last hidden
-    state at the predicting positions ``[B, T-1, H]`` (what a value head reads)."""
+    state at the predicting positions ``[B, T-1, H]`` (what a value head reads); both on the
+    model's device (``batch`` is moved there if it is not)."""
+    batch = batch.to(device_of(model))
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 output_hidden_states=return_hidden, use_cache=False)
     logps = gather_token_logprobs(out.logits[:, :-1], batch.actions) * batch.action_mask
@@ -132,7 +155,7 @@ def sequence_kl(policy: torch.nn.Module, ref: torch.nn.Module, batch: TokenBatch
     Unbiased when the responses were sampled from ``policy``."""
     lp, _ = forward_token_logprobs(policy, batch)
     rlp, _ = forward_token_logprobs(ref, batch)
-    return (lp - rlp).sum(-1)
+    return (lp - rlp.to(lp.device)).sum(-1)
 
 
 @dataclass
@@ -162,11 +185,16 @@ def finished_flags(gens: Sequence[Generation], max_new_tokens: int) -> list[bool
 
 
 def score(reward_fn: Any, prompts: Sequence[Messages], responses: Sequence[str],
-          spend: Spend | None = None) -> torch.Tensor:
-    """Rewards as a float32 tensor ``[N]``; counts ``N`` judge calls."""
+          spend: Spend | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rewards as a float32 tensor ``[N]`` on ``device`` (default CPU); counts ``N`` judge calls.
+
+    A reward function may return a list, an array or a tensor on any device."""
     if spend is not None:
         spend.add(judge_calls=len(responses))
-    return torch.as_tensor(list(reward_fn(list(prompts), list(responses))), dtype=torch.float32)
+    rewards = reward_fn(list(prompts), list(responses))
+    if isinstance(rewards, torch.Tensor):
+        return rewards.detach().to(device=device or "cpu", dtype=torch.float32).reshape(-1)
+    return torch.as_tensor(list(rewards), dtype=torch.float32, device=device)
 
 
 def eval_sampling_of(sampling: SamplingParams, seed: int) -> SamplingParams:
@@ -334,7 +362,9 @@ def load_checkpoint(path: str | Path, fingerprint: str) -> tuple[dict, dict]:
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(f"{path}: checkpoint of a different config or prompts (fingerprint "
                          f"{meta.get('fingerprint')} != {fingerprint}); use another output folder or delete it")
-    return torch.load(path / CHECKPOINT_STATE, weights_only=True), meta
+    # on CPU first: a checkpoint written on a GPU node resumes anywhere; load_state_dict copies
+    # weights and optimizer moments onto the live parameters' devices
+    return torch.load(path / CHECKPOINT_STATE, weights_only=True, map_location="cpu"), meta
 
 
 def spend_of(meta: dict) -> Spend:
