@@ -1,4 +1,7 @@
-"""CUDA checks (bf16): run with `bash tests/gpu.sh` where a GPU is lent; skipped elsewhere."""
+"""CUDA checks: run with `bash tests/gpu.sh` where a GPU is lent; skipped elsewhere.
+
+bf16 losses against a float64 CPU reference, seeded generation on cuda, and every online trainer
+for one or two steps with its policy on cuda (finite losses, weights moved, tensors on cuda)."""
 
 from __future__ import annotations
 
