@@ -94,7 +94,7 @@ def _snapshot(model):
 
 
 def _changed(before, model) -> bool:
-    return any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    return any(not torch.equal(a, b.detach().to(a.device)) for a, b in zip(before, model.parameters()))
 
 
 def _finite(x) -> bool:
@@ -272,9 +272,11 @@ def test_trainers_follow_a_policy_the_generator_moves(cuda_env):
 
     common = dict(eval_prompts=cuda_env.eval_prompts, eval_reward_fn=cuda_env.reward)
     policy = AutoModelForCausalLM.from_pretrained(cuda_env.path)
+    before = _snapshot(policy)  # on the CPU
     out, report = train_rloo(policy, cuda_env.tok, cuda_env.prompts, cuda_env.make_gen, ranked_reward,
                              RLOOConfig(steps=1, prompts_per_step=4, k=2, sampling=ONLINE_SAMPLING), **common)
     assert next(out.parameters()).device.type == "cuda" and _finite(report.history[0]["loss"])
+    assert _changed(before, out)  # the optimizer built before the move updated the moved weights
     policy = AutoModelForCausalLM.from_pretrained(cuda_env.path)
     out, value_head, report = train_ppo(policy, cuda_env.tok, cuda_env.prompts, cuda_env.make_gen, ranked_reward,
                                         PPOConfig(steps=1, prompts_per_step=4, sampling=ONLINE_SAMPLING), **common)

@@ -31,6 +31,16 @@ def test_device_of_and_token_batch_to():
     assert meta.action_mask.dtype == torch.bool and meta.input_ids.shape == (2, 3)
 
 
+def test_colocate_follows_the_policy():
+    """A reference or value head built before the generator factory moved the policy follows it
+    (the module itself, moved in place; CPU -> CUDA keeps the parameter objects, which the CUDA
+    test of the flow's case checks through the optimizer)."""
+    policy = torch.nn.Linear(2, 2, device="meta")  # stands in for a policy on another device
+    head = torch.nn.Linear(2, 1)
+    assert ro.colocate(head, policy) is head and head.weight.device.type == "meta"
+    assert ro.colocate(head, policy) is head  # already there: nothing to do
+
+
 @pytest.mark.parametrize("returned", [
     lambda n: [0.5] * n, lambda n: np.full(n, 0.5), lambda n: torch.full((n,), 0.5, dtype=torch.float64),
 ])
