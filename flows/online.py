@@ -5,7 +5,7 @@ them to the trainers of ``trainers`` (which never import ``feedback``).
 one) and writes ``OUTPUT/model`` (the trained weights + tokenizer) and ``OUTPUT/report.json``
 (reward before/after, KL to the reference, generations and judge calls spent, wall time,
 per-round history and, for iterative methods, the termination rule's decision and evidence).
-PPO, RLOO, DRO-V and the iterative methods checkpoint into ``OUTPUT/checkpoints`` (every
+PPO, RLOO, DRO-V, Nash-MD, PAFT and the iterative methods checkpoint into ``OUTPUT/checkpoints`` (every
 ``checkpoint_every`` steps / every epoch / every finished round): running the same config into the same
 output folder again resumes a killed run instead of starting over.
 
@@ -112,7 +112,7 @@ class OnlineRunConfig:
     max_new_tokens: int = 24
     device: str = "cpu"
     seed: int = 0
-    checkpoints: bool = True  # write OUTPUT/checkpoints and resume from them (ppo, rloo, dro-v, iterative methods)
+    checkpoints: bool = True  # write OUTPUT/checkpoints and resume from them (all but token-rewards)
 
 
 def _override(obj: Any, params: dict) -> Any:
@@ -234,13 +234,13 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
 
         policy, rep = train_nash_md(policy, tokenizer, prompts, make_gen, preference_fn,
                                     _override(NashMDConfig(sampling=sampling, seed=cfg.seed), params),
-                                    eval_prompts=eval_prompts, eval_reward_fn=eval_reward)
+                                    eval_prompts=eval_prompts, eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "paft":
         from trainers.iterative.paft import PAFTConfig, train_paft
 
         policy, rep = train_paft(policy, tokenizer, prompts, make_gen, reward_fn,
                                  _override(PAFTConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
-                                 eval_reward_fn=eval_reward)
+                                 eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     else:
         from trainers.iterative.loop import IterativeConfig, train_iterative
 

@@ -217,3 +217,66 @@ def test_dro_v_killed_mid_epoch_resumes_to_the_same_result(env, tmp_path, monkey
     assert_same_weights(v_whole, v)
     assert [h["dro_loss"] for h in rep.history] == [h["dro_loss"] for h in rep_whole.history]
     assert rep.generations == rep_whole.generations == 16 and rep.reward_after == rep_whole.reward_after
+
+
+def test_nash_md_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
+    """Nash-MD checkpoints every step; killed while judging step 3, the same call resumes after
+    step 2 and ends with the weights, record and spend of an uninterrupted run."""
+    from flows.online import RewardPreference
+    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+
+    preference = RewardPreference(env.reward, scale=0.1)
+    cfg = NashMDConfig(steps=3, prompts_per_step=4, lr=3e-4, sampling=SAMPLING, checkpoint_every=1)
+    kw = dict(eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
+    whole, rep_whole = train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, preference, cfg, **kw)
+
+    ckpt = tmp_path / "nash"
+    calls = {"n": 0}
+
+    def dying(*args):  # the preference oracle of a run that dies on its third call (step 3)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise Killed("run killed")
+        return preference(*args)
+
+    with pytest.raises(Killed):
+        train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, dying, cfg, checkpoint_dir=ckpt, **kw)
+    assert ro.latest_checkpoint(ckpt).name == "step-000002"
+    resumed, rep = train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, preference, cfg,
+                                 checkpoint_dir=ckpt, **kw)
+    assert rep.extra["resumed_from"].endswith("step-000002")
+    assert_same_weights(whole, resumed)
+    assert [h["step"] for h in rep.history] == [0, 1, 2]
+    assert [(h["preference_vs_mixture"], h["kl"]) for h in rep.history] == \
+        [(h["preference_vs_mixture"], h["kl"]) for h in rep_whole.history]
+    assert rep.reward_before == rep_whole.reward_before and rep.reward_after == rep_whole.reward_after
+    # 4 policy samples + 4 mixture samples per step; one preference call per pair
+    assert (rep.generations, rep.judge_calls) == (rep_whole.generations, rep_whole.judge_calls) == (24, 12)
+
+
+def test_paft_extended_run_equals_one_long_run(env, tmp_path):
+    """PAFT: 1 round (merged weights checkpointed), then the same run asked for 2 rounds skips
+    round 1 and ends with a 2-round run's merged weights and record; another config is refused."""
+    from trainers.iterative.paft import PAFTConfig, train_paft
+
+    cfg = PAFTConfig(rounds=2, prompts_per_round=6, k=2, epochs=1, batch_size=6, lr=1e-3, lora_r=4,
+                     sampling=SAMPLING)
+    kw = dict(eval_prompts=env.eval_prompts)
+    whole, rep_whole = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg, **kw)
+
+    ckpt = tmp_path / "paft"
+    one = PAFTConfig(**{**cfg.__dict__, "rounds": 1})
+    _, rep1 = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, one, checkpoint_dir=ckpt, **kw)
+    assert rep1.generations == 12 and ro.latest_checkpoint(ckpt).name == "round-000001"
+    resumed, rep = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                              checkpoint_dir=ckpt, **kw)
+    assert rep.extra["resumed_from"].endswith("round-000001")
+    assert type(resumed).__name__ == "LlamaForCausalLM"  # plain merged weights, no adapters left
+    assert_same_weights(whole, resumed)
+    assert [(h["round"], h["pairs"], h["dpo_loss"]) for h in rep.history] == \
+        [(h["round"], h["pairs"], h["dpo_loss"]) for h in rep_whole.history]
+    assert rep.reward_after == rep_whole.reward_after and rep.generations == rep_whole.generations == 24
+    assert sorted(p.name for p in ckpt.iterdir()) == ["round-000001", "round-000002"]
+    with pytest.raises(ValueError, match="different config"):
+        train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward,
+                   PAFTConfig(**{**cfg.__dict__, "lr": 3e-3}), checkpoint_dir=ckpt, **kw)

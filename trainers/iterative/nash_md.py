@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -94,13 +95,20 @@ class NashMDConfig:
     max_grad_norm: float = 1.0
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=24))
     seed: int = 0
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end) when a checkpoint_dir is given
 
 
 def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
                   preference_fn: Any, config: NashMDConfig | None = None, ref: nn.Module | None = None,
                   eval_prompts: Sequence[Any] | None = None, eval_reward_fn: Any = None,
-                  eval_sampling: SamplingParams | None = None) -> tuple[nn.Module, OnlineReport]:
-    """Train ``policy`` in place with Nash-MD against ``preference_fn`` (P(a > b|x), debiased)."""
+                  eval_sampling: SamplingParams | None = None,
+                  checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, OnlineReport]:
+    """Train ``policy`` in place with Nash-MD against ``preference_fn`` (P(a > b|x), debiased).
+
+    ``checkpoint_dir``: save policy, optimizer, RNG states, step, record and spend every
+    ``checkpoint_every`` steps and at the end (``step-00000t/``); a call with the same folder,
+    config (``steps`` may grow) and prompts, given the same starting policy, resumes from the
+    newest checkpoint. The reference is the starting policy, so it is never stored."""
     cfg = config or NashMDConfig()
     if eval_reward_fn is None:
         raise ValueError("train_nash_md needs eval_reward_fn to report progress")
@@ -110,13 +118,22 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     ref = ref if ref is not None else ro.frozen_copy(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     run = ro.begin_run("nash-md", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed)
+                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
+    start = 0
+    if saved is not None:  # resume: weights, optimizer moments, random streams and record
+        policy.load_state_dict(saved["policy"])
+        optimizer.load_state_dict(saved["optimizer"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+        report.extra["resumed_from"] = meta["path"]
     generator = make_generator(policy, tokenizer)
     ro.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         policy.eval()
@@ -135,6 +152,10 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         loss = -(advantage * logps[:, 0]).mean()
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "preference_vs_mixture": float(pref.mean()), "kl": float(kl.mean())})
+        if checkpoint_dir is not None and ((step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps):
+            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(step + 1), {
+                "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen),
+            }, ro.checkpoint_meta(step + 1, fingerprint, report, spend, run.first))
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -151,21 +152,37 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
 
 def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_generator: Any,
                reward_fn: Any, config: PAFTConfig | None = None, eval_prompts: Sequence[Any] | None = None,
-               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None) -> tuple[nn.Module, OnlineReport]:
+               eval_sampling: SamplingParams | None = None, eval_reward_fn: Any = None,
+               checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, OnlineReport]:
     """On-policy PAFT: sample K, judge, build SFT and DPO data, train both adapters in
-    parallel, merge; repeated ``rounds`` times. Returns (merged model, report)."""
+    parallel, merge; repeated ``rounds`` times. Returns (merged model, report).
+
+    ``checkpoint_dir``: every finished round is saved there atomically (``round-00000t/``: the
+    merged policy's weights, the RNG states, the record and the spend; the adapters and their
+    optimizers are fresh every round, so nothing else is needed). A call with the same folder,
+    config (``rounds`` may grow) and prompts, given the same starting policy, skips the
+    finished rounds and continues."""
     eval_reward_fn = eval_reward_fn or reward_fn  # e.g. the verifier when training on a reward model
     cfg = config or PAFTConfig()
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # sampling seeds and LoRA initialisations: a run is reproducible
     gen = torch.Generator().manual_seed(cfg.seed)
     sft_ref = ro.frozen_copy(policy)
+    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
+    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
     run = ro.begin_run("paft", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed)
+                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy
+    start = 0
+    if saved is not None:  # resume after the newest finished round: the merged weights and random streams
+        policy.load_state_dict(saved["policy"])
+        ro.set_rng_state(saved["rng"], gen)
+        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+        report.extra["resumed_from"] = meta["path"]
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
-    for r in range(cfg.rounds):
+    for r in range(start, cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
         round_prompts = [prompts[i] for i in idx]
         policy.eval()
@@ -176,6 +193,10 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         sft_examples = [(p.prompt, p.chosen, p.chosen_finished) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
+        if checkpoint_dir is not None:
+            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(r + 1, "round"), {
+                "policy": policy.state_dict(), "rng": ro.rng_state(gen)},
+                ro.checkpoint_meta(r + 1, fingerprint, report, spend, run.first))
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
     report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
     report.extra["eval_rewards_after"] = final["rewards"]
