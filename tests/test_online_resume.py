@@ -280,3 +280,24 @@ def test_paft_extended_run_equals_one_long_run(env, tmp_path):
     with pytest.raises(ValueError, match="different config"):
         train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward,
                    PAFTConfig(**{**cfg.__dict__, "lr": 3e-3}), checkpoint_dir=ckpt, **kw)
+
+
+@pytest.mark.parametrize("method,params,grow,name", [
+    ("nash-md", {"steps": 1, "prompts_per_step": 4, "checkpoint_every": 1}, {"steps": 2}, "step-000001"),
+    ("paft", {"rounds": 1, "prompts_per_round": 4, "k": 2, "epochs": 1, "batch_size": 4}, {"rounds": 2},
+     "round-000001"),
+])
+def test_run_online_resumes_nash_md_and_paft(toy_world, tmp_path, method, params, grow, name):
+    """The flow hands Nash-MD and PAFT their OUTPUT/checkpoints folder: a longer run of the same
+    config into the same output resumes after the first run's last checkpoint."""
+    from flows.online import run_online
+
+    base = {"method": method, "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
+            "eval_prompts": 4, "max_new_tokens": 8, "params": params}
+    first = run_online(base)
+    assert first["extra"].get("resumed_from") is None
+    assert (tmp_path / "run" / "checkpoints" / name / ro.CHECKPOINT_STATE).exists()
+    more = run_online({**base, "params": {**params, **grow}})
+    assert more["extra"]["resumed_from"].endswith(name)
+    assert len(more["history"]) == 2 and more["history"][0] == first["history"][0]
+    assert more["generations"] == 2 * first["generations"] and more["reward_before"] == first["reward_before"]
