@@ -3,7 +3,8 @@ iterative / online alignment (issue 6).
 
 Methods: reward-model, preference-model, ppo, rloo, iterative-dpo, self-rewarding, cringe,
 sppo, nash-md, dno, paft, token-rewards, dro-v. Heavy imports stay inside the command bodies.
-A second run into the same --output resumes ppo, rloo, the iterative methods, nash-md, paft and dro-v from their checkpoints.
+A second run into the same --output resumes ppo, rloo, the iterative methods, nash-md, paft
+and dro-v from their checkpoints.
 """
 
 from __future__ import annotations
