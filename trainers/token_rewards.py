@@ -55,7 +55,7 @@ def token_rewards(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any
     rlp, _ = ro.forward_token_logprobs(ref, batch)
     mask = batch.action_mask[0]
     ids = batch.actions[0][mask].tolist()
-    lp, rlp = lp[0][mask].tolist(), rlp[0][mask].tolist()
+    lp, rlp = lp[0][mask.to(lp.device)].tolist(), rlp[0][mask.to(rlp.device)].tolist()
     return [TokenReward(tokenizer.decode([i]), beta * (a - b), a, b) for i, a, b in zip(ids, lp, rlp)]
 
 
@@ -89,7 +89,8 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, prompt_ids: Sequence[list[int]], pad: int):
         self.model = model
-        ids, self.mask, pos = _left_padded(prompt_ids, pad)
+        self.device = ro.device_of(model)  # rows live where the model is
+        ids, self.mask, pos = (t.to(self.device) for t in _left_padded(prompt_ids, pad))
         self.cache_arg = _cache_arg(model)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
         self.cache, self.pos = _cache_of(out), pos[:, -1]
@@ -97,8 +98,10 @@ class _Decoder:
 
     def step(self, parents: torch.Tensor, tokens: torch.Tensor) -> None:
         """Continue row ``parents[j]`` with ``tokens[j]`` for every new row j."""
+        parents, tokens = parents.to(self.device), tokens.to(self.device)
         self.cache.reorder_cache(parents)
-        self.mask = torch.cat([self.mask[parents], torch.ones(len(parents), 1, dtype=torch.long)], 1)
+        ones = torch.ones(len(parents), 1, dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask[parents], ones], 1)
         self.pos = self.pos[parents] + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
                          use_cache=True, **{self.cache_arg: self.cache})
@@ -146,7 +149,7 @@ def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts
     done = [False] * len(prompts)
     monotone = objective == "q" and not length_penalty
     for _ in range(max_new_tokens):
-        gains = beta * dec.logps if ref_dec is None else beta * (dec.logps - ref_dec.logps)
+        gains = beta * dec.logps if ref_dec is None else beta * (dec.logps - ref_dec.logps.to(dec.logps.device))
         top = dec.logps.topk(min(expand, dec.logps.shape[-1]), -1).indices  # [R, expand]
         cand_gain = gains.gather(-1, top)
         by_prompt: dict[int, list[tuple[float, int, int]]] = {}
