@@ -286,3 +286,16 @@ def test_trainers_follow_a_policy_the_generator_moves(cuda_env):
                                 lambda p, a, b: [0.9] * len(a),
                                 NashMDConfig(steps=1, prompts_per_step=4, sampling=ONLINE_SAMPLING), **common)
     assert next(out.parameters()).device.type == "cuda" and _finite(report.history[0]["kl"])
+
+
+def test_beam_search_and_token_rewards_on_cuda(cuda_env):
+    from trainers.iterative.rollout import frozen_copy
+    from trainers.token_rewards import beam_search_batch, token_rewards
+
+    policy = cuda_env.policy()
+    ref = frozen_copy(policy)
+    found = beam_search_batch(policy, ref, cuda_env.tok, cuda_env.task.prompts(3, seed=4), beam_size=3,
+                              max_new_tokens=8, objective="reward")
+    assert len(found) == 3 and all(_finite(score) for _, score in found)
+    rows = token_rewards(policy, ref, cuda_env.tok, cuda_env.task.prompts(1, seed=4)[0], "abc")
+    assert rows and all(_finite(r.reward) for r in rows)
