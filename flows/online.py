@@ -155,7 +155,7 @@ def run_online(config: OnlineRunConfig | dict) -> dict:
     prompts = [ro.as_messages(p) for p in task.prompts(cfg.prompts, seed=cfg.seed)]
     eval_prompts = [ro.as_messages(p) for p in task.prompts(cfg.eval_prompts, seed=cfg.seed + 1000)]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model)
+    policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device)  # trainers build on its device
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     make_gen = policy_generator_factory(cfg.device)
     judge_reward = JudgeReward(make_judge({**cfg.judge, "task": cfg.judge.get("task", cfg.task)}))
@@ -195,7 +195,8 @@ def _preference(cfg: OnlineRunConfig, reward_fn: Any, tokenizer: Any):
 
     from trainers.preference_model import PreferenceModelFn
 
-    return PreferenceModelFn(AutoModelForSequenceClassification.from_pretrained(cfg.preference, num_labels=1), tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.preference, num_labels=1).to(cfg.device)
+    return PreferenceModelFn(model, tokenizer)
 
 
 def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, reward_fn, eval_reward, preference_fn,
@@ -266,7 +267,7 @@ def _distilled_reward(cfg, policy, tokenizer, prompts, make_gen, judge_reward, s
     from trainers.reward_model import RewardModelConfig, make_reward_model, train_reward_model
 
     examples = _samples_to_examples(make_gen, policy, tokenizer, prompts, judge_reward, 4, sampling)
-    rm = make_reward_model(cfg.model, tokenizer)
+    rm = make_reward_model(cfg.model, tokenizer).to(cfg.device)
     metrics = train_reward_model(rm, tokenizer, examples, examples[-8:], RewardModelConfig(epochs=3, lr=3e-4))
     rm.save_pretrained(out / "reward-model")
     tokenizer.save_pretrained(out / "reward-model")
@@ -289,7 +290,7 @@ def _train_judge_model(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, 
         train = _samples_to_examples(make_gen, policy, tokenizer, prompts, judge_reward, k, sampling)
         held = _samples_to_examples(make_gen, policy, tokenizer, eval_prompts, judge_reward, k, sampling)
     params = {k: v for k, v in cfg.params.items() if k != "k"}
-    model = make_reward_model(cfg.model, tokenizer)
+    model = make_reward_model(cfg.model, tokenizer).to(cfg.device)
     if cfg.method == "reward-model":
         metrics = train_reward_model(model, tokenizer, train, held, _override(RewardModelConfig(seed=cfg.seed), params))
     else:
