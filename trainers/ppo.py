@@ -207,14 +207,8 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     device = ro.device_of(policy)  # every rollout tensor lives where the policy does (after the
     ro.colocate(ref, policy)       # generator factory has moved it); reference and head follow
     ro.colocate(value_head, policy)
-    start = 0
-    if saved is not None:  # resume: weights, optimizer moments, random streams and record
-        policy.load_state_dict(saved["policy"])
-        value_head.load_state_dict(saved["value_head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        ro.set_rng_state(saved["rng"], gen)
-        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
-        report.extra["resumed_from"] = meta["path"]
+    state = {"policy": policy, "value_head": value_head, "optimizer": optimizer}  # checkpointed besides the RNG
+    spend, start = ro.resume_into(saved, meta, state, gen, report, spend)
     generator = make_generator(policy, tokenizer)
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -258,15 +252,9 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
             "step": step, "reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
             "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
-        if checkpoint_dir is not None and ((step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps):
-            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(step + 1), {
-                "policy": policy.state_dict(), "value_head": value_head.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen),
-            }, ro.checkpoint_meta(step + 1, fingerprint, report, spend, run.first))
+        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, fingerprint,
+                         report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-    report.extra["eval_rewards_after"] = final["rewards"]
-    report.generations, report.judge_calls = spend.generations, spend.judge_calls
-    report.wall_s = time.perf_counter() - t0
+    ro.finish_run(report, final, spend, t0)
     return policy, value_head, report

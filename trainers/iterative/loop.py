@@ -425,16 +425,12 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None
-    start, stopped = 0, False
-    if saved is not None:  # resume after the newest finished round
-        policy.load_state_dict(saved["policy"])
-        optimizer.load_state_dict(saved["optimizer"])
-        ro.set_rng_state(saved["rng"], gen)
-        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
+    stopped = False
+    spend, start = ro.resume_into(saved, meta, {"policy": policy, "optimizer": optimizer}, gen, report, spend)
+    if saved is not None:  # the loop's own record after the newest finished round
         rewards_hist, prev_responses, stopped = meta["rewards_hist"], meta["prev_responses"], meta["stopped"]
         report.termination = next((h["termination"] for h in reversed(report.history) if "termination" in h), None)
         ref_t = ro.frozen_copy(policy) if cfg.refresh_reference else sft_ref
-        report.extra["resumed_from"] = meta["path"]
     for t in range(start, cfg.rounds):
         if stopped:
             break
@@ -477,9 +473,6 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
         if stopped:
             break
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
-    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-    report.extra["eval_rewards_after"] = final["rewards"]
-    report.generations, report.judge_calls = spend.generations, spend.judge_calls
-    report.wall_s = time.perf_counter() - t0
+    ro.finish_run(report, final, spend, t0)
     report.extra["rounds_run"] = len(report.history)
     return policy, report

@@ -124,13 +124,8 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
                        cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
-    start = 0
-    if saved is not None:  # resume: weights, optimizer moments, random streams and record
-        policy.load_state_dict(saved["policy"])
-        optimizer.load_state_dict(saved["optimizer"])
-        ro.set_rng_state(saved["rng"], gen)
-        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
-        report.extra["resumed_from"] = meta["path"]
+    state = {"policy": policy, "optimizer": optimizer}  # what a checkpoint holds besides the random streams
+    spend, start = ro.resume_into(saved, meta, state, gen, report, spend)
     generator = make_generator(policy, tokenizer)
     ro.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
     for step in range(start, cfg.steps):
@@ -152,14 +147,9 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         loss = -(advantage * logps[:, 0]).mean()
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "preference_vs_mixture": float(pref.mean()), "kl": float(kl.mean())})
-        if checkpoint_dir is not None and ((step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps):
-            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(step + 1), {
-                "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen),
-            }, ro.checkpoint_meta(step + 1, fingerprint, report, spend, run.first))
+        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, fingerprint,
+                         report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-    report.extra["eval_rewards_after"] = final["rewards"]
-    report.generations, report.judge_calls = spend.generations, spend.judge_calls
-    report.wall_s = time.perf_counter() - t0
+    ro.finish_run(report, final, spend, t0)
     return policy, report

@@ -175,12 +175,8 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy
-    start = 0
-    if saved is not None:  # resume after the newest finished round: the merged weights and random streams
-        policy.load_state_dict(saved["policy"])
-        ro.set_rng_state(saved["rng"], gen)
-        report.history, spend, start = meta["history"], ro.spend_of(meta), meta["index"]
-        report.extra["resumed_from"] = meta["path"]
+    # resume after the newest finished round: the merged weights and the random streams
+    spend, start = ro.resume_into(saved, meta, {"policy": policy}, gen, report, spend)
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(start, cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
@@ -193,13 +189,8 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         sft_examples = [(p.prompt, p.chosen, p.chosen_finished) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
-        if checkpoint_dir is not None:
-            ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(r + 1, "round"), {
-                "policy": policy.state_dict(), "rng": ro.rng_state(gen)},
-                ro.checkpoint_meta(r + 1, fingerprint, report, spend, run.first))
+        ro.save_progress(checkpoint_dir, r + 1, cfg.rounds, 1, {"policy": policy}, gen, fingerprint, report, spend,
+                         run.first, prefix="round")
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
-    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-    report.extra["eval_rewards_after"] = final["rewards"]
-    report.generations, report.judge_calls = spend.generations, spend.judge_calls
-    report.wall_s = time.perf_counter() - t0
+    ro.finish_run(report, final, spend, t0)
     return policy, report

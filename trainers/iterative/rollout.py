@@ -386,3 +386,42 @@ def checkpoint_meta(index: int, fingerprint: str, report: OnlineReport, spend: S
     and the starting policy's evaluation (``begin_run``'s ``first``)."""
     return {"index": index, "fingerprint": fingerprint, "history": report.history, "spend": asdict(spend),
             "first": {k: first[k] for k in ("reward", "rewards", "responses") if k in first}, **extra}
+
+
+def resume_into(saved: dict | None, meta: dict | None, objects: dict[str, Any], gen: torch.Generator,
+                report: OnlineReport, spend: Spend) -> tuple[Spend, int]:
+    """Load a checkpoint found by ``find_resume`` into ``objects`` (name -> module or optimizer,
+    the names it was saved under), the random streams and the record; returns (spend, index
+    to continue from). Nothing found: (``spend``, 0)."""
+    if saved is None:
+        return spend, 0
+    for name, obj in objects.items():
+        obj.load_state_dict(saved[name])
+    set_rng_state(saved["rng"], gen)
+    report.history = meta["history"]
+    report.extra["resumed_from"] = meta["path"]
+    return spend_of(meta), meta["index"]
+
+
+def save_progress(checkpoint_dir: str | Path | None, done: int, total: int, every: int, objects: dict[str, Any],
+                  gen: torch.Generator, fingerprint: str, report: OnlineReport, spend: Spend, first: dict,
+                  prefix: str = "step") -> None:
+    """Checkpoint ``objects``' states and the random streams after ``done`` of ``total``
+    steps (rounds): every ``every`` and at the end; nothing without a ``checkpoint_dir``."""
+    if checkpoint_dir is None or (done % max(1, every) and done != total):
+        return
+    state = {name: obj.state_dict() for name, obj in objects.items()}
+    save_checkpoint(checkpoint_dir, checkpoint_name(done, prefix), {**state, "rng": rng_state(gen)},
+                    checkpoint_meta(done, fingerprint, report, spend, first))
+
+
+def finish_run(report: OnlineReport, final: dict, spend: Spend, started: float) -> OnlineReport:
+    """Fill the report's closing fields: the final ``evaluate`` (reward, KL, per-prompt
+    rewards), the spend and the wall time since ``started`` (``time.perf_counter``)."""
+    import time
+
+    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+    report.extra["eval_rewards_after"] = final["rewards"]
+    report.generations, report.judge_calls = spend.generations, spend.judge_calls
+    report.wall_s = time.perf_counter() - started
+    return report
