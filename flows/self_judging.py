@@ -19,13 +19,14 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from feedback.judges.templates import RubricTemplate
-from flows.toy_world import ToyWorld
+from flows.toy_world import MARKER as WORLD_MARKER, ToyWorld, _read_marker
 
 MARKER = "self_judging.json"
 CHECKPOINT_DIR = "self-judging-model"
@@ -66,14 +67,11 @@ def build_self_judging_world(out_dir: str | Path, base: ToyWorld, config: SelfJu
     """EFT the toy world's model into its own rubric judge (cached under ``out_dir``)."""
     out_dir = Path(out_dir)
     config = config or SelfJudgingConfig()
-    base_digest = json.loads((base.path.parent / "toy_world.json").read_text())["digest"]
+    base_digest = _read_marker(base.path.parent, WORLD_MARKER)["digest"]
     digest = hashlib.sha256(json.dumps({"base": base_digest, "config": asdict(config),
                                         "template": asdict(TOY_RUBRIC)}, sort_keys=True).encode()).hexdigest()[:16]
     checkpoint = out_dir / CHECKPOINT_DIR
-    try:
-        marker = json.loads((out_dir / MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        marker = None
+    marker = _read_marker(out_dir, MARKER)
     if not force and marker and marker.get("digest") == digest and (checkpoint / "config.json").is_file():
         return SelfJudgingWorld(checkpoint, base, TOY_RUBRIC, marker["stats"])
 
@@ -99,7 +97,7 @@ def _samples(generator, task, n: int, k: int, seed: int, max_new_tokens: int) ->
     return [p for p in prompts for _ in range(k)], [g.text for gens in sampled for g in gens]
 
 
-def _agreement(model, tokenizer, task, prompts, responses, rewards) -> float:
+def _agreement(model, tokenizer, prompts, responses, rewards) -> float:
     """Spearman correlation of the model's own rubric score with the verifier's reward."""
     import torch
     from scipy.stats import spearmanr
@@ -140,14 +138,12 @@ def _build(checkpoint: Path, base: ToyWorld, config: SelfJudgingConfig) -> dict[
 
     held_p, held_r = _samples(generator, task, config.eval_prompts, config.eval_k, seed + 3000, config.max_new_tokens)
     held_rewards = task.rewards(held_p, held_r)
-    before = _agreement(model, tokenizer, task, held_p, held_r, held_rewards)
+    before = _agreement(model, tokenizer, held_p, held_r, held_rewards)
     train_sft(model, tokenizer, examples, checkpoint, learning_rate=config.learning_rate,
               num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size, seed=seed,
               data_seed=seed, use_cpu=True, logging_steps=10_000, quiet=True)
-    import shutil
-
     shutil.rmtree(checkpoint / "trainer-state", ignore_errors=True)
-    after = _agreement(model, tokenizer, task, held_p, held_r, held_rewards)
+    after = _agreement(model, tokenizer, held_p, held_r, held_rewards)
     # the EFT'd model must still answer: its own samples' reward on the same held-out prompts
     _, own = _samples(HFGenerator(model, tokenizer, device="cpu", batch_size=64), task, config.eval_prompts,
                       config.eval_k, seed + 3000, config.max_new_tokens)

@@ -102,9 +102,9 @@ def reward_stats(generator, task: ToyTask, prompts: Sequence[str], k: int = 4, s
     }
 
 
-def _read_marker(out_dir: Path) -> dict | None:
+def _read_marker(out_dir: Path, name: str = MARKER) -> dict | None:
     try:
-        return json.loads((out_dir / MARKER).read_text())
+        return json.loads((out_dir / name).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
