@@ -607,6 +607,22 @@ def test_equal_scores_count_in_no_pairwise_sum():
     close(compute_loss("bt", bt), 0.0)
 
 
+@pytest.mark.parametrize("name", [n for n in LOSSES if loss_spec(n).kind == "pairwise"
+                                  and not loss_spec(n).extra_keys])
+def test_half_precision_inputs_are_computed_in_float32(name):
+    """bf16 log-probs of -50 are exact to 0.125 at best; the loss must not round further (DPOP's
+    lam=50 would turn bf16 arithmetic into errors of several nats)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {k: (-torch.rand(16, generator=gen, dtype=torch.float64) * 50).to(torch.bfloat16)
+             for k in PAIRWISE_KEYS}
+    batch["chosen_tokens"] = torch.randint(1, 40, (16,), generator=gen).to(torch.bfloat16)
+    batch["rejected_tokens"] = torch.randint(1, 40, (16,), generator=gen).to(torch.bfloat16)
+    loss = compute_loss(name, batch)
+    assert loss.dtype == torch.float32
+    reference = compute_loss(name, {k: v.double() for k, v in batch.items()})
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_log1mexp_is_accurate_and_finite():
     a = torch.tensor([-1e-20, -1e-8, -0.3, -0.7, -5.0, -50.0, -1e4, 0.0], dtype=torch.float64)
     out = log1mexp(a)

@@ -29,14 +29,20 @@ class MissingBatchKeyError(KeyError):
 
 
 def need(batch: Mapping[str, torch.Tensor], loss: str, *keys: str) -> tuple[torch.Tensor, ...]:
-    """The tensors under ``keys``, or MissingBatchKeyError naming the first missing key and ``loss``."""
+    """The tensors under ``keys``, or MissingBatchKeyError naming the first missing key and ``loss``.
+
+    bf16/fp16 tensors come back as float32: the losses take differences of log-probs in the tens
+    and scale them (DPOP's lam=50), which half precision (8 bits of mantissa) would round away.
+    These are per-example scalars, so the upcast costs nothing.
+    """
     values = []
     for key in keys:
         if key not in batch:
             raise MissingBatchKeyError(
                 f"loss {loss!r} needs batch key {key!r}; the batch has {sorted(batch)}"
             )
-        values.append(batch[key])
+        value = batch[key]
+        values.append(value.float() if value.dtype in (torch.bfloat16, torch.float16) else value)
     return tuple(values)
 
 
