@@ -130,3 +130,42 @@ def test_alpaca_eval_json_in_many_batches_converts_the_same(tmp_path):
                               Options(ties="drop"))
     assert small.as_dict() == big.as_dict() and small.written == 150
     assert (tmp_path / "s.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def _listwise_file(tmp_path, n=400):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
+             "responses": [f"r{i}-{j}" for j in range(2 + i % 4)], "scores": [float((j * 7 + i) % 5) for j in range(2 + i % 4)]}
+            for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "lw.parquet")
+    return tmp_path / "lw.parquet"
+
+
+def test_many_shards_written_in_parallel_keep_the_order_of_one(tmp_path):
+    from schemas.store import read_dataset, read_manifest
+
+    src = _listwise_file(tmp_path)
+    one = convert_labels_file(src, tmp_path / "one", "listwise", "pairwise")
+    many = convert_labels_file(src, tmp_path / "many", "listwise", "pairwise", batch_rows=16, rows_per_shard=25)
+    assert one.as_dict() == many.as_dict()
+    assert len(read_manifest(tmp_path / "many")["shards"]) > 10
+    assert read_dataset(tmp_path / "many").to_pylist() == read_dataset(tmp_path / "one").to_pylist()
+
+
+def test_a_failed_shard_write_leaves_no_dataset_and_raises(tmp_path, monkeypatch):
+    from schemas.store import DatasetWriter
+
+    real = DatasetWriter.write_shard
+
+    def flaky(self, table, key=None):
+        if key == 3:
+            raise OSError("disk full")
+        return real(self, table, key)
+
+    monkeypatch.setattr(DatasetWriter, "write_shard", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        convert_labels_file(_listwise_file(tmp_path), tmp_path / "out", "listwise", "pairwise", batch_rows=16,
+                            rows_per_shard=25)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -174,3 +174,28 @@ def test_cli_help_is_fast_and_imports_nothing_heavy():
     heavy, seconds = out.stdout.rsplit("]", 1)
     assert heavy + "]" == "[]", out.stdout
     assert float(seconds) < 2.0
+
+
+def test_shards_written_from_several_threads_are_all_recorded(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = pa.Table.from_pylist([GOOD_ROWS["binary"]] * 3)
+    writer = DatasetWriter(tmp_path / "par", "binary", {"flow": "gen"})
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: writer.write_shard(rows, i), range(12)))
+    progress = json.loads((tmp_path / "par.partial" / "progress.json").read_text())
+    assert [s["key"] for s in progress["shards"]] == [f"{i:05d}" for i in range(12)]
+    writer.commit()
+    assert read_manifest(tmp_path / "par")["num_rows"] == 36 and verify_dataset(tmp_path / "par")
+
+
+def test_statistics_only_on_scalar_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = validate(pa.Table.from_pylist([GOOD_ROWS["pairwise"], {**GOOD_ROWS["pairwise"], "margin": 2.5}]),
+                     "pairwise").valid
+    path = write_dataset(tmp_path / "p", table, "pairwise")
+    meta = pq.ParquetFile(path / read_manifest(path)["shards"][0]["file"]).metadata.row_group(0)
+    with_stats = {meta.column(i).path_in_schema for i in range(meta.num_columns) if meta.column(i).is_stats_set}
+    assert "margin" in with_stats and not with_stats & {"chosen", "rejected", "prompt_id"}
+    assert read_dataset(path).equals(table)

@@ -253,7 +253,14 @@ def _public_record(record: str) -> str:
 
 
 class _Sink:
-    """Where converted rows go: a store dataset (canonical kinds) or an export file."""
+    """Where converted rows go: a store dataset (canonical kinds) or an export file.
+
+    Store shards are encoded in ``WRITERS`` background threads (Parquet encoding and
+    compression release the GIL), so writing, the bulk of a conversion's work, runs on both
+    cores while the main thread converts the next batch; at most ``WRITERS`` shards wait.
+    """
+
+    WRITERS = 2
 
     def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int):
         from schemas.store import DatasetWriter
@@ -263,8 +270,9 @@ class _Sink:
         self.rows_per_shard = rows_per_shard
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
-        self._future = None  # the shard being written in the background (one at a time)
+        self._futures: list = []  # shards being written in the background, oldest first
         self._pool = None
+        self._next_key = 0
         if fmt.name in CANONICAL and not _looks_like_file(out):
             import shutil
 
@@ -285,22 +293,27 @@ class _Sink:
             self.file.write(self.fmt.export(table, self.options.as_dict()))
 
     def _flush(self) -> None:
-        """Hand the pending rows to the writer thread (Parquet encoding releases the GIL)."""
+        """Hand the pending rows to a writer thread, once fewer than WRITERS shards are in flight."""
         from concurrent.futures import ThreadPoolExecutor
 
         if not self.pending:
             return
         shard = pa.concat_tables(self.pending, promote_options="permissive")
         self.pending, self.pending_rows = [], 0
-        self._wait()
+        while len(self._futures) >= self.WRITERS:
+            self._futures.pop(0).result()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels-writer")
-        self._future = self._pool.submit(self.store.write_shard, shard)
+            self._pool = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="labels-writer")
+        self._futures.append(self._pool.submit(self.store.write_shard, shard, self._next_key))
+        self._next_key += 1
 
     def _wait(self) -> None:
-        if self._future is not None:
-            future, self._future = self._future, None
-            future.result()
+        """Wait for every shard in flight (all of them, even after one fails); raise the first error."""
+        futures, self._futures = self._futures, []
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def close(self, extra: dict) -> Path:
         if self.store is not None:
