@@ -461,3 +461,48 @@ def test_parquet_is_streamed_in_batches(tmp_path):
     pq.write_table(pa.table({"x": list(range(1000))}), tmp_path / "big.parquet", row_group_size=100)
     sizes = [b.num_rows for b in lio.iter_file_batches(tmp_path / "big.parquet", batch_rows=64)]
     assert sum(sizes) == 1000 and max(sizes) <= 64
+
+
+def test_oasst_emojis_and_detoxify_are_kept_and_can_order_siblings(tmp_path):
+    def detox(t):
+        return {"toxicity": t, "insult": t / 2}
+
+    rows = [{"message_id": "p", "parent_id": None, "role": "prompter", "text": "Q?", "rank": None,
+             "emojis": {"name": ["+1"], "count": [1]}, "detoxify": detox(0.1)},
+            {"message_id": "a", "parent_id": "p", "role": "assistant", "text": "A", "rank": 0,
+             "emojis": {"name": ["+1", "-1"], "count": [2, 5]}, "detoxify": detox(0.5)},
+            {"message_id": "b", "parent_id": "p", "role": "assistant", "text": "B", "rank": 1,
+             "emojis": {"name": ["+1"], "count": [4]}, "detoxify": detox(0.25)},
+            {"message_id": "c", "parent_id": "p", "role": "assistant", "text": "C", "rank": 2,
+             "emojis": None, "detoxify": None}]
+    report, table = convert(tmp_path, rows, "oasst", "listwise")
+    assert table.column("response_emojis").to_pylist() == [[rows[1]["emojis"], rows[2]["emojis"], None]]
+    assert table.column("prompt_emojis").to_pylist() == [rows[0]["emojis"]]
+    assert table.column("response_detoxify").to_pylist() == [[detox(0.5), detox(0.25), None]]
+    # thumbs up: C has no reactions at all (left out); A's +1 count 2 < B's 4
+    report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:+1")
+    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[4.0, 2.0]]
+    assert report.dropped == {"reply without emoji:+1": 1} and report.adds_up
+    # -1 given to A only: B has reactions but no -1, which counts as 0 of them
+    report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:-1=-1")
+    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[0.0, -5.0]]
+    report, table = convert(tmp_path, rows, "oasst", "pairwise", aspect="detoxify:toxicity=-1")
+    assert pairs_of(table) == [("B", "A")] and table.column("margin").to_pylist() == [0.25]
+    with pytest.raises(LabelsError, match=r"--aspect mean is not meaningful for oasst.*emoji:\+1.*detoxify:toxicity"):
+        convert(tmp_path, rows, "oasst", "listwise", aspect="mean")
+
+
+def test_oasst_tree_export_emoji_dict_and_detoxify(tmp_path):
+    tree = {"message_tree_id": "t1", "prompt": {
+        "message_id": "m0", "role": "prompter", "text": "root?", "emojis": {"+1": 3},
+        "replies": [{"message_id": "m1", "role": "assistant", "text": "x", "rank": 1, "emojis": {"+1": 1, "-1": 2},
+                     "detoxify": {"toxicity": 0.5}},
+                    {"message_id": "m2", "role": "assistant", "text": "y", "rank": 0, "emojis": {"+1": 6},
+                     "detoxify": {"toxicity": 0.1}}]}}
+    report, table = convert(tmp_path, [tree], "oasst", "listwise", name="tree.jsonl")
+    assert table.column("response_emojis").to_pylist() == [[{"name": ["+1"], "count": [6]},
+                                                            {"name": ["+1", "-1"], "count": [1, 2]}]]
+    assert table.column("prompt_emojis").to_pylist() == [{"name": ["+1"], "count": [3]}]
+    assert table.column("response_detoxify").to_pylist() == [[{"toxicity": 0.1}, {"toxicity": 0.5}]]
+    report, table = convert(tmp_path, [tree], "oasst", "listwise", name="tree2.jsonl", aspect="detoxify:toxicity")
+    assert table.column("responses").to_pylist() == [["x", "y"]]

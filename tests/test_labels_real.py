@@ -100,3 +100,40 @@ def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
                               "prompter turn without rated replies": 356, "all responses tie (--ties drop)": 49}
     expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
     assert sorted(read_dataset(tmp_path / "q").column("scores").to_pylist()) == expected  # 408 rows, best first
+
+
+def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labels, tmp_path):
+    import json
+    from collections import defaultdict
+
+    from feedback.labels import Options
+
+    path = human_labels / "oasst1_en_validation.jsonl"
+    messages = [json.loads(line) for line in path.open()]
+    convert_labels_file(path, tmp_path / "o", "oasst", "listwise")
+    table = read_dataset(tmp_path / "o")
+    responses = sum(table.column("responses").to_pylist(), [])
+    detox = sum(table.column("response_detoxify").to_pylist(), [])
+    emojis = sum(table.column("response_emojis").to_pylist(), [])
+    by_text = {m["text"]: m for m in messages if m["role"] == "assistant"}
+    assert len(responses) == 1132 and sum(d is not None for d in detox) == 1132 and sum(e is not None for e in emojis) == 986
+    assert all(e == (by_text[r]["emojis"] or None) for r, e in zip(responses, emojis) if e is not None)
+
+    # --aspect emoji:+1: siblings with any reaction, ordered by thumbs up (0 when others were given)
+    def thumbs_up(m):
+        e = m["emojis"]
+        return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else None
+
+    groups = defaultdict(list)
+    for m in messages:
+        if m["role"] == "assistant" and thumbs_up(m) is not None:
+            groups[m["parent_id"]].append(float(thumbs_up(m)))
+    rated = [g for g in groups.values() if len(g) >= 2]
+    tied = [g for g in rated if len(set(g)) == 1]
+    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (368, 1351, 75, 251)
+    report = convert_labels_file(path, tmp_path / "e", "oasst", "listwise", Options(aspect="emoji:+1"))
+    assert (report.read, report.written, report.quarantined) == (2022, 1100, 0) and report.adds_up
+    assert report.dropped == {"reply without emoji:+1": 165, "single rated reply (no ranking)": 95,
+                              "prompter turn without rated replies": 411, "all responses tie (--ties drop)": 251}
+    expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
+    assert sorted(read_dataset(tmp_path / "e").column("scores").to_pylist()) == expected  # 293 rows

@@ -274,6 +274,9 @@ OASST_COLUMNS = ["message_id", "parent_id", "text", "role", "rank"]
 OASST_LABELS = pa.struct([("name", pa.list_(pa.string())), ("value", pa.list_(pa.float64())),
                           ("count", pa.list_(pa.int64()))])
 OASST_RANK = "rank"  # --aspect rank (or none): order siblings by their human rank
+# per-message emoji reactions (+1, -1, red_flag, _skip_reply, ...) and how many people gave each
+OASST_EMOJIS = pa.struct([("name", pa.list_(pa.string())), ("count", pa.list_(pa.int64()))])
+EMOJI_PREFIX, DETOXIFY_PREFIX = "emoji:", "detoxify:"  # --aspect emoji:+1, --aspect detoxify:toxicity=-1
 
 
 def _labels_record(value) -> dict | None:
@@ -341,6 +344,74 @@ def oasst_labels(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
                       f"{{label: {{value, count}}}} (got {c.type})")
 
 
+def _emojis_record(value) -> dict | None:
+    """One message's emojis (HF ``{name: [...], count: [...]}`` or the tree export's ``{emoji: n}``)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, dict) and isinstance(value.get("name"), list):
+        return {"name": value["name"], "count": value.get("count") or [None] * len(value["name"])}
+    if isinstance(value, dict):  # Arrow's JSON reader gives every message every emoji seen: None = not given
+        given = {k: v for k, v in value.items() if v is not None}
+        return {"name": list(given), "count": list(given.values())}
+    raise TypeError(f"expected an object, got {type(value).__name__}")
+
+
+def oasst_emojis(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
+    """The ``emojis`` column as OASST_EMOJIS (None when the file has none)."""
+    if "emojis" not in raw.column_names:
+        return None
+    c = col(raw, "emojis")
+    if pa.types.is_null(c.type):
+        return pa.nulls(len(c), OASST_EMOJIS)
+    try:
+        if pa.types.is_struct(c.type) and {"name", "count"} <= {f.name for f in c.type}:
+            return pa.StructArray.from_arrays([pc.struct_field(c, "name"), pc.struct_field(c, "count")],
+                                              fields=list(OASST_EMOJIS), mask=c.is_null()).cast(OASST_EMOJIS)
+        if pa.types.is_struct(c.type) or pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+            # the tree export's {emoji: count}: a struct whose fields are the emojis (few messages have
+            # any, so one pass is fine), or JSON text in mixed-type files
+            values = c.to_pylist()
+            return pa.array([_emojis_record(x) for x in values], OASST_EMOJIS)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
+        raise LabelsError(f"{ctx.path}: row ?: field 'emojis': {str(exc).splitlines()[0]}") from None
+    raise LabelsError(f"{ctx.path}: row 0: field 'emojis': expected {{name, count}} lists or {{emoji: count}} "
+                      f"(got {c.type})")
+
+
+def oasst_detoxify(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
+    """The ``detoxify`` column (classifier scores per message) as a struct of float64 fields."""
+    if "detoxify" not in raw.column_names:
+        return None
+    c = col(raw, "detoxify")
+    if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+        try:
+            c = pa.array([json.loads(v) if v else None for v in c.to_pylist()])
+        except (ValueError, pa.ArrowInvalid) as exc:
+            raise LabelsError(f"{ctx.path}: row ?: field 'detoxify': {str(exc).splitlines()[0]}") from None
+    if pa.types.is_null(c.type):
+        return None
+    if not pa.types.is_struct(c.type):
+        raise LabelsError(f"{ctx.path}: row 0: field 'detoxify': expected {{score name: number}} (got {c.type})")
+    try:
+        fields = [pc.struct_field(c, f.name).cast(pa.float64()) for f in c.type]
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise LabelsError(f"{ctx.path}: row ?: field 'detoxify': {str(exc).splitlines()[0]}") from None
+    return pa.StructArray.from_arrays(fields, names=[f.name for f in c.type], mask=c.is_null())
+
+
+def _emoji_counts(emojis: pa.Array, name: str) -> np.ndarray:
+    """How many people gave emoji ``name`` per message: 0 where others were given, NaN where none. [messages]"""
+    names = pc.struct_field(emojis, "name")
+    flat_names = pc.list_flatten(names)
+    hit = pc.fill_null(pc.equal(flat_names, name), False).to_numpy(zero_copy_only=False)
+    out = np.where(pc.list_value_length(names).fill_null(0).to_numpy(zero_copy_only=False) > 0, 0.0, np.nan)
+    parents = pc.list_parent_indices(names).to_numpy()
+    out[parents[hit]] = _float(pc.list_flatten(pc.struct_field(emojis, "count")))[hit]
+    return out
+
+
 def _label_values(labels: pa.Array, name: str, ctx: ReadContext) -> np.ndarray:
     """The mean value of label ``name`` per message, NaN where the message lacks it. [messages]"""
     names = pc.struct_field(labels, "name")
@@ -369,7 +440,8 @@ def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
     def walk(message: dict, parent: str | None, tree: str | None) -> None:
         rows.append({"message_id": message.get("message_id"), "parent_id": parent, "text": message.get("text"),
                      "role": message.get("role"), "rank": message.get("rank"), "message_tree_id": tree,
-                     "labels": _labels_record(message.get("labels"))})
+                     "labels": _labels_record(message.get("labels")), "emojis": _emojis_record(message.get("emojis")),
+                     "detoxify": json.dumps(message["detoxify"]) if message.get("detoxify") else None})
         for reply in message.get("replies") or []:
             walk(reply, message.get("message_id"), tree)
 
@@ -379,29 +451,53 @@ def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema([("message_id", pa.string()), ("parent_id", pa.string()),
                                                          ("text", pa.string()), ("role", pa.string()),
                                                          ("rank", pa.float64()), ("message_tree_id", pa.string()),
-                                                         ("labels", OASST_LABELS)]))
+                                                         ("labels", OASST_LABELS), ("emojis", OASST_EMOJIS),
+                                                         ("detoxify", pa.string())]))
 
 
-def _oasst_scores(raw: pa.Table, labels: pa.Array | None, assistant: np.ndarray, ctx: ReadContext):
+def _oasst_scores(raw: pa.Table, signals: dict, assistant: np.ndarray, ctx: ReadContext):
     """What orders siblings: (score per message [n], rated mask [n], per-aspect values or None, noun).
 
     Default (``--aspect`` unset or ``rank``): score = -rank, rated = ranked replies. With
-    ``--aspect quality`` (any label, ``rank``, ``a=0.7,b=0.3`` or ``mean``): score = the
-    weighted mean of those label values (as ``ratings_to_listwise`` computes it), rated =
-    replies that have every one of them.
+    ``--aspect quality`` (any label, ``rank``, ``emoji:+1``, ``detoxify:toxicity`` or a weighted
+    mix ``quality=1,toxicity=-1``): score = the weighted mean of those values (as
+    ``ratings_to_listwise`` computes it), rated = replies that have every one of them.
+    ``mean`` is refused: OASST's signals point both ways (quality up, toxicity and spam down).
     """
     rank = _float(col(raw, "rank"))
     if ctx.aspect in (None, "", OASST_RANK):
         return -rank, assistant & ~np.isnan(rank), None, "ranked"
     import pandas as pd
 
-    names = [] if labels is None else pd.unique(pc.list_flatten(pc.struct_field(labels, "name")).to_numpy(
-        zero_copy_only=False)).tolist()
-    weights = parse_aspect(ctx.aspect, [OASST_RANK] + [x for x in names if x is not None and x != OASST_RANK], None)
-    values = {a: -rank if a == OASST_RANK else _label_values(labels, a, ctx) for a in weights}
+    labels, emojis, detoxify = signals.get("labels"), signals.get("emojis"), signals.get("detoxify")
+
+    def names_in(lists: pa.Array | None, prefix: str = "") -> list[str]:
+        if lists is None:
+            return []
+        flat = pc.list_flatten(pc.struct_field(lists, "name")).to_numpy(zero_copy_only=False)
+        return [prefix + x for x in pd.unique(flat).tolist() if x is not None]
+
+    available = ([OASST_RANK] + [x for x in names_in(labels) if x != OASST_RANK] + names_in(emojis, EMOJI_PREFIX)
+                 + ([DETOXIFY_PREFIX + f.name for f in detoxify.type] if detoxify is not None else []))
+    if ctx.aspect.strip() == "mean":
+        raise LabelsError(f"{ctx.path}: --aspect mean is not meaningful for oasst (quality counts up, toxicity and "
+                          f"spam down); name the signals with weights, e.g. quality=1,toxicity=-1 (this file has: "
+                          f"{', '.join(available)})")
+    weights = parse_aspect(ctx.aspect, available, None)
+
+    def values_of(name: str) -> np.ndarray:
+        if name == OASST_RANK:
+            return -rank
+        if name.startswith(EMOJI_PREFIX):
+            return _emoji_counts(emojis, name[len(EMOJI_PREFIX):])
+        if name.startswith(DETOXIFY_PREFIX):
+            return _float(pc.struct_field(detoxify, name[len(DETOXIFY_PREFIX):]))
+        return _label_values(labels, name, ctx)
+
+    values = {a: values_of(a) for a in weights}
     total = sum(w * np.nan_to_num(values[a]) for a, w in weights.items())
     known = np.logical_and.reduce([~np.isnan(v) for v in values.values()])
-    return total / sum(weights.values()), assistant & known, values, "rated"
+    return total / sum(abs(w) for w in weights.values()), assistant & known, values, "rated"
 
 
 def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
@@ -414,9 +510,12 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
 
     Per-message labels (quality, toxicity, humor, helpfulness, ... each a mean ``value`` in
     [0, 1] over ``count`` people) are kept losslessly: ``response_labels`` (one
-    ``{name, value, count}`` per response) and ``prompt_labels`` (the prompter message's).
-    ``--aspect LABEL`` (or ``a=0.7,b=0.3``) orders siblings by labels instead of rank: then
-    the groups are the replies having those labels (``ratings`` rows, ``aspect:<label>``).
+    ``{name, value, count}`` per response) and ``prompt_labels`` (the prompter message's); so are
+    emoji reactions (``response_emojis`` / ``prompt_emojis``, ``{name, count}``) and the detoxify
+    classifier scores (``response_detoxify`` / ``prompt_detoxify``).
+    ``--aspect LABEL`` (or ``emoji:+1``, ``detoxify:toxicity``, or a mix ``quality=1,toxicity=-1``)
+    orders siblings by those signals instead of rank: then the groups are the replies having
+    them all (``ratings`` rows, ``aspect:<name>``).
     """
     import pandas as pd
 
@@ -426,6 +525,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     n = raw.num_rows
     q = Quarantine(raw, ctx.row_offset)
     labels = oasst_labels(raw, ctx)
+    signals = {"labels": labels, "emojis": oasst_emojis(raw, ctx), "detoxify": oasst_detoxify(raw, ctx)}
     df = pd.DataFrame({
         "id": text(raw, "message_id").to_numpy(zero_copy_only=False),
         "parent": text(raw, "parent_id").to_numpy(zero_copy_only=False),
@@ -433,7 +533,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
         "role": text(raw, "role").to_numpy(zero_copy_only=False),
     })
     role = df.role.to_numpy()
-    score, rated, aspect_values, noun = _oasst_scores(raw, labels, role == "assistant", ctx)
+    score, rated, aspect_values, noun = _oasst_scores(raw, signals, role == "assistant", ctx)
     dropped: Counter = Counter()
     group_size = df[rated].groupby("parent").size()
     in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= 2)
@@ -492,9 +592,11 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
         columns["scores"] = per_response(score)
     else:
         columns.update({ASPECT_PREFIX + a: per_response(v) for a, v in aspect_values.items()})
-    if labels is not None:
-        columns["response_labels"] = per_response(labels)
-        columns["prompt_labels"] = labels.take(pa.array(np.where(parent_row >= 0, parent_row, 0)))
+    prompt_row = pa.array(np.where(parent_row >= 0, parent_row, 0))
+    for name, values in signals.items():  # carried along losslessly, per response and for the prompter turn
+        if values is not None:
+            columns[f"response_{name}"] = per_response(values)
+            columns[f"prompt_{name}"] = values.take(prompt_row)
     columns["_row"] = pa.array(np.where(parent_row >= 0, parent_row, 0) + ctx.row_offset)
     columns["_nrec"] = pa.array(sizes + (parent_row >= 0))
     table = pa.table(columns).filter(pa.array(good_groups))
@@ -507,7 +609,8 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     is_parent_broken[parent_row[(parent_row >= 0) & broken]] = True
     q.add(is_parent_broken, "conversation incomplete: an ancestor message is not in the file")
     rest = ~used
-    what = "rank" if aspect_values is None else "label " + "+".join(aspect_values)
+    plain_labels = aspect_values is not None and not any(a.startswith((EMOJI_PREFIX, DETOXIFY_PREFIX)) for a in aspect_values)
+    what = "rank" if aspect_values is None else ("label " if plain_labels else "") + "+".join(aspect_values)
     dropped["unranked reply" if aspect_values is None else f"reply without {what}"] = int(
         (rest & (role == "assistant") & ~rated).sum())
     dropped[f"single {noun} reply (no ranking)"] = int((rest & rated).sum())
@@ -1140,8 +1243,9 @@ register(Format("openai-comparisons", "pairwise", "pairwise (summarize-from-feed
 register(Format("ultrafeedback", "ratings", "ratings per aspect (helpfulness, honesty, instruction_following, "
                 "truthfulness; N/A kept out), overall, fine_grained -> listwise", read_ultrafeedback,
                 default_aspect="helpfulness,honesty,instruction_following,truthfulness"))
-register(Format("oasst", "listwise", "listwise from sibling ranks, or by per-message labels (--aspect quality, "
-                "helpfulness, ...); labels kept per response; flat message rows or nested tree export",
+register(Format("oasst", "listwise", "listwise from sibling ranks, or by per-message signals (--aspect quality, "
+                "emoji:+1, detoxify:toxicity=-1, ...); labels, emojis and detoxify kept per response; flat message "
+                "rows or nested tree export",
                 read_oasst, streaming=False))
 register(Format("nectar", "listwise", "listwise, 7-wise ranks (rank 1 best)", read_nectar))
 register(Format("helpsteer2", "ratings", "ratings (attribute file, 5 aspects) or graded pairwise (preference file, "
