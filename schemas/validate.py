@@ -183,8 +183,11 @@ def validate(table: pa.Table, kind: str) -> Validation:
     prompt = columns["prompt"]
     _check_prompt(prompt, reasons)
     given_ids = table.column("prompt_id").cast(pa.string()) if "prompt_id" in table.column_names else None
-    ids = prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES)))
-    columns["prompt_id"] = pc.coalesce(given_ids, ids) if given_ids is not None else ids
+    if given_ids is not None and not given_ids.null_count:  # every id given: no hashing needed
+        columns["prompt_id"] = given_ids
+    else:
+        ids = prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES)))
+        columns["prompt_id"] = pc.coalesce(given_ids, ids) if given_ids is not None else ids
 
     for name, col in columns.items():
         if name != "prompt" and pa.types.is_string(col.type) and not schema.field(name).nullable:

@@ -169,3 +169,11 @@ def test_a_failed_shard_write_leaves_no_dataset_and_raises(tmp_path, monkeypatch
         convert_labels_file(_listwise_file(tmp_path), tmp_path / "out", "listwise", "pairwise", batch_rows=16,
                             rows_per_shard=25)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_progress_is_reported_per_batch_with_the_known_total(tmp_path):
+    seen = []
+    report = convert_labels_file(_listwise_file(tmp_path), tmp_path / "out", "listwise", "pairwise", batch_rows=64,
+                                 progress=lambda r, total: seen.append((r.read, r.rows_out, total)))
+    assert [s[0] for s in seen] == [64, 128, 192, 256, 320, 384, 400] and {s[2] for s in seen} == {400}
+    assert seen[-1][:2] == (report.read, report.rows_out)

@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -104,6 +104,23 @@ def target_kind(fmt: Format) -> str:
         raise LabelsError(f"format {fmt.name!r} is import-only; export formats: "
                           f"{', '.join(n for n, f in _formats().items() if f.export)}")
     return fmt.kind
+
+
+def known_rows(path: str | os.PathLike) -> int | None:
+    """The input's row count when it is written down (Parquet footer, dataset manifest), else None."""
+    from schemas.store import is_dataset, read_manifest
+
+    path = Path(path)
+    try:
+        if path.is_dir() and is_dataset(path):
+            return int(read_manifest(path)["num_rows"])
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # unreadable: the conversion itself reports it, with file and field
+        return None
+    return None
 
 
 def _formats():
@@ -353,12 +370,15 @@ def convert_labels_file(
     batch_rows: int = 16_384,
     rows_per_shard: int = 250_000,
     flow: str = "alignflow convert",
+    progress: Callable[[Report, int | None], None] | None = None,
 ) -> Report:
     """Convert ``source`` (format ``from_format``) into ``out`` (format ``to_format``).
 
     ``out`` is a store dataset folder for the canonical kinds (pairwise, listwise, binary, sft)
     unless its name ends in a file extension; external formats are written as a file whose
     encoding is taken from the extension. Returns the ``Report`` (accounting adds up).
+    ``progress(report, total_rows)`` is called after each batch (``total_rows``: the input's
+    row count where the file says it, Parquet and dataset folders; else None).
     """
     from schemas.store import QUARANTINE_KIND, sha256_file, write_dataset
 
@@ -383,6 +403,7 @@ def convert_labels_file(
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
     needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
     batches = source_batches(source, src_fmt, batch_rows)
+    total_rows = known_rows(source) if progress is not None else None
     batches = _whole(batches) if needs_whole else prefetch(batches)
     quarantine: list[pa.Table] = []
     stats = cv.Stats()
@@ -424,6 +445,8 @@ def convert_labels_file(
             if sink is None:
                 sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
             sink.write(_strip(converted))
+            if progress is not None:
+                progress(report, total_rows)
         if sink is None:  # empty input
             sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
         report.tie_pairs, report.identical_pairs = stats.tie_pairs, stats.identical_pairs

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import typer
 
@@ -43,16 +45,34 @@ def convert(
     """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule."""
     from feedback.labels import LabelsError, Options, convert_labels_file
 
-    with user_errors(LabelsError):
+    with user_errors(LabelsError), _progress() as show:
         report = convert_labels_file(source, out, from_format, to_format,
                                      Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
                                              threshold=threshold, top_k=top_k, style=style),
-                                     quarantine_path=quarantine)
+                                     quarantine_path=quarantine, progress=show)
     console.print(report.line(), highlight=False)
     for line in report.details():
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {report.output}" + (f"; quarantine: {report.quarantine_path}" if report.quarantine_path else ""),
                   highlight=False)
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator:
+    """A live line on a terminal (records read, of how many where known; rows written); nothing
+    in logs and pipes, where the final accounting line says it all."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]converting"), BarColumn(), TextColumn("{task.fields[counts]}"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("convert", total=None, counts="")
+
+        def show(report, total_rows) -> None:
+            of = f" of {total_rows:,}" if total_rows else ""
+            bar.update(task, completed=report.read, total=total_rows,
+                       counts=f"{report.read:,}{of} records read, {report.rows_out:,} rows out")
+
+        yield show
 
 
 def register(app: typer.Typer) -> None:
