@@ -66,9 +66,22 @@ def test_tulu_sheet_aggregates_annotators_and_reports_agreement(human_labels, tm
     assert read_manifest(tmp_path / "t")["provenance"]["agreement"]["items"] == 139
 
 
+def _sibling_groups(messages, value_of):
+    """Expected oasst groups, from the raw rows: each prompter turn's replies having a value (2 or
+    more), and those whose values all tie (dropped with --ties drop)."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for m in messages:
+        if m["role"] == "assistant" and value_of(m) is not None:
+            groups[m["parent_id"]].append(float(value_of(m)))
+    rated = [g for g in groups.values() if len(g) >= 2]
+    return rated, [g for g in rated if len(set(g)) == 1]
+
+
 def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
     import json
-    from collections import Counter, defaultdict
+    from collections import Counter
 
     from feedback.labels import Options
 
@@ -87,12 +100,7 @@ def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
     assert sum(got.values()) == 1132 and not got - source  # each (response, labels) as some message has it
     # --aspect quality: siblings that have a quality label, best first (expected groups from the raw rows)
     quality = {mid: dict(zip(lab["name"], lab["value"])).get("quality") for mid, lab in labels.items() if lab}
-    groups = defaultdict(list)
-    for m in messages:
-        if m["role"] == "assistant" and quality.get(m["message_id"]) is not None:
-            groups[m["parent_id"]].append(quality[m["message_id"]])
-    rated = [g for g in groups.values() if len(g) >= 2]
-    tied = [g for g in rated if len(set(g)) == 1]  # every sibling the same quality: dropped (--ties drop)
+    rated, tied = _sibling_groups(messages, lambda m: quality.get(m["message_id"]))
     assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (423, 1603, 15, 49)
     report = convert_labels_file(path, tmp_path / "q", "oasst", "listwise", Options(aspect="quality"))
     assert (report.read, report.written, report.quarantined) == (2022, 1554, 0) and report.adds_up
@@ -104,7 +112,6 @@ def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
 
 def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labels, tmp_path):
     import json
-    from collections import defaultdict
 
     from feedback.labels import Options
 
@@ -124,12 +131,7 @@ def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labe
         e = m["emojis"]
         return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else None
 
-    groups = defaultdict(list)
-    for m in messages:
-        if m["role"] == "assistant" and thumbs_up(m) is not None:
-            groups[m["parent_id"]].append(float(thumbs_up(m)))
-    rated = [g for g in groups.values() if len(g) >= 2]
-    tied = [g for g in rated if len(set(g)) == 1]
+    rated, tied = _sibling_groups(messages, thumbs_up)
     assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (368, 1351, 75, 251)
     report = convert_labels_file(path, tmp_path / "e", "oasst", "listwise", Options(aspect="emoji:+1"))
     assert (report.read, report.written, report.quarantined) == (2022, 1100, 0) and report.adds_up
