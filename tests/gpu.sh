@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (CUDA): every test marked `gpu` (bf16 losses and generation, the online
+# The GPU checks in one run (CUDA): every test marked `gpu` (bf16 losses, generation, judge scoring, the online
 # trainers on cuda: rloo, ppo, iterative dpo/cringe/sppo, nash-md, dro-v, paft, reward and preference
 # models; tests/test_gpu.py and the packed-sequence check in tests/test_trainer.py). Use where a
 # device is lent. Only those two files are collected, so the run needs neither prefect nor
-# datasets, only torch and transformers (all 30 passed in 72 s on an H200, 2026-11-27).
+# datasets, only torch and transformers (all 32 passed in 57 s on an H200, 2026-11-27).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without installing the project

@@ -1,7 +1,8 @@
 """CUDA checks: run with `bash tests/gpu.sh` where a GPU is lent; skipped elsewhere.
 
-bf16 losses against a float64 CPU reference, seeded generation on cuda, and every online trainer
-for one or two steps with its policy on cuda (finite losses, weights moved, tensors on cuda)."""
+bf16 losses against a float64 CPU reference, seeded generation and prefix-cached judge scoring on
+cuda, and every online trainer for one or two steps with its policy on cuda (finite losses,
+weights moved, tensors on cuda)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,35 @@ def test_hf_generator_on_cuda_matches_seeded_cpu_shapes(toy_world):
     gpu = HFGenerator(toy_world.path, device="cuda", dtype=torch.bfloat16).generate(prompts, n=2, sampling=sampling)
     assert [len(g) for g in gpu] == [2] * 8
     assert all(s.n_tokens > 0 and s.logp is not None and s.logp <= 0 for g in gpu for s in g)
+
+
+@pytest.mark.parametrize("path", ["kv-buffers", "generic-cache"])
+def test_prefix_cached_judge_scoring_on_cuda_matches_plain_scoring(path, monkeypatch):
+    """The judge's prefix-cached scorer (preallocated key/value buffers, or copied caches) on a
+    cuda model gives the log-probs of scoring each sequence from scratch, and the debiased
+    pairwise probability stays order-symmetric."""
+    import numpy as np
+
+    from feedback.generation.hf import HFGenerator
+    from feedback.judges import PairwiseJudge, PrefixCachedScorer, scoring
+    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+
+    if path == "generic-cache":
+        monkeypatch.setattr(scoring, "_plain_layers", lambda cache: False)
+    tok = make_char_tokenizer()
+    gen = HFGenerator(make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=3), tok, device="cuda",
+                      batch_size=16)
+    assert next(gen.model.parameters()).device.type == "cuda"
+    template = PairwiseJudge(gen).template
+    msgs = [template.messages(f"Reverse: {w}", a, b) for w in ("abc", "hello") for a, b in ((w[::-1], w), (w, w[::-1]))]
+    conts = [["1", "2"], ["1", "2 because"], ["x", "22"], ["2", "1"]]
+    got = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=3).score_batch(msgs, conts)
+    ref = gen.score_batch([m for m, cs in zip(msgs, conts) for _ in cs], [c for cs in conts for c in cs])
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
+    judge = PairwiseJudge(gen)
+    prompts, a, b = ["Reverse: abc", "Write in capitals: xy"], ["cba", "XY!"], ["abc", "XY"]
+    ab, ba = judge.judge(prompts, a, b), judge.judge(prompts, b, a)
+    np.testing.assert_allclose(ab.judge_prob + ba.judge_prob, 1.0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
