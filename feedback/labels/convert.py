@@ -108,7 +108,7 @@ def target_kind(fmt: Format) -> str:
 
 def known_rows(path: str | os.PathLike) -> int | None:
     """The input's row count when it is written down (Parquet footer, dataset manifest), else None."""
-    from schemas.store import is_dataset, read_manifest
+    from schemas.store import DatasetError, is_dataset, read_manifest
 
     path = Path(path)
     try:
@@ -118,7 +118,7 @@ def known_rows(path: str | os.PathLike) -> int | None:
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(path).metadata.num_rows
-    except Exception:  # unreadable: the conversion itself reports it, with file and field
+    except (OSError, pa.ArrowException, DatasetError):  # unreadable: the conversion reports it, with file and field
         return None
     return None
 
