@@ -128,6 +128,8 @@ class DatasetWriter:
             if state.get("kind") != kind:
                 raise DatasetError(f"{self.partial}: unfinished write of kind {state.get('kind')!r}, not {kind!r}")
             self._shards = {s["key"]: s for s in state["shards"]}
+        for stale in self.partial.glob(".*.tmp"):  # shards a killed writer had not finished
+            stale.unlink(missing_ok=True)
         self._schema: pa.Schema | None = None
         self._lock = threading.Lock()  # write_shard may run in several threads (one shard each)
 
@@ -139,16 +141,32 @@ class DatasetWriter:
     def has_shard(self, key: int | str) -> bool:
         return self._key(key) in self._shards
 
+    def shard_meta(self, key: int | str) -> dict | None:
+        """What the producer stored with a finished shard (``write_shard(..., meta=)``), else None."""
+        entry = self._shards.get(self._key(key))
+        return None if entry is None else entry.get("meta")
+
+    def forget_shards(self, keys: Iterable[int | str]) -> None:
+        """Treat these shards as not written (a producer that will write them again)."""
+        with self._lock:
+            for key in keys:
+                entry = self._shards.pop(self._key(key), None)
+                if entry is not None:
+                    (self.partial / entry["file"]).unlink(missing_ok=True)
+            self._save_progress()
+
     @staticmethod
     def _key(key: int | str) -> str:
         return f"{key:05d}" if isinstance(key, int) else str(key)
 
     # -- writing --------------------------------------------------------------------------
-    def write_shard(self, table: pa.Table, key: int | str | None = None) -> str:
+    def write_shard(self, table: pa.Table, key: int | str | None = None, meta: dict | None = None) -> str:
         """Write one shard atomically; returns its key. An existing key is replaced.
 
         Thread-safe when each call names its own ``key``: shards written in parallel threads
-        (Parquet encoding releases the GIL) are recorded one at a time.
+        (Parquet encoding releases the GIL) are recorded one at a time. ``meta`` (JSON) is kept
+        with the shard in the progress file for a resuming producer (``shard_meta``); it does
+        not reach the manifest.
         """
         key = self._key(len(self._shards) if key is None else key)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
@@ -159,6 +177,8 @@ class DatasetWriter:
         write_parquet(table, tmp)
         os.replace(tmp, self.partial / name)
         entry = {"key": key, "file": name, "rows": table.num_rows, "sha256": sha256_file(self.partial / name)}
+        if meta is not None:
+            entry["meta"] = meta
         with self._lock:
             self._shards[key] = entry
             self._save_progress()

@@ -23,7 +23,7 @@ import yaml
 
 from flows import tasks
 from flows.config import GenerateFeedbackConfig
-from schemas.store import read_dataset, verify_dataset, write_dataset
+from schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +154,69 @@ def test_two_process_training_equals_single_process(tmp_path, tiny_model):
     diff = max((a[n] - b[n]).abs().max().item() for n in a)
     assert moved > 1e-3 and diff < 1e-4 * max(1.0, moved / 1e-2), (moved, diff)
     assert all(torch.isfinite(t).all() for t in b.values())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_convert_then_rerun_goes_on_from_the_finished_shards(tmp_path):
+    """`alignflow convert` killed (SIGKILL) while writing shards: nothing visible; the rerun keeps
+    the shards already finished (untouched files) and ends with the dataset of an uninterrupted run."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from feedback.labels import convert_labels_file
+
+    rows, k = 200_000, 6  # 15 pairs a row: 3,000,000 pairs in 7 shards (a shard closes after 2 batches of 16,384 rows)
+    rng = np.random.default_rng(0)
+    ids = np.arange(rows).astype(str).astype(object)
+    responses = np.char.add(np.repeat(ids, k).astype(str), np.tile(np.array([" a", " b", " c", " d", " e", " f"]), rows))
+    src = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({
+        "prompt_id": pa.array(ids, pa.string()),
+        "prompt": pa.array(np.char.add("question ", ids.astype(str)).astype(object), pa.string()),
+        "responses": pa.ListArray.from_arrays(pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32)),
+                                              pa.array(responses.astype(object), pa.string())),
+        "scores": pa.ListArray.from_arrays(pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32)),
+                                           pa.array(rng.permuted(np.tile(np.arange(k, dtype=float), (rows, 1)), axis=1).ravel())),
+    }), src)
+    reference = convert_labels_file(src, tmp_path / "reference", "listwise", "pairwise")
+    n_shards = len(read_manifest(tmp_path / "reference")["shards"])
+    assert n_shards == 7
+
+    out = tmp_path / "pairs"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "flows.cli", "convert", str(src), str(out), "--from", "listwise", "--to", "pairwise"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    progress = out.with_name("pairs.partial") / "progress.json"
+
+    def finished() -> list[dict]:
+        try:
+            return [s for s in json.loads(progress.read_text())["shards"] if "meta" in s]
+        except (OSError, ValueError):
+            return []
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(finished()) < 2:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait_for_group_gone(proc.pid)
+    done = sorted(s["key"] for s in finished())
+    assert 2 <= len(done) < n_shards and not out.exists()
+    # two shards are written at a time, so a later one may have finished before an earlier one:
+    # what a rerun keeps is the unbroken run of finished shards from the first
+    prefix = [key for i, key in enumerate(done) if key == f"{i:05d}"]
+    kept = {f"train-{key}.parquet": (out.with_name("pairs.partial") / f"train-{key}.parquet").stat().st_mtime_ns
+            for key in prefix}
+    assert len(kept) >= 1
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed an interrupted run" in rerun.stdout
+    assert reference.line() in rerun.stdout  # the same accounting as one uninterrupted run
+    manifest = verify_dataset(out)
+    kept_now = {name: (out / name).stat().st_mtime_ns for name in kept}
+    assert kept_now == kept  # finished shards were not redone (a shard is rewritten only if unfinished)
+    _same_datasets(tmp_path / "reference", out)
+    assert manifest["num_rows"] == reference.rows_out == 3_000_000
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"train-{i:05d}.parquet" for i in range(n_shards)]

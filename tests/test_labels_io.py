@@ -154,18 +154,78 @@ def test_many_shards_written_in_parallel_keep_the_order_of_one(tmp_path):
     assert read_dataset(tmp_path / "many").to_pylist() == read_dataset(tmp_path / "one").to_pylist()
 
 
-def test_a_failed_shard_write_leaves_no_dataset_and_raises(tmp_path, monkeypatch):
-    from schemas.store import DatasetWriter
+def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path, monkeypatch):
+    from schemas.store import DatasetWriter, read_dataset, read_manifest
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = _listwise_file(tmp_path)
+    table = pq.read_table(src)  # two rows the conversion refuses: they must survive the interruption too
+    responses = table.column("responses").to_pylist()
+    responses[5] = responses[250] = ["only one"]
+    pq.write_table(table.set_column(2, "responses", pa.array(responses)), src)
+    kw = dict(batch_rows=16, rows_per_shard=25)
+    reference = convert_labels_file(src, tmp_path / "ref", "listwise", "pairwise", quarantine_path=tmp_path / "ref-q", **kw)
 
     real = DatasetWriter.write_shard
 
-    def flaky(self, table, key=None):
+    def failing(self, table, key=None, meta=None):
+        if key == 6:
+            raise OSError("disk full")
+        return real(self, table, key, meta)
+
+    monkeypatch.setattr(DatasetWriter, "write_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", quarantine_path=tmp_path / "q", **kw)
+    partial = tmp_path / "out.partial"
+    assert not (tmp_path / "out").exists() and partial.is_dir()
+    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("train-0000[0-5].parquet")}
+    assert len(kept) == 6
+
+    monkeypatch.setattr(DatasetWriter, "write_shard", real)
+    again = convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", quarantine_path=tmp_path / "q", **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-0000[0-5].parquet")} == kept
+    assert again.as_dict() == reference.as_dict() and again.quarantined == 2 and again.adds_up
+    assert again.info["resumed"] == {"shards": 6, "records": again.info["resumed"]["records"]}
+    assert any("resumed an interrupted run: its first 6 shards" in line for line in again.details())
+    assert read_dataset(tmp_path / "out").equals(read_dataset(tmp_path / "ref"))
+    assert read_dataset(tmp_path / "q").equals(read_dataset(tmp_path / "ref-q"))
+    assert [s["sha256"] for s in read_manifest(tmp_path / "out")["shards"]] == \
+        [s["sha256"] for s in read_manifest(tmp_path / "ref")["shards"]]
+    assert not (tmp_path / "out.partial").exists() and not list((tmp_path / "out").glob(".resume*"))
+
+
+def test_a_partial_run_of_other_input_or_options_is_not_resumed(tmp_path, monkeypatch):
+    from schemas.store import DatasetWriter, read_dataset
+
+    src = _listwise_file(tmp_path)
+    real = DatasetWriter.write_shard
+
+    def failing(self, table, key=None, meta=None):
         if key == 3:
             raise OSError("disk full")
-        return real(self, table, key)
+        return real(self, table, key, meta)
 
-    monkeypatch.setattr(DatasetWriter, "write_shard", flaky)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(DatasetWriter, "write_shard", failing)
+    with pytest.raises(OSError):
+        convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", batch_rows=16, rows_per_shard=25)
+    monkeypatch.setattr(DatasetWriter, "write_shard", real)
+    other = convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", Options(strategy="best-vs-worst"),
+                                batch_rows=16, rows_per_shard=25)
+    assert "resumed" not in other.info and other.rows_out == read_dataset(tmp_path / "out").num_rows
+    convert_labels_file(src, tmp_path / "fresh", "listwise", "pairwise", Options(strategy="best-vs-worst"))
+    assert read_dataset(tmp_path / "out").equals(read_dataset(tmp_path / "fresh"))
+
+
+def test_a_failure_before_any_shard_leaves_nothing(tmp_path, monkeypatch):
+    from schemas.store import DatasetWriter
+
+    def failing(self, table, key=None, meta=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DatasetWriter, "write_shard", failing)
+    with pytest.raises(OSError):
         convert_labels_file(_listwise_file(tmp_path), tmp_path / "out", "listwise", "pairwise", batch_rows=16,
                             rows_per_shard=25)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -4,6 +4,9 @@
 read -> parse -> validate (``schemas.validate``) -> kind conversion -> write and returns a
 ``Report`` whose accounting always adds up: every source record is written, quarantined
 (bad row, with a reason) or dropped by rule (a tie a pair cannot hold, a blank row, ...).
+
+Store outputs are written shard by shard with a checkpoint each; a run that was killed or
+failed is resumed by running it again with the same input and options (see ``_Sink``).
 """
 
 from __future__ import annotations
@@ -85,6 +88,10 @@ class Report:
         for key in ("agreement_summary", "aspect"):
             if key in self.info:
                 out.append(f"  {self.info[key]}")
+        if "resumed" in self.info:
+            resumed = self.info["resumed"]
+            out.append(f"  resumed an interrupted run: its first {resumed['shards']} shards ({resumed['records']} "
+                       f"records) were kept, the rest converted now")
         if self.info.get("intransitive_prompts") is not None:
             out.append(f"  Bradley-Terry order: {len(self.info['intransitive_prompts'])} prompts with intransitive "
                        f"cycles; Copeland disagrees on {self.info.get('copeland_disagreements', 0)}")
@@ -269,18 +276,30 @@ def _public_record(record: str) -> str:
     return json.dumps(row, ensure_ascii=False, default=str)
 
 
+RESUME_DIR = ".resume"  # in the partial folder: rows quarantined per checkpoint (removed at commit)
+
+
 class _Sink:
     """Where converted rows go: a store dataset (canonical kinds) or an export file.
 
     Store shards are encoded in ``WRITERS`` background threads (Parquet encoding and
     compression release the GIL), so writing, the bulk of a conversion's work, runs on both
     cores while the main thread converts the next batch; at most ``WRITERS`` shards wait.
+
+    Resume (store outputs): each shard is written with a checkpoint, the conversion's state after
+    the input batch that closed it, and the rows quarantined since the previous checkpoint go to
+    a side file. A rerun with the same ``resume_key`` (input and options) finds the shards 0..k
+    that all completed (``resumed``: shard k's checkpoint; ``resumed_shards`` = k + 1), forgets
+    any later ones and goes on from there.
     """
 
     WRITERS = 2
 
-    def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int):
-        from schemas.store import DatasetWriter
+    def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int,
+                 resume_key: str):
+        import shutil
+
+        from schemas.store import DatasetError, DatasetWriter
 
         self.fmt, self.kind, self.options = fmt, kind, options
         self.out = out
@@ -290,26 +309,58 @@ class _Sink:
         self._futures: list = []  # shards being written in the background, oldest first
         self._pool = None
         self._next_key = 0
+        self.resume_key = resume_key
+        self.resumed: dict | None = None
+        self.resumed_shards = 0
         if fmt.name in CANONICAL and not _looks_like_file(out):
-            import shutil
-
-            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-            self.store = DatasetWriter(out, kind, provenance, overwrite=True)
+            try:
+                self.store = DatasetWriter(out, kind, provenance, overwrite=True)
+            except DatasetError:  # an unfinished write of another kind there: not ours to go on from
+                shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+                self.store = DatasetWriter(out, kind, provenance, overwrite=True)
             self.file = None
+            self.resume_dir = self.store.partial / RESUME_DIR
+            self.resumed = self._find_checkpoint()
         else:
             self.store = None
             self.file = FileWriter(out)
 
-    def write(self, table: pa.Table) -> None:
+    def _find_checkpoint(self) -> dict | None:
+        """The checkpoint of shard k, where shards 0..k were all completed by a run with this
+        resume key; later shards are forgotten (they will be written again)."""
+        last = -1
+        while (self.store.shard_meta(last + 1) or {}).get("resume_key") == self.resume_key:
+            last += 1
+        later = [k for k in self.store.completed_shards() if not (k.isdigit() and int(k) <= last)]
+        if later:
+            self.store.forget_shards(later)
+        if last < 0:
+            import shutil
+
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
+            return None
+        self._next_key = self.resumed_shards = last + 1
+        return self.store.shard_meta(last)
+
+    def resumed_quarantine(self) -> list[pa.Table]:
+        """Rows quarantined up to the checkpoint resumed from."""
+        import pyarrow.parquet as pq
+
+        files = [self.resume_dir / f"quarantine-{k:05d}.parquet" for k in range(self.resumed_shards)]
+        return [pq.read_table(f) for f in files if f.exists()]
+
+    def write(self, table: pa.Table, checkpoint: Callable[[], tuple[dict, list[pa.Table]]] | None = None) -> None:
+        """Add converted rows; ``checkpoint()`` gives the state after them (and the rows quarantined
+        since the last call), asked for only when a shard is closed here."""
         if self.store is not None:
             self.pending.append(table)
             self.pending_rows += table.num_rows
             if self.pending_rows >= self.rows_per_shard:
-                self._flush()
+                self._flush(checkpoint)
         elif table.num_rows:
             self.file.write(self.fmt.export(table, self.options.as_dict()))
 
-    def _flush(self) -> None:
+    def _flush(self, checkpoint=None) -> None:
         """Hand the pending rows to a writer thread, once fewer than WRITERS shards are in flight."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -317,11 +368,20 @@ class _Sink:
             return
         shard = pa.concat_tables(self.pending, promote_options="permissive")
         self.pending, self.pending_rows = [], 0
+        meta = None
+        if checkpoint is not None:
+            import pyarrow.parquet as pq
+
+            state, quarantined = checkpoint()
+            self.resume_dir.mkdir(exist_ok=True)
+            side = self.resume_dir / f"quarantine-{self._next_key:05d}.parquet"
+            pq.write_table(pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table(), side)
+            meta = {"resume_key": self.resume_key, **state}
         while len(self._futures) >= self.WRITERS:
             self._futures.pop(0).result()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="labels-writer")
-        self._futures.append(self._pool.submit(self.store.write_shard, shard, self._next_key))
+        self._futures.append(self._pool.submit(self.store.write_shard, shard, self._next_key, meta))
         self._next_key += 1
 
     def _wait(self) -> None:
@@ -334,14 +394,19 @@ class _Sink:
 
     def close(self, extra: dict) -> Path:
         if self.store is not None:
+            import shutil
+
             self._flush()
             self._wait()
             if self._pool is not None:
                 self._pool.shutdown()
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
             return self.store.commit(extra)
         return self.file.close()
 
     def abort(self) -> None:
+        """After an error: finish the shards in flight; keep the partial dataset when some shard is
+        complete and resumable (a rerun goes on from it), else remove it."""
         if self._pool is not None:
             try:
                 self._wait()
@@ -349,7 +414,8 @@ class _Sink:
                 pass
             self._pool.shutdown()
         if self.store is not None:
-            self.store.abort()
+            if not self.store.completed_shards():
+                self.store.abort()
         else:
             self.file.abort()
 
@@ -405,12 +471,26 @@ def convert_labels_file(
     batches = source_batches(source, src_fmt, batch_rows)
     total_rows = known_rows(source) if progress is not None else None
     batches = _whole(batches) if needs_whole else prefetch(batches)
-    quarantine: list[pa.Table] = []
     stats = cv.Stats()
-    sink = None
-    offset = 0
+    sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard,
+                 resume_key=_resume_key(provenance, source, batch_rows, rows_per_shard))
+    quarantine: list[pa.Table] = []
+    offset, skip = 0, 0
+    if sink.resumed is not None:  # an interrupted run's shards are kept: go on after them
+        skip, offset = _restore(sink.resumed, report, stats)
+        quarantine = sink.resumed_quarantine()
+        report.info["resumed"] = {"shards": sink.resumed_shards, "records": report.read}
+    saved = len(quarantine)
+
+    def checkpoint(batches_done: int) -> tuple[dict, list[pa.Table]]:
+        nonlocal saved
+        new_rows, saved = quarantine[saved:], len(quarantine)
+        return _state(report, stats, offset, batches_done), new_rows
+
     try:
-        for raw in batches:
+        for index, raw in enumerate(batches):
+            if index < skip:  # converted before the interruption
+                continue
             ctx = ReadContext(str(source), src_fmt.name, offset, options.aspect, options.aggregate)
             parsed = src_fmt.read(raw, ctx)
             offset += raw.num_rows
@@ -442,13 +522,9 @@ def convert_labels_file(
             if unexplained:
                 report.dropped["no output row"] += unexplained
             report.rows_out += converted.num_rows
-            if sink is None:
-                sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
-            sink.write(_strip(converted))
+            sink.write(_strip(converted), lambda done=index + 1: checkpoint(done))
             if progress is not None:
                 progress(report, total_rows)
-        if sink is None:  # empty input
-            sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard)
         report.tie_pairs, report.identical_pairs = stats.tie_pairs, stats.identical_pairs
         for key in ("intransitive_prompts", "copeland_disagreements", "unrated_responses", "responses_left_out"):
             if key in stats.extra:
@@ -476,6 +552,45 @@ def convert_labels_file(
     if not report.adds_up:  # a bug, never bad input: say so loudly
         raise AssertionError(f"accounting does not add up: {report.line()}")
     return report
+
+
+RESUME_VERSION = 1  # bump when what a checkpoint holds, or how batches map to shards, changes
+
+
+def _resume_key(provenance: dict, source: Path, batch_rows: int, rows_per_shard: int) -> str:
+    """What must match for a rerun to go on from an interrupted run's shards: the input (its
+    sha256, or a dataset folder's manifest), formats, options and the batch and shard sizes."""
+    import hashlib
+    import json
+
+    from schemas.store import MANIFEST, sha256_file
+
+    ident = {k: v for k, v in provenance.items() if k != "flow"}
+    if source.is_dir():
+        ident["source_manifest_sha256"] = sha256_file(source / MANIFEST)
+    ident.update(batch_rows=batch_rows, rows_per_shard=rows_per_shard, resume_version=RESUME_VERSION)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _state(report: Report, stats: cv.Stats, offset: int, batches_done: int) -> dict:
+    """The conversion's state after ``batches_done`` input batches (JSON, for a checkpoint)."""
+    return {"batches_done": batches_done, "offset": offset,
+            "report": {"read": report.read, "written": report.written, "quarantined": report.quarantined,
+                       "dropped": dict(report.dropped), "quarantine_reasons": dict(report.quarantine_reasons),
+                       "rows_out": report.rows_out, "info": report.info},
+            "stats": {"tie_pairs": stats.tie_pairs, "identical_pairs": stats.identical_pairs,
+                      "dropped": dict(stats.dropped), "extra": stats.extra}}
+
+
+def _restore(state: dict, report: Report, stats: cv.Stats) -> tuple[int, int]:
+    """Load a checkpoint into ``report`` and ``stats``; returns (batches done, rows read)."""
+    r, st = state["report"], state["stats"]
+    report.read, report.written, report.quarantined, report.rows_out = r["read"], r["written"], r["quarantined"], r["rows_out"]
+    report.dropped, report.quarantine_reasons = Counter(r["dropped"]), Counter(r["quarantine_reasons"])
+    report.info.update(r["info"])
+    stats.tie_pairs, stats.identical_pairs = st["tie_pairs"], st["identical_pairs"]
+    stats.dropped, stats.extra = Counter(st["dropped"]), dict(st["extra"])
+    return state["batches_done"], state["offset"]
 
 
 def _records_read(raw: pa.Table, parsed: Parsed) -> int:
