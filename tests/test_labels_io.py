@@ -154,6 +154,21 @@ def test_many_shards_written_in_parallel_keep_the_order_of_one(tmp_path):
     assert read_dataset(tmp_path / "many").to_pylist() == read_dataset(tmp_path / "one").to_pylist()
 
 
+def _fail_shard(monkeypatch, failing_key: int):
+    """Make the store's shard ``failing_key`` fail to write (disk full); returns the real writer."""
+    from schemas.store import DatasetWriter
+
+    real = DatasetWriter.write_shard
+
+    def write_shard(self, table, key=None, meta=None):
+        if key == failing_key:
+            raise OSError("disk full")
+        return real(self, table, key, meta)
+
+    monkeypatch.setattr(DatasetWriter, "write_shard", write_shard)
+    return real
+
+
 def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path, monkeypatch):
     from schemas.store import DatasetWriter, read_dataset, read_manifest
 
@@ -168,14 +183,7 @@ def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path
     kw = dict(batch_rows=16, rows_per_shard=25)
     reference = convert_labels_file(src, tmp_path / "ref", "listwise", "pairwise", quarantine_path=tmp_path / "ref-q", **kw)
 
-    real = DatasetWriter.write_shard
-
-    def failing(self, table, key=None, meta=None):
-        if key == 6:
-            raise OSError("disk full")
-        return real(self, table, key, meta)
-
-    monkeypatch.setattr(DatasetWriter, "write_shard", failing)
+    real = _fail_shard(monkeypatch, 6)
     with pytest.raises(OSError, match="disk full"):
         convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", quarantine_path=tmp_path / "q", **kw)
     partial = tmp_path / "out.partial"
@@ -200,14 +208,7 @@ def test_a_partial_run_of_other_input_or_options_is_not_resumed(tmp_path, monkey
     from schemas.store import DatasetWriter, read_dataset
 
     src = _listwise_file(tmp_path)
-    real = DatasetWriter.write_shard
-
-    def failing(self, table, key=None, meta=None):
-        if key == 3:
-            raise OSError("disk full")
-        return real(self, table, key, meta)
-
-    monkeypatch.setattr(DatasetWriter, "write_shard", failing)
+    real = _fail_shard(monkeypatch, 3)
     with pytest.raises(OSError):
         convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", batch_rows=16, rows_per_shard=25)
     monkeypatch.setattr(DatasetWriter, "write_shard", real)

@@ -79,11 +79,20 @@ def _sibling_groups(messages, value_of):
     return rated, [g for g in rated if len(set(g)) == 1]
 
 
+def _converts_by_aspect(path, out, aspect, rated, written, dropped):
+    """oasst --aspect ASPECT: the accounting, and each untied group's values as scores, best first."""
+    from feedback.labels import Options
+
+    report = convert_labels_file(path, out, "oasst", "listwise", Options(aspect=aspect))
+    assert (report.read, report.written, report.quarantined) == (2022, written, 0) and report.adds_up
+    assert report.dropped == dropped
+    expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
+    assert sorted(read_dataset(out).column("scores").to_pylist()) == expected
+
+
 def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
     import json
     from collections import Counter
-
-    from feedback.labels import Options
 
     path = human_labels / "oasst1_en_validation.jsonl"
     messages = [json.loads(line) for line in path.open()]
@@ -102,18 +111,13 @@ def test_oasst_labels_kept_and_aspect_orders_siblings(human_labels, tmp_path):
     quality = {mid: dict(zip(lab["name"], lab["value"])).get("quality") for mid, lab in labels.items() if lab}
     rated, tied = _sibling_groups(messages, lambda m: quality.get(m["message_id"]))
     assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (423, 1603, 15, 49)
-    report = convert_labels_file(path, tmp_path / "q", "oasst", "listwise", Options(aspect="quality"))
-    assert (report.read, report.written, report.quarantined) == (2022, 1554, 0) and report.adds_up
-    assert report.dropped == {"reply without label quality": 6, "single rated reply (no ranking)": 57,
-                              "prompter turn without rated replies": 356, "all responses tie (--ties drop)": 49}
-    expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
-    assert sorted(read_dataset(tmp_path / "q").column("scores").to_pylist()) == expected  # 408 rows, best first
+    _converts_by_aspect(path, tmp_path / "q", "quality", rated, written=1554, dropped={
+        "reply without label quality": 6, "single rated reply (no ranking)": 57,
+        "prompter turn without rated replies": 356, "all responses tie (--ties drop)": 49})  # 408 rows
 
 
 def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labels, tmp_path):
     import json
-
-    from feedback.labels import Options
 
     path = human_labels / "oasst1_en_validation.jsonl"
     messages = [json.loads(line) for line in path.open()]
@@ -133,9 +137,6 @@ def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labe
 
     rated, tied = _sibling_groups(messages, thumbs_up)
     assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (368, 1351, 75, 251)
-    report = convert_labels_file(path, tmp_path / "e", "oasst", "listwise", Options(aspect="emoji:+1"))
-    assert (report.read, report.written, report.quarantined) == (2022, 1100, 0) and report.adds_up
-    assert report.dropped == {"reply without emoji:+1": 165, "single rated reply (no ranking)": 95,
-                              "prompter turn without rated replies": 411, "all responses tie (--ties drop)": 251}
-    expected = sorted(sorted(g, reverse=True) for g in rated if len(set(g)) > 1)
-    assert sorted(read_dataset(tmp_path / "e").column("scores").to_pylist()) == expected  # 293 rows
+    _converts_by_aspect(path, tmp_path / "e", "emoji:+1", rated, written=1100, dropped={
+        "reply without emoji:+1": 165, "single rated reply (no ranking)": 95,
+        "prompter turn without rated replies": 411, "all responses tie (--ties drop)": 251})  # 293 rows
