@@ -502,8 +502,11 @@ def launch_distributed(spec: dict, processes: int, accelerate_config: str | None
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     spec_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        raise RuntimeError(f"accelerate launch failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # torchrun ends with a summary of which rank died; the cause is a worker's own report above it
+        cause = next((i for i, line in enumerate(lines) if "Traceback" in line or "terminate called" in line), None)
+        shown = (lines[cause:cause + 25] + ["..."] if cause is not None else []) + lines[-15:]
+        raise RuntimeError(f"accelerate launch failed (exit {proc.returncode}):\n" + "\n".join(shown))
 
 
 def _free_port() -> int:

@@ -53,7 +53,15 @@ def worker_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--worker":
         print("usage: python -m flows.train_flow --worker SPEC.json", file=sys.stderr)
         return 2
-    run_training(json.loads(Path(argv[1]).read_text()))
+    try:
+        run_training(json.loads(Path(argv[1]).read_text()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # join the process group's threads before the interpreter exits: left to teardown,
+            # a gloo rank could die in C++ ("terminate called without an active exception")
+            dist.destroy_process_group()
     return 0
 
 
