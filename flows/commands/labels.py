@@ -42,7 +42,9 @@ def convert(
     style: str = typer.Option(None, "--style", help="trl exports: standard, conversational or implicit (default: by the prompts)."),
     quarantine: Path = typer.Option(None, "--quarantine", help="Write refused rows (row, reason, record) as a quarantine dataset here."),
 ) -> None:
-    """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule."""
+    """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule.
+
+    A killed conversion to a dataset folder resumes from its finished shards when run again with the same arguments."""
     from feedback.labels import LabelsError, Options, convert_labels_file
 
     with user_errors(LabelsError), _progress() as show:
