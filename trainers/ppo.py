@@ -198,17 +198,15 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * cfg.lr},
     ])
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
-    run = ro.begin_run("ppo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run = ro.start_run("ppo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+                       eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     device = ro.device_of(policy)  # every rollout tensor lives where the policy does (after the
     ro.colocate(ref, policy)       # generator factory has moved it); reference and head follow
     ro.colocate(value_head, policy)
     state = {"policy": policy, "value_head": value_head, "optimizer": optimizer}  # checkpointed besides the RNG
-    spend, start = ro.resume_into(saved, meta, state, gen, report, spend)
+    spend, start = ro.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -252,7 +250,7 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
             "step": step, "reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
             "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, fingerprint,
+        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)

@@ -86,15 +86,13 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     ref = ref if ref is not None else ro.frozen_copy(policy)
     optimizer = ro.make_optimizer(policy.parameters(), ro.OptimConfig(lr=cfg.lr))
     params = [p for p in policy.parameters() if p.requires_grad]
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
-    run = ro.begin_run("rloo", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run = ro.start_run("rloo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+                       eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     ro.colocate(ref, policy)  # the generator factory may have moved the policy
     state = {"policy": policy, "optimizer": optimizer}  # what a checkpoint holds besides the random streams
-    spend, start = ro.resume_into(saved, meta, state, gen, report, spend)
+    spend, start = ro.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -118,7 +116,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "reward": float(scores.mean()), "kl": float(kl.mean()),
                                "loss": loss.item()})
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, fingerprint,
+        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)

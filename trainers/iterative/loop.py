@@ -414,10 +414,8 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     ref_t = sft_ref
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     generator = make_generator(policy, tokenizer)
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
-    run = ro.begin_run(cfg.method, make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run = ro.start_run(cfg.method, cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+                       eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     first = run.first
@@ -426,9 +424,10 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     prev_responses = first["responses"]
     previous_state = None
     stopped = False
-    spend, start = ro.resume_into(saved, meta, {"policy": policy, "optimizer": optimizer}, gen, report, spend)
-    if saved is not None:  # the loop's own record after the newest finished round
-        rewards_hist, prev_responses, stopped = meta["rewards_hist"], meta["prev_responses"], meta["stopped"]
+    spend, start = ro.resume_into(run, {"policy": policy, "optimizer": optimizer}, gen)
+    if run.saved is not None:  # the loop's own record after the newest finished round
+        rewards_hist, prev_responses, stopped = (run.meta["rewards_hist"], run.meta["prev_responses"],
+                                                 run.meta["stopped"])
         report.termination = next((h["termination"] for h in reversed(report.history) if "termination" in h), None)
         ref_t = ro.frozen_copy(policy) if cfg.refresh_reference else sft_ref
     for t in range(start, cfg.rounds):
@@ -468,7 +467,7 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
                 ref_t = ro.frozen_copy(policy)
         if checkpoint_dir is not None:
             _save_round(checkpoint_dir, t + 1, policy, optimizer, gen, pairs, ro.checkpoint_meta(
-                t + 1, fingerprint, report, spend, first, rewards_hist=rewards_hist, prev_responses=prev_responses,
+                t + 1, run.fingerprint, report, spend, first, rewards_hist=rewards_hist, prev_responses=prev_responses,
                 stopped=stopped))
         if stopped:
             break

@@ -118,14 +118,12 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     ref = ref if ref is not None else ro.frozen_copy(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
-    run = ro.begin_run("nash-md", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run = ro.start_run("nash-md", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+                       eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     state = {"policy": policy, "optimizer": optimizer}  # what a checkpoint holds besides the random streams
-    spend, start = ro.resume_into(saved, meta, state, gen, report, spend)
+    spend, start = ro.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
     ro.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
     for step in range(start, cfg.steps):
@@ -147,7 +145,7 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         loss = -(advantage * logps[:, 0]).mean()
         ro.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "preference_vs_mixture": float(pref.mean()), "kl": float(kl.mean())})
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, fingerprint,
+        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)

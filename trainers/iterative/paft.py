@@ -168,15 +168,13 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     torch.manual_seed(cfg.seed)  # sampling seeds and LoRA initialisations: a run is reproducible
     gen = torch.Generator().manual_seed(cfg.seed)
     sft_ref = ro.frozen_copy(policy)
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
-    run = ro.begin_run("paft", make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn,
-                       cfg.sampling, eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run = ro.start_run("paft", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+                       eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy
     # resume after the newest finished round: the merged weights and the random streams
-    spend, start = ro.resume_into(saved, meta, {"policy": policy}, gen, report, spend)
+    spend, start = ro.resume_into(run, {"policy": policy}, gen)
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(start, cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
@@ -189,7 +187,7 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         sft_examples = [(p.prompt, p.chosen, p.chosen_finished) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
-        ro.save_progress(checkpoint_dir, r + 1, cfg.rounds, 1, {"policy": policy}, gen, fingerprint, report, spend,
+        ro.save_progress(checkpoint_dir, r + 1, cfg.rounds, 1, {"policy": policy}, gen, run.fingerprint, report, spend,
                          run.first, prefix="round")
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
     ro.finish_run(report, final, spend, t0)

@@ -237,6 +237,9 @@ class RunStart:
     spend: Spend
     report: OnlineReport  # reward_before filled in
     first: dict  # the starting policy's evaluation (``evaluate``'s output)
+    fingerprint: str = ""  # of the config and prompts (``run_fingerprint``); checkpoints carry it
+    saved: dict | None = None  # the newest checkpoint of this run (``find_resume``), if any
+    meta: dict | None = None
 
 
 def begin_run(method: str, make_generator: Any, policy: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any],
@@ -255,6 +258,20 @@ def begin_run(method: str, make_generator: Any, policy: torch.nn.Module, tokeniz
     report.reward_before = first["reward"]
     report.extra["eval_rewards_before"] = first["rewards"]
     return RunStart(prompts, eval_prompts, eval_sampling, Spend(), report, first)
+
+
+def start_run(method: str, cfg: Any, checkpoint_dir: str | Path | None, make_generator: Any, policy: torch.nn.Module,
+              tokenizer: Any, prompts: Sequence[Any], eval_prompts: Sequence[Any] | None, eval_reward_fn: Any,
+              eval_sampling: SamplingParams | None) -> RunStart:
+    """``begin_run`` for a resumable trainer whose config has ``sampling`` and ``seed``: the run's
+    fingerprint, its newest checkpoint under ``checkpoint_dir`` (``saved`` / ``meta``, for
+    ``resume_into``), and a starting evaluation taken from that checkpoint when there is one."""
+    fingerprint = run_fingerprint(cfg, [as_messages(p) for p in prompts])
+    saved, meta = find_resume(checkpoint_dir, fingerprint)
+    run = begin_run(method, make_generator, policy, tokenizer, prompts, eval_prompts, eval_reward_fn, cfg.sampling,
+                    eval_sampling, cfg.seed, first=meta["first"] if meta else None)
+    run.fingerprint, run.saved, run.meta = fingerprint, saved, meta
+    return run
 
 
 @dataclass
@@ -388,19 +405,18 @@ def checkpoint_meta(index: int, fingerprint: str, report: OnlineReport, spend: S
             "first": {k: first[k] for k in ("reward", "rewards", "responses") if k in first}, **extra}
 
 
-def resume_into(saved: dict | None, meta: dict | None, objects: dict[str, Any], gen: torch.Generator,
-                report: OnlineReport, spend: Spend) -> tuple[Spend, int]:
-    """Load a checkpoint found by ``find_resume`` into ``objects`` (name -> module or optimizer,
-    the names it was saved under), the random streams and the record; returns (spend, index
-    to continue from). Nothing found: (``spend``, 0)."""
-    if saved is None:
-        return spend, 0
+def resume_into(run: RunStart, objects: dict[str, Any], gen: torch.Generator) -> tuple[Spend, int]:
+    """Load the checkpoint ``start_run`` found into ``objects`` (name -> module or optimizer, the
+    names it was saved under), the random streams and ``run.report``; returns (spend, index to
+    continue from). Nothing found: (``run.spend``, 0)."""
+    if run.saved is None:
+        return run.spend, 0
     for name, obj in objects.items():
-        obj.load_state_dict(saved[name])
-    set_rng_state(saved["rng"], gen)
-    report.history = meta["history"]
-    report.extra["resumed_from"] = meta["path"]
-    return spend_of(meta), meta["index"]
+        obj.load_state_dict(run.saved[name])
+    set_rng_state(run.saved["rng"], gen)
+    run.report.history = run.meta["history"]
+    run.report.extra["resumed_from"] = run.meta["path"]
+    return spend_of(run.meta), run.meta["index"]
 
 
 def save_progress(checkpoint_dir: str | Path | None, done: int, total: int, every: int, objects: dict[str, Any],
