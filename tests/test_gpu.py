@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from schemas.generator import SamplingParams
+from tests.test_reward_model import _ranked_examples
 from trainers.losses import LOSSES, compute_loss, loss_spec
 
 pytestmark = pytest.mark.gpu
@@ -248,22 +249,6 @@ def test_paft_round_on_cuda(cuda_env):
     (entry,) = report.history
     assert entry["pairs"] > 0 and _finite(entry["dpo_loss"][0]) and _finite(entry["sft_loss"][0])
     assert next(merged.parameters()).device.type == "cuda" and _finite(report.kl_to_ref)
-
-
-def _ranked_examples(task, n: int, seed: int, k: int = 4):
-    """As in tests/test_reward_model.py: the reference and K-1 corruptions, scored by the toy reward."""
-    import random
-
-    from trainers.reward_model import RankedExample
-
-    rng = random.Random(seed)
-    out = []
-    for prompt in task.prompts(n, seed=seed):
-        ref = task.reference(prompt)
-        responses = [ref] + [task.corrupt(ref, rng) for _ in range(k - 1)]
-        out.append(RankedExample([{"role": "user", "content": prompt}], responses,
-                                 [task.reward(prompt, r) for r in responses]))
-    return out
 
 
 def test_bt_reward_model_steps_on_cuda(cuda_env):
