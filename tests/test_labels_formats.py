@@ -506,3 +506,12 @@ def test_oasst_tree_export_emoji_dict_and_detoxify(tmp_path):
     assert table.column("response_detoxify").to_pylist() == [[{"toxicity": 0.1}, {"toxicity": 0.5}]]
     report, table = convert(tmp_path, [tree], "oasst", "listwise", name="tree2.jsonl", aspect="detoxify:toxicity")
     assert table.column("responses").to_pylist() == [["x", "y"]]
+    # flat rows may hold the dict form too (read by Arrow as a struct with a field per emoji)
+    flat = [{"message_id": "m0", "parent_id": None, "role": "prompter", "text": "root?", "rank": None, "emojis": None},
+            {"message_id": "m1", "parent_id": "m0", "role": "assistant", "text": "x", "rank": 1,
+             "emojis": {"+1": 1, "-1": 2}},
+            {"message_id": "m2", "parent_id": "m0", "role": "assistant", "text": "y", "rank": 0, "emojis": {"+1": 6}}]
+    report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="emoji:+1")
+    assert table.column("responses").to_pylist() == [["y", "x"]] and table.column("scores").to_pylist() == [[6.0, 1.0]]
+    assert table.column("response_emojis").to_pylist() == [[{"name": ["+1"], "count": [6]},
+                                                            {"name": ["+1", "-1"], "count": [1, 2]}]]

@@ -334,19 +334,22 @@ class _Sink:
         later = [k for k in self.store.completed_shards() if not (k.isdigit() and int(k) <= last)]
         if later:
             self.store.forget_shards(later)
+        for side in self.resume_dir.glob("quarantine-*.parquet"):  # those of shards to be written again
+            if int(side.stem.split("-")[1]) > last:
+                side.unlink()
         if last < 0:
-            import shutil
-
-            shutil.rmtree(self.resume_dir, ignore_errors=True)
             return None
         self._next_key = self.resumed_shards = last + 1
         return self.store.shard_meta(last)
+
+    def _quarantine_file(self, key: int) -> Path:
+        return self.resume_dir / f"quarantine-{key:05d}.parquet"
 
     def resumed_quarantine(self) -> list[pa.Table]:
         """Rows quarantined up to the checkpoint resumed from."""
         import pyarrow.parquet as pq
 
-        files = [self.resume_dir / f"quarantine-{k:05d}.parquet" for k in range(self.resumed_shards)]
+        files = [self._quarantine_file(k) for k in range(self.resumed_shards)]
         return [pq.read_table(f) for f in files if f.exists()]
 
     def write(self, table: pa.Table, checkpoint: Callable[[], tuple[dict, list[pa.Table]]] | None = None) -> None:
@@ -373,9 +376,9 @@ class _Sink:
             import pyarrow.parquet as pq
 
             state, quarantined = checkpoint()
-            self.resume_dir.mkdir(exist_ok=True)
-            side = self.resume_dir / f"quarantine-{self._next_key:05d}.parquet"
-            pq.write_table(pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table(), side)
+            if quarantined:  # most shards have none: no side file
+                self.resume_dir.mkdir(exist_ok=True)
+                pq.write_table(pa.concat_tables(quarantined), self._quarantine_file(self._next_key))
             meta = {"resume_key": self.resume_key, **state}
         while len(self._futures) >= self.WRITERS:
             self._futures.pop(0).result()

@@ -296,30 +296,41 @@ def _labels_record(value) -> dict | None:
     raise TypeError(f"expected an object, got {type(value).__name__}")
 
 
-def _labels_from_dict_struct(c: pa.Array) -> pa.Array:
-    """``struct<label: struct<value, count>>`` (the tree export's dict read by Arrow) -> OASST_LABELS.
-
-    A [messages, labels] grid of present / value / count, flattened row-major (kernels and
-    numpy, no per-row Python).
-    """
+def _named_fields_to_lists(c: pa.Array, target: pa.StructType, leaves: dict[str, Callable[[pa.Array], np.ndarray]]) -> pa.Array:
+    """A struct whose fields are names (the tree export's ``{name: ...}`` read by Arrow) -> a
+    ``target`` struct of lists: ``name`` = the names a row has, and each of ``leaves`` (field ->
+    its value per row from that name's sub-array). A [rows, names] grid flattened row-major:
+    kernels and numpy, no per-row Python."""
     names = [f.name for f in c.type]
     n, k = len(c), len(names)
     top = c.is_valid().to_numpy(zero_copy_only=False)
     present = np.zeros((n, k), dtype=bool)
-    value = np.full((n, k), np.nan)
-    count = np.zeros((n, k), dtype=np.int64)
+    grids = {leaf: np.zeros((n, k), dtype=target.field(leaf).type.value_type.to_pandas_dtype()) for leaf in leaves}
     for j, name in enumerate(names):
         sub = pc.struct_field(c, name)
         present[:, j] = sub.is_valid().to_numpy(zero_copy_only=False) & top
-        value[:, j] = _float(pc.struct_field(sub, "value"))
-        if "count" in [f.name for f in sub.type]:
-            count[:, j] = pc.fill_null(pc.struct_field(sub, "count").cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        for leaf, values_of in leaves.items():
+            grids[leaf][:, j] = values_of(sub)
     keep = present.ravel()
     offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(1))]).astype(np.int32))
-    lists = [pa.ListArray.from_arrays(offsets, arr) for arr in (
-        pa.array(np.tile(np.array(names, dtype=object), n)[keep], pa.string()),
-        pa.array(value.ravel()[keep], pa.float64(), from_pandas=True), pa.array(count.ravel()[keep], pa.int64()))]
-    return pa.StructArray.from_arrays(lists, fields=list(OASST_LABELS), mask=pa.array(~top))
+    arrays = [pa.array(np.tile(np.array(names, dtype=object), n)[keep], pa.string())]
+    arrays += [pa.array(grids[leaf].ravel()[keep], target.field(leaf).type.value_type, from_pandas=True) for leaf in leaves]
+    return pa.StructArray.from_arrays([pa.ListArray.from_arrays(offsets, a) for a in arrays], fields=list(target),
+                                      mask=pa.array(~top))
+
+
+def _count_of(sub: pa.Array) -> np.ndarray:
+    return pc.fill_null(sub.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+
+
+def _labels_from_dict_struct(c: pa.Array) -> pa.Array:
+    """``struct<label: struct<value, count>>`` (the tree export's dict) -> OASST_LABELS."""
+    def count(sub: pa.Array) -> np.ndarray:
+        has_count = "count" in [f.name for f in sub.type]
+        return _count_of(pc.struct_field(sub, "count")) if has_count else np.zeros(len(sub), dtype=np.int64)
+
+    return _named_fields_to_lists(c, OASST_LABELS, {"value": lambda sub: _float(pc.struct_field(sub, "value")),
+                                                    "count": count})
 
 
 def oasst_labels(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
@@ -369,11 +380,10 @@ def oasst_emojis(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
         if pa.types.is_struct(c.type) and {"name", "count"} <= {f.name for f in c.type}:
             return pa.StructArray.from_arrays([pc.struct_field(c, "name"), pc.struct_field(c, "count")],
                                               fields=list(OASST_EMOJIS), mask=c.is_null()).cast(OASST_EMOJIS)
-        if pa.types.is_struct(c.type) or pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
-            # the tree export's {emoji: count}: a struct whose fields are the emojis (few messages have
-            # any, so one pass is fine), or JSON text in mixed-type files
-            values = c.to_pylist()
-            return pa.array([_emojis_record(x) for x in values], OASST_EMOJIS)
+        if pa.types.is_struct(c.type) and all(pa.types.is_integer(f.type) or pa.types.is_null(f.type) for f in c.type):
+            return _named_fields_to_lists(c, OASST_EMOJIS, {"count": _count_of})  # the tree export's {emoji: n}
+        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):  # JSON text (mixed-type files)
+            return pa.array([_emojis_record(x) for x in c.to_pylist()], OASST_EMOJIS)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
         raise LabelsError(f"{ctx.path}: row ?: field 'emojis': {str(exc).splitlines()[0]}") from None
     raise LabelsError(f"{ctx.path}: row 0: field 'emojis': expected {{name, count}} lists or {{emoji: count}} "
