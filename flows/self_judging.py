@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.judges.templates import RubricTemplate
-from flows.toy_world import MARKER as WORLD_MARKER, ToyWorld, _read_marker
+from flows.toy_world import MARKER as WORLD_MARKER, ToyWorld, read_marker, write_marker
 
 MARKER = "self_judging.json"
 CHECKPOINT_DIR = "self-judging-model"
@@ -67,11 +66,11 @@ def build_self_judging_world(out_dir: str | Path, base: ToyWorld, config: SelfJu
     """EFT the toy world's model into its own rubric judge (cached under ``out_dir``)."""
     out_dir = Path(out_dir)
     config = config or SelfJudgingConfig()
-    base_digest = _read_marker(base.path.parent, WORLD_MARKER)["digest"]
+    base_digest = read_marker(base.path.parent, WORLD_MARKER)["digest"]
     digest = hashlib.sha256(json.dumps({"base": base_digest, "config": asdict(config),
                                         "template": asdict(TOY_RUBRIC)}, sort_keys=True).encode()).hexdigest()[:16]
     checkpoint = out_dir / CHECKPOINT_DIR
-    marker = _read_marker(out_dir, MARKER)
+    marker = read_marker(out_dir, MARKER)
     if not force and marker and marker.get("digest") == digest and (checkpoint / "config.json").is_file():
         return SelfJudgingWorld(checkpoint, base, TOY_RUBRIC, marker["stats"])
 
@@ -82,9 +81,7 @@ def build_self_judging_world(out_dir: str | Path, base: ToyWorld, config: SelfJu
     with cpu_threads(config.threads):
         stats = _build(checkpoint, base, config)
     stats["build_seconds"] = round(time.perf_counter() - started, 2)
-    tmp = out_dir / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"digest": digest, "config": asdict(config), "stats": stats}, indent=2))
-    os.replace(tmp, out_dir / MARKER)
+    write_marker(out_dir, {"digest": digest, "config": asdict(config), "stats": stats}, MARKER)
     return SelfJudgingWorld(checkpoint, base, TOY_RUBRIC, stats)
 
 

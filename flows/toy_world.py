@@ -102,11 +102,19 @@ def reward_stats(generator, task: ToyTask, prompts: Sequence[str], k: int = 4, s
     }
 
 
-def _read_marker(out_dir: Path, name: str = MARKER) -> dict | None:
+def read_marker(out_dir: Path, name: str = MARKER) -> dict | None:
+    """A cached build's marker (digest, config, stats), or None when absent or unreadable."""
     try:
         return json.loads((out_dir / name).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def write_marker(out_dir: Path, payload: dict, name: str = MARKER) -> None:
+    """Write a build's marker atomically: the last step of a build, so a marker means finished."""
+    tmp = out_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, out_dir / name)
 
 
 def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = None,
@@ -127,7 +135,7 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
     if overrides or config.seed != seed:
         config = ToyWorldConfig(**{**asdict(config), **overrides, "seed": seed})
     digest = config.digest(task)
-    marker = _read_marker(out_dir)
+    marker = read_marker(out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
     if not force and marker and marker.get("digest") == digest and (checkpoint / "config.json").is_file():
         return ToyWorld(path=checkpoint, task=task, stats=marker["stats"], config=config)
@@ -147,9 +155,7 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
     stats["eval_seconds"] = round(time.perf_counter() - built, 2)
     payload = {"digest": digest, "config": asdict(config), "task": task.config(), "stats": stats,
                "checkpoint": CHECKPOINT_DIR}
-    tmp = out_dir / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out_dir / MARKER)
+    write_marker(out_dir, payload)
     return ToyWorld(path=checkpoint, task=task, stats=stats, config=config)
 
 
