@@ -122,16 +122,19 @@ class ValueNetwork(nn.Module):
         (K responses of one prompt share it): the same number ``prompt_value`` reads from a full
         (prompt, response) pass, without running the value backbone over the responses."""
         keys = [repr(p) for p in prompts]
-        distinct = list(dict.fromkeys(keys))
-        first = {k: keys.index(k) for k in distinct}
-        ids = [ro.encode_prompt(tokenizer, prompts[first[k]]) for k in distinct]
+        first: dict[str, int] = {}  # distinct prompt -> its first row
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        distinct = list(first)
+        ids = [ro.encode_prompt(tokenizer, prompts[i]) for i in first.values()]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = ro.device_of(self)
         batch = ro.make_token_batch(ids, [[] for _ in ids], pad).to(device)
         hidden = self.hidden(batch.input_ids, batch.attention_mask)  # [U, T, H], right-padded
         last = torch.tensor([len(x) - 1 for x in ids], device=device)
         values = self.head(hidden[torch.arange(len(ids), device=device), last].float()).squeeze(-1)  # [U]
-        return values[torch.tensor([distinct.index(k) for k in keys], device=device)]
+        slot = {key: u for u, key in enumerate(distinct)}
+        return values[torch.tensor([slot[k] for k in keys], device=device)]
 
 
 def prompt_value(values: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
