@@ -204,13 +204,13 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
     params = dict(cfg.params)
     ckpt = Path(cfg.output) / "checkpoints" if cfg.checkpoints else None
     if cfg.method == "dro-v":
-        from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_rows
+        from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_table
 
         trajectories = None
         if cfg.data:  # offline DRO: scored single responses (binary kind: reward or label column)
             from schemas.store import read_dataset
 
-            trajectories = trajectories_from_rows(read_dataset(cfg.data).to_pylist())
+            trajectories = trajectories_from_table(read_dataset(cfg.data))
         policy, _, rep = train_dro_v(policy, tokenizer, _override(DROVConfig(sampling=sampling, seed=cfg.seed), params),
                                      trajectories=trajectories, prompts=prompts, make_generator=make_gen,
                                      reward_fn=reward_fn, eval_prompts=eval_prompts, eval_reward_fn=eval_reward,

@@ -49,6 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -159,18 +162,27 @@ class Trajectory:
     finished: bool = True  # False: the sample was cut at the token budget (no eos appended)
 
 
+def trajectories_from_table(table: pa.Table) -> list[Trajectory]:
+    """A ``binary`` table (``prompt``, ``response``, and ``reward`` or ``label``) -> trajectories.
+    ``label`` maps to +1 / -1 (the survey's binary encoding) where a row has no ``reward``."""
+    n = table.num_rows
+    reward = table.column("reward").cast(pa.float64()) if "reward" in table.column_names else pa.nulls(n, pa.float64())
+    if "label" in table.column_names:
+        from_label = pc.if_else(table.column("label").cast(pa.bool_()), 1.0, -1.0)
+        reward = pc.coalesce(reward, from_label)
+    missing = np.flatnonzero(reward.is_null().to_numpy(zero_copy_only=False))
+    if len(missing):
+        raise ValueError(f"row {int(missing[0])}: DRO needs a 'reward' or a 'label' per response")
+    prompts = table.column("prompt").to_pylist()
+    return [Trajectory(ro.as_messages(p), r, float(v))
+            for p, r, v in zip(prompts, table.column("response").to_pylist(), reward.to_pylist())]
+
+
 def trajectories_from_rows(rows: Sequence[dict]) -> list[Trajectory]:
-    """``binary`` rows (``prompt``, ``response``, and ``reward`` or ``label``) -> trajectories.
-    ``label`` maps to +1 / -1 (the survey's binary encoding) when there is no ``reward``."""
-    out = []
-    for i, row in enumerate(rows):
-        reward = row.get("reward")
-        if reward is None:
-            if row.get("label") is None:
-                raise ValueError(f"row {i}: DRO needs a 'reward' or a 'label' per response")
-            reward = 1.0 if row["label"] else -1.0
-        out.append(Trajectory(ro.as_messages(row["prompt"]), row["response"], float(reward)))
-    return out
+    """``trajectories_from_table`` for a list of row dicts (every key any row has is a column;
+    ``pa.Table.from_pylist`` would keep only the first row's)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return trajectories_from_table(pa.table({k: [row.get(k) for row in rows] for k in keys}))
 
 
 def unique_prompts(rows: Sequence[Trajectory]) -> list[Messages]:

@@ -155,10 +155,10 @@ def _train_dro_v(dataset: Path, model: str, params: dict, args, output: Path) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from schemas.store import read_dataset
-    from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_rows
+    from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_table
 
     with user_errors(OSError):
-        rows = trajectories_from_rows(read_dataset(dataset).to_pylist())
+        rows = trajectories_from_table(read_dataset(dataset))
         tokenizer = AutoTokenizer.from_pretrained(model)
         policy = AutoModelForCausalLM.from_pretrained(model)
     cfg = DROVConfig(beta=float(params.get("beta", 1.0)), lr=args.learning_rate, epochs=max(1, int(args.num_train_epochs)),
