@@ -86,10 +86,26 @@ def prompt_id(prompt: str | Iterable[dict]) -> str:
     return prompt_ids(arr)[0].as_py()
 
 
+def fill_prompt_ids(given: pa.Array | pa.ChunkedArray | None, prompts: pa.Array) -> pa.Array | pa.ChunkedArray:
+    """The ``prompt_id`` column: the ``given`` ids (as strings), with the stable hash of the
+    prompt where an id is missing or none is given. Nothing is hashed when every id is given."""
+    given = None if given is None else given.cast(pa.string())
+    if given is not None and not given.null_count:
+        return given
+    ids = prompt_ids(prompts.fill_null(pa.scalar([], MESSAGES)) if prompts.null_count else prompts)
+    return ids if given is None else pc.coalesce(given, ids)
+
+
 def normalize_prompt_columns(table: pa.Table) -> pa.Table:
     """Promote a string ``prompt`` column to messages and fill missing ``prompt_id`` values."""
     if "prompt" not in table.column_names:
         return table
+    prompts = to_messages_array(table.column("prompt"))
+    table = table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts)
+    if "prompt_id" in table.column_names:
+        ids = fill_prompt_ids(table.column("prompt_id"), prompts)
+        return table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", ids)
+    return table.add_column(0, "prompt_id", fill_prompt_ids(None, prompts))
     prompts = to_messages_array(table.column("prompt"))
     table = table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts)
     if "prompt_id" in table.column_names and table.column("prompt_id").null_count == 0:

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.kinds import MESSAGES, ROLES, optional_type, schema_for
-from schemas.prompts import prompt_ids, to_messages_array
+from schemas.kinds import ROLES, optional_type, schema_for
+from schemas.prompts import fill_prompt_ids, to_messages_array
 
 QUARANTINE_SCHEMA = pa.schema(
     [pa.field("row", pa.int64()), pa.field("reason", pa.string()), pa.field("record", pa.string())]
@@ -182,12 +182,8 @@ def validate(table: pa.Table, kind: str) -> Validation:
 
     prompt = columns["prompt"]
     _check_prompt(prompt, reasons)
-    given_ids = table.column("prompt_id").cast(pa.string()) if "prompt_id" in table.column_names else None
-    if given_ids is not None and not given_ids.null_count:  # every id given: no hashing needed
-        columns["prompt_id"] = given_ids
-    else:
-        ids = prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES)))
-        columns["prompt_id"] = pc.coalesce(given_ids, ids) if given_ids is not None else ids
+    columns["prompt_id"] = fill_prompt_ids(table.column("prompt_id") if "prompt_id" in table.column_names else None,
+                                           prompt)
 
     for name, col in columns.items():
         if name != "prompt" and pa.types.is_string(col.type) and not schema.field(name).nullable:
