@@ -195,7 +195,7 @@ def test_chain_of_thought_first_pass_then_logprobs_after_the_rationale():
 def test_common_prefix_and_length_batches():
     import random
 
-    from feedback.judges.scoring import _common_prefix_len, _lcp, _length_batches
+    from feedback.judges.scoring import _common_prefix_len, _group_chunks, _Group, _lcp, _length_batches
 
     rng = random.Random(0)
     for _ in range(200):
@@ -208,3 +208,7 @@ def test_common_prefix_and_length_batches():
     assert _length_batches([10, 10, 11, 11, 80], max_rows=4, overhead=5) == [(0, 4), (4, 5)]
     spans = _length_batches([10] * 5, max_rows=2, overhead=5)  # equal lengths: as few batches as allowed
     assert len(spans) == 3 and all(0 < j - i <= 2 for i, j in spans) and spans[0][0] == 0 and spans[-1][1] == 5
+    # whole groups, at most max_rows rows a chunk (a larger group alone)
+    groups = [_Group([0, 1], 9), _Group([2], 0), _Group([3, 4, 5], 9), _Group([6], 0)]
+    assert [[g.rows for g in c] for c in _group_chunks(groups, 2)] == [[[0, 1]], [[2]], [[3, 4, 5]], [[6]]]
+    assert [[g.rows for g in c] for c in _group_chunks(groups, 4)] == [[[0, 1], [2]], [[3, 4, 5], [6]]]

@@ -52,10 +52,10 @@ def test_prefix_cached_scorer_equals_plain_scoring(gen):
     np.testing.assert_allclose(np.concatenate(again), np.concatenate(got[:3]), atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["kv-buffers", "generic-cache", "no-shared-preamble"])
+@pytest.mark.parametrize("path", ["kv-buffers", "generic-cache", "no-shared-preamble", "small-chunks"])
 def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypatch):
     """Every path of the scorer (preallocated key/value buffers; copied caches for other cache
-    layer types; no call-wide prefix but level-2 groups) gives the log-probs of scoring each
+    layer types; no call-wide prefix but level-2 groups; groups a few at a time) gives the log-probs of scoring each
     full sequence from scratch, for one- and many-token continuations."""
     from feedback.judges import scoring
 
@@ -69,7 +69,8 @@ def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypa
         msgs = [template.messages(f"Reverse: {w}", a, b) for w in ("abc", "hello") for a, b in ((w[::-1], w), (w, w[::-1]))]
         msgs += [template.messages("Copy: q", "q", "qq"), template.messages("Copy: q", "qq", "q")]
     conts = [["1", "2"], ["1", "2 because"], ["x", "22"], ["2", "1"], ["1"], ["12", "1"]]
-    scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=3)
+    # "small-chunks": levels 2 and 3 a pair (2 rows) at a time
+    scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=3, chunk_rows=2 if path == "small-chunks" else None)
     got = scorer.score_batch(msgs, conts)
     flat_p = [m for m, cs in zip(msgs, conts) for _ in cs]
     ref = gen.score_batch(flat_p, [c for cs in conts for c in cs])

@@ -211,6 +211,21 @@ class _Group:
     end: int
 
 
+def _group_chunks(groups: Sequence["_Group"], max_rows: int):
+    """Consecutive groups in chunks of at most ``max_rows`` rows (a group larger than that alone);
+    a group is never split (its rows share its key/value slots)."""
+    chunk: list[_Group] = []
+    rows = 0
+    for grp in groups:
+        if chunk and rows + len(grp.rows) > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(grp)
+        rows += len(grp.rows)
+    if chunk:
+        yield chunk
+
+
 class PrefixCachedScorer:
     """Log-probs of continuations from a causal LM, sharing the computation of common prefixes.
 
@@ -230,6 +245,8 @@ class PrefixCachedScorer:
        head runs only there (``logits_to_keep``); position ids continue the row's prefix, and
        the attention mask ``[B, P + M + S]`` hides padding and other groups' slots.
 
+    Levels 2 and 3 run ``chunk_rows`` rows (whole groups) at a time, so the group keys/values
+    kept between the passes are bounded by the chunk, not by the call (a whole dataset).
     Keys/values go into preallocated buffers (prefix broadcast, group slots gathered, suffix
     written in place) rather than being copied and concatenated per pass. Models whose cache
     layers are not plain ``DynamicLayer`` s (sliding window, ...) get levels 1 and 3 through a
@@ -238,10 +255,12 @@ class PrefixCachedScorer:
     from scratch up to float rounding (tested; ``tests/bench/bench_judge.py`` prints the gap).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, min_prefix: int = 8):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, min_prefix: int = 8,
+                 chunk_rows: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.chunk_rows = chunk_rows or 8 * batch_size  # rows whose group keys/values are held at once
         self.min_prefix = min_prefix
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -427,6 +446,33 @@ class PrefixCachedScorer:
             k += len(w)
         return out
 
+    def _score_groups(self, rows: list[tuple[int, ...]], wanted: list[list[tuple[int, int]]], groups: list[_Group],
+                      P: int, prefix: Any, plain: bool, progress: Callable[[int], None] | None):
+        """Levels 2 and 3 for the rows of ``groups``: yields (row index, log-probs at its wanted
+        (position, token) pairs)."""
+        shared = self._group_pass(rows, groups, P, prefix) if plain else None
+        end_of: dict[int, int] = {}
+        slot_of: dict[int, int] = {}
+        for g, grp in enumerate(groups):
+            for r in grp.rows:
+                end_of[r], slot_of[r] = grp.end, (shared[1].get(g, 0) if shared else 0)
+        # rows of similar suffix length together: little padding
+        order = sorted(end_of, key=lambda r: len(rows[r]) - end_of[r])
+        spans = _length_batches([len(rows[r]) - end_of[r] for r in order], self.batch_size)
+        template, kv = (shared[0], shared[2]) if shared else (prefix, None)
+        buffers = None
+        if plain and template is not None:
+            width = max(max(end_of[r] for r in order[i:j]) + len(rows[order[j - 1]]) - end_of[order[j - 1]]
+                        for i, j in spans)
+            buffers = _KVBuffers(template, max(j - i for i, j in spans), width, prefix, P)
+        for start, stop in spans:
+            idx = order[start: stop]
+            got = self._run_batch([rows[r] for r in idx], [wanted[r] for r in idx], [end_of[r] for r in idx],
+                                  [slot_of[r] for r in idx], P, prefix, kv, buffers)
+            yield from zip(idx, got)
+            if progress:
+                progress(len(idx))
+
     def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[Sequence[str]],
                     progress: Callable[[int], None] | None = None) -> list[list[float]]:
         import torch
@@ -454,29 +500,12 @@ class PrefixCachedScorer:
             prefix = self._prefix(live_rows[0][:P]) if P else None
             plain = self._plain_cache(prefix)
             groups = self._groups(live_rows, P, limits) if plain else [_Group([r], P) for r in range(len(live))]
-            shared = self._group_pass(live_rows, groups, P, prefix) if plain else None
-            end_of, slot_of = [P] * len(live), [0] * len(live)
-            for g, grp in enumerate(groups):
-                for r in grp.rows:
-                    end_of[r], slot_of[r] = grp.end, (shared[1].get(g, 0) if shared else 0)
-            # rows of similar suffix length together: little padding
-            order = sorted(range(len(live)), key=lambda r: len(live_rows[r]) - end_of[r])
-            spans = _length_batches([len(live_rows[r]) - end_of[r] for r in order], self.batch_size)
-            template, kv = (shared[0], shared[2]) if shared else (prefix, None)
-            buffers = None
-            if plain and template is not None:
-                width = max(max(end_of[r] for r in order[i:j]) + len(live_rows[order[j - 1]]) - end_of[order[j - 1]]
-                            for i, j in spans)
-                buffers = _KVBuffers(template, max(j - i for i, j in spans), width, prefix, P)
-            for start, stop in spans:
-                idx = order[start: stop]
-                got = self._run_batch([live_rows[r] for r in idx], [wanted[r] for r in idx],
-                                      [end_of[r] for r in idx], [slot_of[r] for r in idx], P, prefix, kv, buffers)
-                for r, v in zip(idx, got):
+            # levels 2 and 3 a chunk of groups at a time: the groups' kept keys/values
+            # [groups, heads, L_g - P, d] per layer grow with the chunk, not with the whole call
+            for chunk in _group_chunks(groups, self.chunk_rows):
+                for r, v in self._score_groups(live_rows, wanted, chunk, P, prefix, plain, progress):
                     for pt, lp in zip(wanted[r], v):
                         values[(live[r], *pt)] = lp
-                if progress:
-                    progress(len(idx))
         result = [[0.0] * len(c) for c in continuations]
         for i, j, row, pairs in targets:
             result[i][j] = float(sum(values[(alias[row], *pt)] for pt in pairs))
@@ -487,10 +516,11 @@ def make_scorer(generator: Any, batch_size: int | None = None) -> Scorer:
     """The fastest scorer a generator allows (see the module docstring)."""
     if generator is None:
         raise ValueError("a judge that reads log-probs needs a generator")
-    if hasattr(generator, "score_batch") and not (hasattr(generator, "model") and hasattr(generator, "tokenizer")):
-        return GeneratorScorer(generator)
-    model, tokenizer = getattr(generator, "model", None), getattr(generator, "tokenizer", None)
-    if model is not None and tokenizer is not None and hasattr(model, "forward") and hasattr(tokenizer, "apply_chat_template"):
+    # an in-process model is one with ``.forward``: an HTTP client's ``.model`` is a name (and its
+    # ``.tokenizer`` a lazily loaded template source, not to be touched here)
+    model = getattr(generator, "model", None)
+    tokenizer = getattr(generator, "tokenizer", None) if hasattr(model, "forward") else None
+    if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
         return PrefixCachedScorer(model, tokenizer, batch_size=batch_size or getattr(generator, "batch_size", 64) or 64)
     return GeneratorScorer(generator)
 
