@@ -207,6 +207,17 @@ def test_echo_scoring_fails_in_one_clear_line_where_unsupported():
     assert "\n" not in str(err.value)
 
 
+def test_echo_route_is_in_provenance_and_the_judge_does_not_load_the_tokenizer():
+    from feedback.judges.scoring import GeneratorScorer, make_scorer
+
+    gen, _ = _gen(lambda r: httpx.Response(500), tokenizer="no/such-tokenizer")
+    assert isinstance(make_scorer(gen), GeneratorScorer)  # an HTTP client: scored by the server
+    assert gen._tokenizer == "no/such-tokenizer"  # still a name: loaded on first scoring, not here
+    assert gen.provenance()["tokenizer"] == "no/such-tokenizer"
+    assert "tokenizer" not in _gen(lambda r: httpx.Response(500))[0].provenance()
+    assert echo_payload("m", ["x"])["add_special_tokens"] is False  # the chat template wrote the BOS
+
+
 def test_payload_and_no_secret_in_repr_or_provenance():
     body = chat_payload("m", MSG, 2, SamplingParams(temperature=0.5, top_k=5, stop=("\n",)), seed=3)
     assert body["n"] == 2 and body["top_k"] == 5 and body["stop"] == ["\n"] and body["seed"] == 3

@@ -154,9 +154,11 @@ def lookup_continuations(top: dict[str, float], continuations: Sequence[str]) ->
 def echo_payload(model: str, texts: Sequence[str]) -> dict:
     """Body of one legacy ``/completions`` request that echoes ``texts`` (rendered prompt +
     continuation, one per entry) with each token's log-prob. ``max_tokens=1``: vLLM rejects 0;
-    the one generated token lies after the echoed text and is left out by offset."""
+    the one generated token lies after the echoed text and is left out by offset.
+    ``add_special_tokens=False``: the chat template already wrote the special tokens (BOS);
+    vLLM's ``/completions`` would add a second BOS by default (its chat route does not)."""
     return {"model": model, "prompt": list(texts), "echo": True, "logprobs": 1, "max_tokens": 1,
-            "temperature": 0.0}
+            "temperature": 0.0, "add_special_tokens": False}
 
 
 def echoed_span_logprob(choice: dict, start: int, stop: int) -> float | None:
@@ -215,7 +217,12 @@ class OpenAIGenerator:
         return f"OpenAIGenerator(model={self.model!r}, base_url={self.base_url!r})"
 
     def provenance(self) -> dict:
-        return {"backend": self.name, "model": self.model, "base_url": self.base_url}
+        prov = {"backend": self.name, "model": self.model, "base_url": self.base_url}
+        if self._tokenizer is not None:  # log-prob scores then come from /completions echo with its template
+            tok = self._tokenizer
+            named = isinstance(tok, (str, os.PathLike))
+            prov["tokenizer"] = str(tok) if named else getattr(tok, "name_or_path", type(tok).__name__)
+        return prov
 
     def close(self) -> None:
         self._client.close()
@@ -312,6 +319,8 @@ class OpenAIGenerator:
         for k, p in enumerate(prompts):
             groups.setdefault(repr(p), []).append(k)
         keys = list(groups)
+        if self._tokenizer is not None:
+            _ = self.tokenizer  # load a named tokenizer once here, not in each worker thread at once
         one = self._score_by_echo if self._tokenizer is not None else self._score_by_top_logprobs
         out = [0.0] * len(prompts)
         for key, values in zip(keys, self._map(lambda key: one(prompts[groups[key][0]],

@@ -41,8 +41,8 @@ def _generator(backend: str, model: str, base_url: Optional[str], batch_size: in
             fail(f"{model}: no such checkpoint folder")
         return make_generator("hf", model, device=device, batch_size=batch_size)
     if backend == "openai":
-        extra = {"tokenizer": tokenizer} if tokenizer else {}
-        return make_generator("openai", model, base_url=base_url, max_concurrency=max_concurrency, **extra)
+        return make_generator("openai", model, base_url=base_url, max_concurrency=max_concurrency,
+                              tokenizer=tokenizer or None)
     return make_generator("vllm", model)
 
 
