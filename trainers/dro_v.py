@@ -358,10 +358,7 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
         policy.eval()
         value_net.eval()
     report.extra["trajectories"] = len(data)
-    if evaluating:
-        final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-        report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-        report.extra["eval_rewards_after"] = final["rewards"]
-    report.generations, report.judge_calls = spend.generations, spend.judge_calls
-    report.wall_s = time.perf_counter() - t0
+    final = (ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
+             if evaluating else None)
+    ro.finish_run(report, final, spend, t0)
     return policy, value_net, report

@@ -59,30 +59,6 @@ def token_rewards(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any
     return [TokenReward(tokenizer.decode([i]), beta * (a - b), a, b) for i, a, b in zip(ids, lp, rlp)]
 
 
-def _left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, position_ids)`` ``[N, W]`` of left-padded sequences (so every
-    row's next token is predicted at the last column)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _cache_arg(model: nn.Module) -> str:
-    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 class _Decoder:
     """One model decoding many rows incrementally with a KV cache (rows can be re-selected,
     duplicated or dropped between steps: beam search's parent pointers)."""
@@ -90,10 +66,10 @@ class _Decoder:
     def __init__(self, model: nn.Module, prompt_ids: Sequence[list[int]], pad: int):
         self.model = model
         self.device = ro.device_of(model)  # rows live where the model is
-        ids, self.mask, pos = (t.to(self.device) for t in _left_padded(prompt_ids, pad))
-        self.cache_arg = _cache_arg(model)
+        ids, self.mask, pos = (t.to(self.device) for t in ro.left_padded(prompt_ids, pad))
+        self.cache_arg = ro.cache_kwarg(model)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
-        self.cache, self.pos = _cache_of(out), pos[:, -1]
+        self.cache, self.pos = ro.cache_of(out), pos[:, -1]
         self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)  # [R, V] next-token log-probs
 
     def step(self, parents: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -105,7 +81,7 @@ class _Decoder:
         self.pos = self.pos[parents] + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
                          use_cache=True, **{self.cache_arg: self.cache})
-        self.cache = _cache_of(out)
+        self.cache = ro.cache_of(out)
         self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)
 
 
@@ -151,10 +127,10 @@ def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts
     for _ in range(max_new_tokens):
         gains = beta * dec.logps if ref_dec is None else beta * (dec.logps - ref_dec.logps.to(dec.logps.device))
         top = dec.logps.topk(min(expand, dec.logps.shape[-1]), -1).indices  # [R, expand]
-        cand_gain = gains.gather(-1, top)
+        top_ids, cand_gain = top.tolist(), gains.gather(-1, top).tolist()  # one host copy per step
         by_prompt: dict[int, list[tuple[float, int, int]]] = {}
         for row, (i, _, score) in enumerate(live):
-            for tok, g in zip(top[row].tolist(), cand_gain[row].tolist()):
+            for tok, g in zip(top_ids[row], cand_gain[row]):
                 by_prompt.setdefault(i, []).append((score + g, row, tok))
         parents, tokens, new_live = [], [], []
         for i, cands in by_prompt.items():

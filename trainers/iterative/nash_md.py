@@ -51,18 +51,10 @@ def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: S
 
     device = ro.device_of(policy)
     seqs = [ro.encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = [DynamicCache(), DynamicCache()]
-    outs = [m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True)
-            for m, c in zip((policy, ref), caches)]
+    ids, mask, pos = (t.to(device) for t in ro.left_padded(seqs, tokenizer.pad_token_id))
+    cache_kws = [ro.cache_kwarg(m) for m in (policy, ref)]  # "cache" on transformers 5.2x
+    outs = [m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: DynamicCache()})
+            for m, kw in zip((policy, ref), cache_kws)]
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in seqs]
@@ -79,8 +71,8 @@ def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: S
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], -1)
-        outs = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                  past_key_values=o.past_key_values, use_cache=True) for m, o in zip((policy, ref), outs)]
+        outs = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                  **{kw: ro.cache_of(o)}) for m, o, kw in zip((policy, ref), outs, cache_kws)]
         next_pos = next_pos + 1
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 

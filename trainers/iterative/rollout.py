@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -156,6 +157,32 @@ def sequence_kl(policy: torch.nn.Module, ref: torch.nn.Module, batch: TokenBatch
     lp, _ = forward_token_logprobs(policy, batch)
     rlp, _ = forward_token_logprobs(ref, batch)
     return (lp - rlp.to(lp.device)).sum(-1)
+
+
+def left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` ``[N, W]`` of left-padded sequences (on the
+    CPU), so every row's next token is predicted at the last column (incremental decoding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x; ``past_key_values``
+    is deprecated there) or ``past_key_values`` (older models)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` on older models)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @dataclass
@@ -431,13 +458,13 @@ def save_progress(checkpoint_dir: str | Path | None, done: int, total: int, ever
                     checkpoint_meta(done, fingerprint, report, spend, first))
 
 
-def finish_run(report: OnlineReport, final: dict, spend: Spend, started: float) -> OnlineReport:
+def finish_run(report: OnlineReport, final: dict | None, spend: Spend, started: float) -> OnlineReport:
     """Fill the report's closing fields: the final ``evaluate`` (reward, KL, per-prompt
-    rewards), the spend and the wall time since ``started`` (``time.perf_counter``)."""
-    import time
-
-    report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
-    report.extra["eval_rewards_after"] = final["rewards"]
+    rewards; ``None`` when the run was not evaluated), the spend and the wall time since
+    ``started`` (``time.perf_counter``)."""
+    if final is not None:
+        report.reward_after, report.kl_to_ref = final["reward"], final["kl"]
+        report.extra["eval_rewards_after"] = final["rewards"]
     report.generations, report.judge_calls = spend.generations, spend.judge_calls
     report.wall_s = time.perf_counter() - started
     return report
