@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from schemas.generator import SamplingParams
+from tests.test_online import toy_env
 from tests.test_reward_model import _ranked_examples
 from trainers.losses import LOSSES, compute_loss, loss_spec
 
@@ -89,27 +90,7 @@ ONLINE_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=16)
 
 @pytest.fixture(scope="module")
 def cuda_env(toy_world):
-    from transformers import AutoTokenizer
-
-    from flows.online import policy_generator_factory, toy_reward
-    from trainers.iterative.rollout import as_messages
-
-    class Env:
-        path = toy_world.path
-        task = toy_world.task
-        tok = AutoTokenizer.from_pretrained(toy_world.path)
-        make_gen = staticmethod(policy_generator_factory("cuda"))
-        prompts = [as_messages(p) for p in toy_world.task.prompts(32, seed=11)]
-        eval_prompts = [as_messages(p) for p in toy_world.task.prompts(4, seed=12)]
-
-        @staticmethod
-        def policy(dtype=torch.float32):
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_pretrained(toy_world.path, dtype=dtype).to("cuda")
-
-    Env.reward = toy_reward(toy_world.task)
-    return Env
+    return toy_env(toy_world, "cuda", n_prompts=32, n_eval=4)
 
 
 def ranked_reward(prompts, responses):

@@ -12,33 +12,41 @@ from schemas.generator import SamplingParams
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def env(toy_world):
+def toy_env(toy_world, device: str = "cpu", n_prompts: int = 64, n_eval: int = 32, seed: int = 11):
+    """What the online-trainer tests share (here, tests/test_online_resume.py, tests/test_gpu.py):
+    the toy world's tokenizer, a generator factory and fresh float32 policies on ``device``, the
+    verifier reward and its preference, ``n_prompts`` training prompts (seed ``seed``) and
+    ``n_eval`` held-out prompts (seed ``seed + 1``)."""
     from transformers import AutoTokenizer
 
     from flows.online import RewardPreference, policy_generator_factory, toy_reward
     from trainers.iterative.rollout import as_messages
 
-    torch.set_num_threads(2)
     reward = toy_reward(toy_world.task)
 
     class Env:
         path = toy_world.path
         task = toy_world.task
         tok = AutoTokenizer.from_pretrained(toy_world.path)
-        make_gen = staticmethod(policy_generator_factory("cpu"))
-        prompts = [as_messages(p) for p in toy_world.task.prompts(64, seed=11)]
-        eval_prompts = [as_messages(p) for p in toy_world.task.prompts(32, seed=12)]
+        make_gen = staticmethod(policy_generator_factory(device))
+        prompts = [as_messages(p) for p in toy_world.task.prompts(n_prompts, seed=seed)]
+        eval_prompts = [as_messages(p) for p in toy_world.task.prompts(n_eval, seed=seed + 1)]
 
         @staticmethod
-        def policy():
+        def policy(dtype: torch.dtype = torch.float32):
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(toy_world.path)
+            return AutoModelForCausalLM.from_pretrained(toy_world.path, dtype=dtype).to(device)
 
     Env.reward = reward
     Env.preference = RewardPreference(reward, scale=0.1)
     return Env
+
+
+@pytest.fixture(scope="module")
+def env(toy_world):
+    torch.set_num_threads(2)
+    return toy_env(toy_world)
 
 
 def assert_significant_gain(report, alpha: float = 0.05):

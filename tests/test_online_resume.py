@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from schemas.generator import SamplingParams
+from tests.test_online import toy_env
 from trainers.iterative import rollout as ro
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=12)
@@ -50,26 +51,8 @@ def test_checkpoints_atomic_newest_and_pruned(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(toy_world):
-    from transformers import AutoTokenizer
-
-    from flows.online import policy_generator_factory, toy_reward
-
     torch.set_num_threads(1)  # bitwise-equal runs, and no oversubscription on shared cores
-
-    class Env:
-        tok = AutoTokenizer.from_pretrained(toy_world.path)
-        make_gen = staticmethod(policy_generator_factory("cpu"))
-        reward = toy_reward(toy_world.task)
-        prompts = [ro.as_messages(p) for p in toy_world.task.prompts(16, seed=21)]
-        eval_prompts = [ro.as_messages(p) for p in toy_world.task.prompts(8, seed=22)]
-
-        @staticmethod
-        def policy():
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_pretrained(toy_world.path)
-
-    return Env
+    return toy_env(toy_world, n_prompts=16, n_eval=8, seed=21)
 
 
 class Killed(RuntimeError):
