@@ -249,7 +249,10 @@ def served_model(tmp_path_factory):
     from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     tok = make_char_tokenizer()
-    path = save_checkpoint(make_tiny_llama(tok, hidden_size=32), tok, tmp_path_factory.mktemp("served") / "toy")
+    # A context that holds the judge prompt (about 520 tokens): transformers serve >= 5.25 refuses
+    # prompts longer than the model's max_position_embeddings with HTTP 400.
+    model = make_tiny_llama(tok, hidden_size=32, max_position_embeddings=1024)
+    path = save_checkpoint(model, tok, tmp_path_factory.mktemp("served") / "toy")
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")
