@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from schemas.generator import SamplingParams
-from schemas.kinds import ROUND
-from schemas.prompts import to_messages_array
+from alignflow.schemas.generator import SamplingParams
+from alignflow.schemas.kinds import ROUND
+from alignflow.schemas.prompts import to_messages_array
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitutions") / "default.yaml"
 
@@ -99,7 +99,7 @@ def critique_revise(table: pa.Table, generator: Any, constitution: Constitution,
                     sampling: SamplingParams | None = None, batch_size: int = 64,
                     progress: Callable[[int], None] | None = None) -> pa.Table:
     """``critiques`` table from rows with ``prompt`` and ``response`` (``samples`` or ``sft``)."""
-    from schemas.prompts import normalize_prompt_columns
+    from alignflow.schemas.prompts import normalize_prompt_columns
 
     table = normalize_prompt_columns(table)
     prompts = table.column("prompt").to_pylist()
@@ -152,8 +152,8 @@ def critique_revise_dataset(in_path: str | Path, out_dir: str | Path, generator:
                             sampling: SamplingParams | None = None, *, batch_size: int = 64,
                             overwrite: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Path]:
     """Writes ``critiques``, ``sft`` and ``pairwise`` datasets under ``out_dir``; returns their paths."""
-    from feedback.sampling import generator_provenance
-    from schemas.store import read_dataset, write_dataset
+    from alignflow.feedback.sampling import generator_provenance
+    from alignflow.schemas.store import read_dataset, write_dataset
 
     constitution = constitution or load_constitution()
     sampling = sampling or SamplingParams(temperature=0.7, max_new_tokens=128, seed=seed)
@@ -176,7 +176,7 @@ def principle_preferences(candidates: pa.Table, judge: Any, constitution: Consti
     """RLAIF stage: label candidate pairs (``response_a``/``response_b``) with a ``PairwiseJudge``,
     each pair judged under one sampled principle's preference question (or its critique request
     when it has none). Returns (pairwise table with a ``principle`` column, judgement, counts)."""
-    from feedback.judges.tables import label_pairs
+    from alignflow.feedback.judges.tables import label_pairs
 
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(constitution.principles), size=candidates.num_rows)

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from feedback.judges.templates import RubricTemplate, conversation_text
-from schemas.generator import Messages
+from alignflow.feedback.judges.templates import RubricTemplate, conversation_text
+from alignflow.schemas.generator import Messages
 
 
 def score_tokens(rewards: Sequence[float], scores: Sequence[str], low: float = 0.0, high: float = 1.0) -> list[str]:

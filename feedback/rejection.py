@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from schemas.prompts import to_messages_array
+from alignflow.schemas.prompts import to_messages_array
 
 
 def _groups(samples: pa.Table, reward: str):

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from schemas.generator import SamplingParams
-from schemas.prompts import to_messages_array
+from alignflow.schemas.generator import SamplingParams
+from alignflow.schemas.prompts import to_messages_array
 
 
 def generator_provenance(generator: Any) -> dict:
@@ -35,7 +35,7 @@ def model_label(generator: Any) -> str:
 def sample_table(prompts: pa.Table, generator: Any, k: int = 4, sampling: SamplingParams | None = None,
                  batch_size: int = 64, progress: Callable[[int], None] | None = None) -> pa.Table:
     """``k`` responses per prompt row -> ``samples`` rows (prompt-major, sample order kept)."""
-    from schemas.prompts import normalize_prompt_columns
+    from alignflow.schemas.prompts import normalize_prompt_columns
 
     prompts = normalize_prompt_columns(prompts)
     messages = prompts.column("prompt").to_pylist()
@@ -65,7 +65,7 @@ def sample_table(prompts: pa.Table, generator: Any, k: int = 4, sampling: Sampli
 def sample_dataset(prompts_path: str | Path, out_path: str | Path, generator: Any, k: int = 4,
                    sampling: SamplingParams | None = None, *, batch_size: int = 64, overwrite: bool = False,
                    progress: Callable[[int], None] | None = None) -> Path:
-    from schemas.store import read_dataset, write_dataset
+    from alignflow.schemas.store import read_dataset, write_dataset
 
     sampling = sampling or SamplingParams()
     table = sample_table(read_dataset(prompts_path), generator, k, sampling, batch_size, progress)

@@ -11,7 +11,7 @@ before the first iteration an optional Constitutional SFT stage (critique-revise
 the revisions) replaces the starting policy. The reference of iteration t is the policy that
 sampled its data (iterative DPO's refresh) or the starting policy (``train.reference``).
 
-Termination (``trainers.iterative.termination``): after iteration t, stop when the held-out
+Termination (``trainers.online.termination``): after iteration t, stop when the held-out
 win-rate of t over t-1 (per prompt, by the judge's reward) is not significantly above one half
 (one-sided binomial test at ``termination.alpha``) or the held-out reward stopped rising; the
 evidence of every iteration goes into ``report.json``.
@@ -29,19 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from prefect import flow
 
-from flows.config import AlignConfig
-from flows.runtime import expand_output
-from flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
+from alignflow.flows.config import AlignConfig
+from alignflow.flows.runtime import expand_output
+from alignflow.flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
 
 HELDOUT_SEED_OFFSET = 7_919  # held-out prompts come from another seed than any training draw
 
 
 def needs_reference(loss: str, kind: str) -> bool:
     """Whether ``loss`` on ``kind`` data reads reference log-probs (trainers.preference decides)."""
-    from trainers.preference import needs_reference as trainer_needs_reference
+    from alignflow.trainers.preference import needs_reference as trainer_needs_reference
 
     return trainer_needs_reference(loss, kind)
 
@@ -66,7 +65,7 @@ def prepare_outside_flow(config: AlignConfig, progress=None) -> None:
     """
     if config.model is not None:
         return
-    from flows.tasks import build_world
+    from alignflow.flows.tasks import build_world
 
     report = progress or (lambda stage, done, total: None)
     report("build_world", 0, 1)
@@ -179,7 +178,7 @@ def termination_evidence(history: list[dict], config: AlignConfig) -> dict:
     A prompt is a win when its mean reward over the k held-out samples rose by more than
     ``tie_band``, a loss when it fell by more, else a tie (same prompts and seeds each time).
     """
-    from trainers.iterative.termination import winrate_test
+    from alignflow.trainers.online.termination import winrate_test
 
     new = np.asarray(history[-1]["prompt_rewards"])
     old = np.asarray(history[-2]["prompt_rewards"])
@@ -192,7 +191,7 @@ def termination_evidence(history: list[dict], config: AlignConfig) -> dict:
 
 def should_stop(history: list[dict], config: AlignConfig) -> tuple[bool, str, dict | None]:
     """The termination rule after the newest iteration: (stop, reason, evidence)."""
-    from trainers.iterative.termination import should_stop as rule_says_stop
+    from alignflow.trainers.online.termination import should_stop as rule_says_stop
 
     if len(history) < 2:
         return False, "", None

@@ -23,12 +23,12 @@ app = typer.Typer(
 
 # One module per area; a module not present in this checkout is skipped.
 COMMAND_MODULES = (
-    "flows.commands.data",  # inspect, validate
-    "flows.commands.labels",  # formats, convert
-    "flows.commands.train",  # train, precompute-ref
-    "flows.commands.feedback",  # generate, judge, critique, rejection-sample
-    "flows.commands.online",  # reward models, RL, iterative methods, token rewards
-    "flows.commands.run",  # run, demo, serve
+    "alignflow.flows.commands.data",  # inspect, validate
+    "alignflow.flows.commands.labels",  # formats, convert
+    "alignflow.flows.commands.train",  # train, precompute-ref
+    "alignflow.flows.commands.feedback",  # generate, judge, critique, rejection-sample
+    "alignflow.flows.commands.online",  # reward models, RL, iterative methods, token rewards
+    "alignflow.flows.commands.run",  # run, demo, serve
 )
 
 for _name in COMMAND_MODULES:

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 BACKENDS = ("hf", "vllm", "openai")
 
 
@@ -50,7 +49,7 @@ class GenerationConfig(_Strict):
     def _known_backend(cls, value: str) -> str:
         if value in BACKENDS or ":" in value:
             return value
-        from flows.tasks import BACKEND_FACTORIES  # backends registered in this process
+        from alignflow.flows.tasks import BACKEND_FACTORIES  # backends registered in this process
 
         if value in BACKEND_FACTORIES:
             return value
@@ -121,7 +120,7 @@ class TerminationConfig(_Strict):
     rule: Literal["winrate", "reward", "none"] = Field(
         "winrate", description="winrate: stop when the held-out win-rate of t over t-1 (per prompt, by the judge's "
                                "reward) is not significantly above 1/2 or the reward stopped rising "
-                               "(trainers.iterative.termination); reward: only the reward rule; none: run all.")
+                               "(trainers.online.termination); reward: only the reward rule; none: run all.")
     alpha: float = Field(0.05, gt=0, lt=1, description="Level of the one-sided binomial test.")
     min_gain: float = Field(0.0, description="Smallest held-out reward gain that counts as rising.")
     tie_band: float = Field(1e-9, ge=0, description="Per-prompt reward differences within this are ties.")
@@ -227,7 +226,7 @@ FLOW_ALIASES = {"align_from_prompts": "align", "align-from-prompts": "align",
 
 def _check_loss(value: TrainConfig) -> TrainConfig:
     try:
-        from trainers.losses import LOSSES
+        from alignflow.trainers.losses import LOSSES
     except ImportError:  # the loss library is optional at config time
         return value
     if value.loss not in LOSSES:

@@ -21,9 +21,9 @@ from prefect import flow, task
 
 def check_source_fn(source: str, from_format: str, to_format: str) -> dict:
     """Fail early (one line) on an unknown format or a missing input; returns source facts."""
-    from feedback.labels import LabelsError, get_format
-    from feedback.labels.convert import target_kind
-    from schemas.store import sha256_file
+    from alignflow.feedback.labels import LabelsError, get_format
+    from alignflow.feedback.labels.convert import target_kind
+    from alignflow.schemas.store import sha256_file
 
     src, dst = get_format(from_format), get_format(to_format)
     target_kind(dst)
@@ -36,7 +36,7 @@ def check_source_fn(source: str, from_format: str, to_format: str) -> dict:
 
 def convert_fn(source: str, out: str, from_format: str, to_format: str, options: dict,
                quarantine: str | None = None) -> dict:
-    from feedback.labels import Options, convert_labels_file
+    from alignflow.feedback.labels import Options, convert_labels_file
 
     report = convert_labels_file(source, out, from_format, to_format, Options(**options),
                                  quarantine_path=quarantine, flow="convert_labels")
@@ -47,7 +47,7 @@ def convert_fn(source: str, out: str, from_format: str, to_format: str, options:
 
 
 def verify_output_fn(out: str) -> dict:
-    from schemas.store import is_dataset, verify_dataset
+    from alignflow.schemas.store import is_dataset, verify_dataset
 
     if is_dataset(out):
         manifest = verify_dataset(out)

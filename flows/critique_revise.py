@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import CritiqueReviseConfig
-from flows.runtime import expand_output
-from flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
+from alignflow.flows.config import CritiqueReviseConfig
+from alignflow.flows.runtime import expand_output
+from alignflow.flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
 
 
 def run_critique_revise(config: CritiqueReviseConfig, steps: PlainSteps) -> dict:

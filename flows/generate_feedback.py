@@ -18,9 +18,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import GenerateFeedbackConfig
-from flows.runtime import expand_output
-from flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
+from alignflow.flows.config import GenerateFeedbackConfig
+from alignflow.flows.runtime import expand_output
+from alignflow.flows.tasks import PlainSteps, PrefectSteps, shard_count, shard_seed
 
 
 def feedback_judge_spec(config: GenerateFeedbackConfig) -> dict:

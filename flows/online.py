@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
 
 METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "self-rewarding", "cringe",
            "sppo", "nash-md", "dno", "paft", "token-rewards", "dro-v")
@@ -33,7 +33,7 @@ METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "
 # --------------------------------------------------------------------------------------------
 def policy_generator_factory(device: str | None = "cpu", batch_size: int = 64):
     """``PolicyGeneratorFactory``: the ``hf`` backend over the LIVE policy object."""
-    from feedback.generation.hf import HFGenerator
+    from alignflow.feedback.generation.hf import HFGenerator
 
     def make(model: Any, tokenizer: Any):
         return HFGenerator(model, tokenizer, device=device, batch_size=batch_size)
@@ -76,7 +76,7 @@ class RewardPreference:
 
 def self_rewarding_judge_factory(device: str | None = "cpu"):
     """``JudgeFactory`` for self-rewarding (3.5.1): the live model judges with the 5-point rubric."""
-    from feedback.judges import RubricJudge
+    from alignflow.feedback.judges import RubricJudge
 
     make_gen = policy_generator_factory(device)
 
@@ -87,7 +87,7 @@ def self_rewarding_judge_factory(device: str | None = "cpu"):
 
 
 def toy_reward(task: Any) -> JudgeReward:
-    from feedback.judges import FunctionJudge
+    from alignflow.feedback.judges import FunctionJudge
 
     return JudgeReward(FunctionJudge.from_task(task))
 
@@ -125,7 +125,7 @@ def _override(obj: Any, params: dict) -> Any:
 
 def _samples_to_examples(make_gen, policy, tokenizer, prompts, reward_fn, k: int, sampling) -> list:
     """On-policy listwise data: K samples per prompt scored by the judge (for RM / PM training)."""
-    from trainers.reward_model import RankedExample
+    from alignflow.trainers.reward_model import RankedExample
 
     gens = make_gen(policy, tokenizer).generate(prompts, n=k, sampling=sampling)
     flat_p = [p for p, g in zip(prompts, gens) for _ in g]
@@ -142,8 +142,8 @@ def run_online(config: OnlineRunConfig | dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.tasks import make_judge, toy_task
-    from trainers.iterative import rollout as ro
+    from alignflow.flows.tasks import make_judge, toy_task
+    from alignflow.trainers import encoding
 
     cfg = config if isinstance(config, OnlineRunConfig) else OnlineRunConfig(**config)
     if cfg.method not in METHODS:
@@ -152,8 +152,8 @@ def run_online(config: OnlineRunConfig | dict) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     task = toy_task(cfg.task)
-    prompts = [ro.as_messages(p) for p in task.prompts(cfg.prompts, seed=cfg.seed)]
-    eval_prompts = [ro.as_messages(p) for p in task.prompts(cfg.eval_prompts, seed=cfg.seed + 1000)]
+    prompts = [encoding.as_messages(p) for p in task.prompts(cfg.prompts, seed=cfg.seed)]
+    eval_prompts = [encoding.as_messages(p) for p in task.prompts(cfg.eval_prompts, seed=cfg.seed + 1000)]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device)  # trainers build on its device
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
@@ -188,12 +188,12 @@ def _preference(cfg: OnlineRunConfig, reward_fn: Any, tokenizer: Any):
     if cfg.preference == "reward":
         return RewardPreference(reward_fn, scale=float(cfg.params.pop("preference_scale", 0.1)))
     if cfg.preference == "judge":
-        from flows.tasks import make_judge
+        from alignflow.flows.tasks import make_judge
 
         return JudgePreference(make_judge({**cfg.judge, "type": "pairwise_llm"}))
     from transformers import AutoModelForSequenceClassification
 
-    from trainers.preference_model import PreferenceModelFn
+    from alignflow.trainers.preference_model import PreferenceModelFn
 
     model = AutoModelForSequenceClassification.from_pretrained(cfg.preference, num_labels=1).to(cfg.device)
     return PreferenceModelFn(model, tokenizer)
@@ -204,11 +204,11 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
     params = dict(cfg.params)
     ckpt = Path(cfg.output) / "checkpoints" if cfg.checkpoints else None
     if cfg.method == "dro-v":
-        from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_table
+        from alignflow.trainers.online.dro_v import DROVConfig, train_dro_v, trajectories_from_table
 
         trajectories = None
         if cfg.data:  # offline DRO: scored single responses (binary kind: reward or label column)
-            from schemas.store import read_dataset
+            from alignflow.schemas.store import read_dataset
 
             trajectories = trajectories_from_table(read_dataset(cfg.data))
         policy, _, rep = train_dro_v(policy, tokenizer, _override(DROVConfig(sampling=sampling, seed=cfg.seed), params),
@@ -216,7 +216,7 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
                                      reward_fn=reward_fn, eval_prompts=eval_prompts, eval_reward_fn=eval_reward,
                                      checkpoint_dir=ckpt)
     elif cfg.method == "ppo":
-        from trainers.ppo import PPOConfig, train_ppo
+        from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
         pcfg = _override(PPOConfig(sampling=sampling, seed=cfg.seed), params)
         ptx = None
@@ -225,25 +225,25 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
         policy, _, rep = train_ppo(policy, tokenizer, prompts, make_gen, reward_fn, pcfg, ptx_texts=ptx,
                                    eval_prompts=eval_prompts, eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "rloo":
-        from trainers.rloo import RLOOConfig, train_rloo
+        from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
         policy, rep = train_rloo(policy, tokenizer, prompts, make_gen, reward_fn,
                                  _override(RLOOConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
                                  eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "nash-md":
-        from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+        from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
 
         policy, rep = train_nash_md(policy, tokenizer, prompts, make_gen, preference_fn,
                                     _override(NashMDConfig(sampling=sampling, seed=cfg.seed), params),
                                     eval_prompts=eval_prompts, eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     elif cfg.method == "paft":
-        from trainers.iterative.paft import PAFTConfig, train_paft
+        from alignflow.trainers.online.paft import PAFTConfig, train_paft
 
         policy, rep = train_paft(policy, tokenizer, prompts, make_gen, reward_fn,
                                  _override(PAFTConfig(sampling=sampling, seed=cfg.seed), params), eval_prompts=eval_prompts,
                                  eval_reward_fn=eval_reward, checkpoint_dir=ckpt)
     else:
-        from trainers.iterative.loop import IterativeConfig, train_iterative
+        from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
         icfg = _override(IterativeConfig(method=cfg.method, sampling=sampling, seed=cfg.seed), params)
         judge_factory = self_rewarding_judge_factory(cfg.device) if cfg.method == "self-rewarding" else None
@@ -256,15 +256,15 @@ def _train_policy(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, rewar
 
 
 def ro_text(prompt: Any) -> str:
-    from trainers.iterative.rollout import prompt_text_of
+    from alignflow.trainers.encoding import prompt_text_of
 
     return prompt_text_of(prompt)
 
 
 def _distilled_reward(cfg, policy, tokenizer, prompts, make_gen, judge_reward, sampling, out: Path):
     """RLAIF "distilled": a BT reward model trained on the judge's rankings of on-policy samples."""
-    from feedback.judges import RewardModelJudge
-    from trainers.reward_model import RewardModelConfig, make_reward_model, train_reward_model
+    from alignflow.feedback.judges import RewardModelJudge
+    from alignflow.trainers.reward_model import RewardModelConfig, make_reward_model, train_reward_model
 
     examples = _samples_to_examples(make_gen, policy, tokenizer, prompts, judge_reward, 4, sampling)
     rm = make_reward_model(cfg.model, tokenizer).to(cfg.device)
@@ -277,10 +277,15 @@ def _distilled_reward(cfg, policy, tokenizer, prompts, make_gen, judge_reward, s
 
 def _train_judge_model(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, judge_reward, sampling, out: Path) -> dict:
     """reward-model / preference-model: on a dataset (``data``) or on judged on-policy samples."""
-    from trainers.reward_model import RewardModelConfig, examples_from_table, make_reward_model, train_reward_model
+    from alignflow.trainers.reward_model import (
+        RewardModelConfig,
+        examples_from_table,
+        make_reward_model,
+        train_reward_model,
+    )
 
     if cfg.data:
-        from schemas.store import read_dataset
+        from alignflow.schemas.store import read_dataset
 
         examples = examples_from_table(read_dataset(cfg.data))
         cut = max(1, len(examples) // 10)
@@ -294,7 +299,7 @@ def _train_judge_model(cfg, policy, tokenizer, prompts, eval_prompts, make_gen, 
     if cfg.method == "reward-model":
         metrics = train_reward_model(model, tokenizer, train, held, _override(RewardModelConfig(seed=cfg.seed), params))
     else:
-        from trainers.preference_model import PreferenceModelConfig, train_preference_model
+        from alignflow.trainers.preference_model import PreferenceModelConfig, train_preference_model
 
         metrics = train_preference_model(model, tokenizer, train, held, _override(PreferenceModelConfig(seed=cfg.seed), params))
     model.save_pretrained(out / "model")
@@ -308,7 +313,7 @@ def _token_rewards_demo(cfg, policy, tokenizer, eval_prompts, judge_reward, out:
     ``beams`` (list), ``beta``, ``objective``."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.token_rewards import beam_search_batch
+    from alignflow.trainers.token_rewards import beam_search_batch
 
     ref_path = cfg.params.get("ref")
     ref = AutoModelForCausalLM.from_pretrained(ref_path) if ref_path else policy

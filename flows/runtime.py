@@ -127,11 +127,11 @@ def with_runner(flow_obj, kind: str = "threads", workers: int = 2):
 # ---------------------------------------------------------------------------------------------
 
 FLOWS = {  # canonical flow name -> (module, flow object)
-    "align": ("flows.align", "align_from_prompts"),
-    "generate_feedback": ("flows.generate_feedback", "generate_feedback"),
-    "critique_revise": ("flows.critique_revise", "critique_revise"),
-    "train": ("flows.train_flow", "train"),
-    "convert_labels": ("flows.convert_labels", "convert_labels"),
+    "align": ("alignflow.flows.align", "align_from_prompts"),
+    "generate_feedback": ("alignflow.flows.generate_feedback", "generate_feedback"),
+    "critique_revise": ("alignflow.flows.critique_revise", "critique_revise"),
+    "train": ("alignflow.flows.train_flow", "train"),
+    "convert_labels": ("alignflow.flows.convert_labels", "convert_labels"),
 }
 DEFAULT_RUNS = "alignflow-runs"
 

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from feedback.judges.templates import RubricTemplate
-from flows.toy_world import MARKER as WORLD_MARKER, ToyWorld, read_marker, write_marker
+from alignflow.feedback.judges.templates import RubricTemplate
+from alignflow.flows.toy_world import MARKER as WORLD_MARKER
+from alignflow.flows.toy_world import ToyWorld, read_marker, write_marker
 
 MARKER = "self_judging.json"
 CHECKPOINT_DIR = "self-judging-model"
@@ -74,7 +75,7 @@ def build_self_judging_world(out_dir: str | Path, base: ToyWorld, config: SelfJu
     if not force and marker and marker.get("digest") == digest and (checkpoint / "config.json").is_file():
         return SelfJudgingWorld(checkpoint, base, TOY_RUBRIC, marker["stats"])
 
-    from feedback.generation.hf import cpu_threads
+    from alignflow.feedback.generation.hf import cpu_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -87,7 +88,7 @@ def build_self_judging_world(out_dir: str | Path, base: ToyWorld, config: SelfJu
 
 def _samples(generator, task, n: int, k: int, seed: int, max_new_tokens: int) -> tuple[list[str], list[str]]:
     """n prompts x k policy samples at temperature 1, flattened."""
-    from schemas.generator import SamplingParams
+    from alignflow.schemas.generator import SamplingParams
 
     prompts = task.prompts(n, seed=seed)
     sampled = generator.generate(prompts, k, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed))
@@ -99,8 +100,8 @@ def _agreement(model, tokenizer, prompts, responses, rewards) -> float:
     import torch
     from scipy.stats import spearmanr
 
-    from feedback.generation.hf import HFGenerator
-    from feedback.judges import RubricJudge
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.feedback.judges import RubricJudge
 
     judge = RubricJudge(HFGenerator(model, tokenizer, device="cpu", batch_size=64), template=TOY_RUBRIC)
     with torch.no_grad():
@@ -111,9 +112,9 @@ def _agreement(model, tokenizer, prompts, responses, rewards) -> float:
 def _build(checkpoint: Path, base: ToyWorld, config: SelfJudgingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback.eft import evaluation_examples
-    from feedback.generation.hf import HFGenerator
-    from trainers.sft import train_sft
+    from alignflow.feedback.eft import evaluation_examples
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.trainers.sft import train_sft
 
     task = base.task
     seed = base.config.seed

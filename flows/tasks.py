@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.store import is_dataset, read_dataset, read_manifest, write_dataset
+from alignflow.schemas.store import is_dataset, read_dataset, read_manifest, write_dataset
 
 # ---------------------------------------------------------------------------------------------
 # Backends and judges (composition of feedback/ and trainers/)
@@ -91,7 +91,7 @@ def _make_generator(backend: str, model: str, options: dict):
 
         module, _, attr = backend.partition(":")
         return getattr(importlib.import_module(module), attr)(model, **options)
-    from feedback.generation.registry import make_generator
+    from alignflow.feedback.generation.registry import make_generator
 
     return make_generator(backend, model, **options)
 
@@ -121,7 +121,7 @@ def _backend_options(backend: str, generation: dict) -> dict:
 
 
 def _sampling(generation: dict, seed: int | None):
-    from schemas.generator import SamplingParams
+    from alignflow.schemas.generator import SamplingParams
 
     return SamplingParams(temperature=float(generation.get("temperature", 1.0)),
                           top_p=float(generation.get("top_p", 1.0)),
@@ -130,7 +130,7 @@ def _sampling(generation: dict, seed: int | None):
 
 def toy_task(task_kwargs: dict | None = None):
     """The toy world's task (prompts and verifier); kwargs as ``ToyTask.config()`` returns them."""
-    from feedback.toy_task import ToyTask
+    from alignflow.feedback.toy_task import ToyTask
 
     kwargs = dict(task_kwargs or {})
     for key in ("operations", "corruption_levels"):
@@ -146,7 +146,7 @@ def make_judge(judge: dict):
     ``backend`` for model judges, ``task`` (toy-task kwargs) or ``verifier`` ('module:function'
     taking (prompt text, response)) for the verifier, which becomes a ``FunctionJudge``.
     """
-    from feedback import judges
+    from alignflow.feedback import judges
 
     kind = judge.get("type", "verifier")
     if kind == "verifier":
@@ -187,7 +187,7 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
         table = read_dataset(source, columns=["prompt_id", "prompt"])
         order = np.random.default_rng(seed).permutation(table.num_rows)
         table = table.take(pa.array(order))
-    from schemas.prompts import normalize_prompt_columns
+    from alignflow.schemas.prompts import normalize_prompt_columns
 
     table = normalize_prompt_columns(table)
     table = _first_per_prompt(table)
@@ -223,7 +223,7 @@ def generate_shard(out: str, *, prompts: str, shard: int, shard_size: int, model
     """Sample ``k`` responses for each prompt of one shard; write a ``samples`` dataset at ``out``."""
     if is_dataset(out):
         return out
-    from feedback.sampling import sample_table
+    from alignflow.feedback.sampling import sample_table
 
     table = read_dataset(prompts, columns=["prompt_id", "prompt"]).slice(shard * shard_size, shard_size)
     generator = get_generator(backend, model, _backend_options(backend, generation))
@@ -245,7 +245,7 @@ def judge_shard(out: str, *, samples: str, judge: dict, seed: int = 0) -> str:
     """
     if is_dataset(out):
         return out
-    from feedback.judges.tables import candidate_pairs, label_pairs, score_samples
+    from alignflow.feedback.judges.tables import candidate_pairs, label_pairs, score_samples
 
     table = read_dataset(samples)
     scorer = make_judge(judge)
@@ -276,8 +276,8 @@ def build_feedback(out_dir: str, *, shards: Sequence[str], kind: str, min_margin
     summary_file = out / "feedback.json"
     if summary_file.exists():
         return json.loads(summary_file.read_text())
-    from schemas.store import QUARANTINE_KIND
-    from schemas.validate import validate
+    from alignflow.schemas.store import QUARANTINE_KIND
+    from alignflow.schemas.validate import validate
 
     scored = pa.concat_tables([read_dataset(s) for s in shards], promote_options="permissive")
     judged_pairs = read_manifest(shards[0])["kind"] == "pairwise" if shards else False
@@ -324,7 +324,7 @@ def preference_table(scored: pa.Table, kind: str, min_margin: float = 0.0) -> pa
     Binary (KTO-style unpaired feedback): a sample is desirable when its reward is above the
     mean reward of its prompt's samples, undesirable when below; samples at the mean are dropped.
     """
-    from feedback import rejection
+    from alignflow.feedback import rejection
 
     if kind == "pairwise":
         return rejection.best_vs_worst(scored, source="ai", min_margin=min_margin)
@@ -388,7 +388,7 @@ def precompute_reference(out: str, *, dataset: str, reference: str, batch_size: 
     """Copy of ``dataset`` with the reference model's log-prob columns (``ref_*``) at ``out``."""
     if is_dataset(out):
         return out
-    from trainers.precompute import precompute_reference as precompute
+    from alignflow.trainers.precompute import precompute_reference as precompute
 
     _quiet_transformers()
     with _MODEL_LOCK:
@@ -447,10 +447,10 @@ def run_training(spec: dict) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from trainers.collators import pretokenize
+    from alignflow.trainers.collators import pretokenize
 
     hf_logging.disable_progress_bar()
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.preference import PreferenceTrainer
 
     train = spec["train"]
     manifest = read_manifest(spec["dataset"])
@@ -494,9 +494,11 @@ def launch_distributed(spec: dict, processes: int, accelerate_config: str | None
         # accelerate's multi-process launcher (torchrun underneath); on a machine without CUDA the
         # workers train with use_cpu=True, so accelerate sets up MULTI_CPU with the gloo backend.
         cmd += ["--multi_gpu"]
-    cmd += ["-m", "flows.train_flow", "--worker", str(spec_file)]
+    cmd += ["-m", "alignflow.flows.train_flow", "--worker", str(spec_file)]
     # The workers import this checkout of alignflow, whatever is installed.
-    root = str(Path(__file__).resolve().parents[1])
+    import alignflow
+
+    root = str(Path(alignflow.__file__).resolve().parents[1])  # the folder that holds the alignflow package
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -637,7 +639,7 @@ def build_world(out: str, *, seed: int = 0, options: dict | None = None) -> dict
     summary = Path(out) / "world.json"
     if summary.exists():
         return json.loads(summary.read_text())
-    from flows.toy_world import build_toy_world
+    from alignflow.flows.toy_world import build_toy_world
 
     options = dict(options or {})
     task_kwargs = options.pop("task", None)
@@ -654,8 +656,8 @@ def critique_shard(out: str, *, prompts: str, shard: int, shard_size: int, model
     """Constitutional critique-revision of one shard of prompts; writes a ``critiques`` dataset."""
     if is_dataset(out):
         return out
-    from feedback.constitutional import critique_revise, load_constitution
-    from feedback.sampling import sample_table
+    from alignflow.feedback.constitutional import critique_revise, load_constitution
+    from alignflow.feedback.sampling import sample_table
 
     table = read_dataset(prompts, columns=["prompt_id", "prompt"]).slice(shard * shard_size, shard_size)
     generator = get_generator(backend, model, _backend_options(backend, generation))
@@ -679,9 +681,9 @@ def merge_critiques(out_dir: str, *, shards: Sequence[str]) -> dict:
     trace = pa.concat_tables([read_dataset(s) for s in shards], promote_options="permissive")
     write_dataset(out / "critiques", trace, "critiques", {"flow": "critique_revise", "parent_datasets": list(shards)},
                   overwrite=True)
-    from feedback.constitutional import critiques_to_sft
-    from schemas.store import QUARANTINE_KIND
-    from schemas.validate import validate
+    from alignflow.feedback.constitutional import critiques_to_sft
+    from alignflow.schemas.store import QUARANTINE_KIND
+    from alignflow.schemas.validate import validate
 
     checked = validate(critiques_to_sft(trace), "sft")  # e.g. empty revisions are quarantined
     write_dataset(out / "sft", checked.valid, "sft",
@@ -698,7 +700,7 @@ def sft_policy(out: str, *, dataset: str, model: str, epochs: float = 1.0, seed:
     target = Path(out)
     if (target / "config.json").exists():
         return out
-    from trainers.sft import train_sft
+    from alignflow.trainers.sft import train_sft
 
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from feedback.toy_task import ToyTask
-from schemas.store import sha256_file
+from alignflow.feedback.toy_task import ToyTask
+from alignflow.schemas.store import sha256_file
 
 MARKER = "toy_world.json"
 CHECKPOINT_DIR = "sft-model"
@@ -77,7 +77,7 @@ def reward_stats(generator, task: ToyTask, prompts: Sequence[str], k: int = 4, s
     """
     import numpy as np
 
-    from schemas.generator import SamplingParams
+    from alignflow.schemas.generator import SamplingParams
 
     messages = [[{"role": "user", "content": p}] for p in prompts]
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
@@ -140,7 +140,7 @@ def build_toy_world(out_dir: str | Path, seed: int = 0, task: ToyTask | None = N
     if not force and marker and marker.get("digest") == digest and (checkpoint / "config.json").is_file():
         return ToyWorld(path=checkpoint, task=task, stats=marker["stats"], config=config)
 
-    from feedback.generation.hf import cpu_threads
+    from alignflow.feedback.generation.hf import cpu_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -177,8 +177,8 @@ def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -
     """Data, tokenizer, tiny Llama, SFT; the checkpoint folder is written last."""
     import shutil
 
-    from trainers.sft import train_sft
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.trainers.sft import train_sft
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     if checkpoint.exists():
         shutil.rmtree(checkpoint)
@@ -194,7 +194,7 @@ def _build_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -
 
 def evaluate_checkpoint(checkpoint: Path, task: ToyTask, config: ToyWorldConfig) -> dict[str, Any]:
     """``reward_stats`` of the checkpoint on held-out prompts (seed + 1000), on the CPU."""
-    from feedback.generation.hf import HFGenerator
+    from alignflow.feedback.generation.hf import HFGenerator
 
     generator = HFGenerator(checkpoint, device="cpu", batch_size=256, num_threads=config.threads)
     prompts = task.prompts(config.eval_prompts, seed=config.seed + 1000)

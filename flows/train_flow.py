@@ -14,14 +14,14 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import TrainFlowConfig
-from flows.runtime import expand_output
-from flows.tasks import PlainSteps, PrefectSteps
+from alignflow.flows.config import TrainFlowConfig
+from alignflow.flows.runtime import expand_output
+from alignflow.flows.tasks import PlainSteps, PrefectSteps
 
 
 def run_train(config: TrainFlowConfig, steps: PlainSteps) -> dict:
     """Reference columns (unless present) then training; returns the checkpoint and dataset paths."""
-    from schemas.store import read_manifest
+    from alignflow.schemas.store import read_manifest
 
     run = Path(config.output).resolve()
     dataset = str(config.dataset)
@@ -48,7 +48,7 @@ def train(config: dict[str, Any]) -> dict:
 
 def worker_main(argv: list[str]) -> int:
     """Body of one ``accelerate launch`` process: train from a spec file."""
-    from flows.tasks import run_training
+    from alignflow.flows.tasks import run_training
 
     if len(argv) != 2 or argv[0] != "--worker":
         print("usage: python -m flows.train_flow --worker SPEC.json", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Shapes of data: Arrow schemas of every kind, validation, the dataset store, interfaces."""
 
-from schemas.kinds import KINDS, MESSAGES, SCHEMA_VERSION, SCHEMAS, schema_for
-from schemas.prompts import messages, prompt_id, prompt_ids, to_messages_array
-from schemas.store import (
+from alignflow.schemas.kinds import KINDS, MESSAGES, SCHEMA_VERSION, SCHEMAS, schema_for
+from alignflow.schemas.prompts import messages, prompt_id, prompt_ids, to_messages_array
+from alignflow.schemas.store import (
     DatasetError,
     DatasetWriter,
     iter_batches,
@@ -11,7 +11,7 @@ from schemas.store import (
     verify_dataset,
     write_dataset,
 )
-from schemas.validate import Validation, validate
+from alignflow.schemas.validate import Validation, validate
 
 __all__ = [
     "KINDS", "MESSAGES", "SCHEMA_VERSION", "SCHEMAS", "schema_for", "messages", "prompt_id",

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from schemas.generator import Generator, Messages
+from alignflow.schemas.generator import Generator, Messages
 
 
 @runtime_checkable

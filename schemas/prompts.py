@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.kinds import MESSAGES
+from alignflow.schemas.kinds import MESSAGES
 
 _ROLE_SEP = "\x1f"  # between role and content of one message
 _MSG_SEP = "\x1e"  # between messages

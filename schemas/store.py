@@ -32,8 +32,8 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.kinds import KINDS, SCHEMA_VERSION, optional_type, schema_for
-from schemas.prompts import normalize_prompt_columns
+from alignflow.schemas.kinds import KINDS, SCHEMA_VERSION, optional_type, schema_for
+from alignflow.schemas.prompts import normalize_prompt_columns
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -246,7 +246,7 @@ class DatasetWriter:
 
 
 def _empty_quarantine() -> pa.Table:
-    from schemas.validate import QUARANTINE_SCHEMA
+    from alignflow.schemas.validate import QUARANTINE_SCHEMA
 
     return QUARANTINE_SCHEMA.empty_table()
 

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.kinds import ROLES, optional_type, schema_for
-from schemas.prompts import fill_prompt_ids, to_messages_array
+from alignflow.schemas.kinds import ROLES, optional_type, schema_for
+from alignflow.schemas.prompts import fill_prompt_ids, to_messages_array
 
 QUARANTINE_SCHEMA = pa.schema(
     [pa.field("row", pa.int64()), pa.field("reason", pa.string()), pa.field("record", pa.string())]

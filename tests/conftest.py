@@ -19,7 +19,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", str(_HOME / "hf-datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# Subprocesses (the CLI, flow workers) import this checkout, whatever alignflow is installed.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+SHARED = ROOT.parent / "shared"
 HUMAN_LABELS = SHARED / "data" / "human-labels"
 
 
@@ -48,6 +52,6 @@ def human_labels() -> Path:
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """The SFT'd toy world, built once per test session (seeded, deterministic)."""
-    from flows.toy_world import build_toy_world
+    from alignflow.flows.toy_world import build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("toy-world"), seed=0)

@@ -6,11 +6,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from feedback.constitutional import (critique_revise, critique_revise_dataset, critiques_to_pairwise, critiques_to_sft,
-                                     load_constitution, principle_preferences)
-from schemas.generator import Generation
-from schemas.store import read_dataset, read_manifest, write_dataset
-from schemas.validate import validate
+from alignflow.feedback.constitutional import (
+    critique_revise,
+    critique_revise_dataset,
+    critiques_to_pairwise,
+    critiques_to_sft,
+    load_constitution,
+    principle_preferences,
+)
+from alignflow.schemas.generator import Generation
+from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
+from alignflow.schemas.validate import validate
 
 
 class Critic:
@@ -86,7 +92,7 @@ def test_bad_constitution_files(tmp_path):
 
 
 def test_principle_conditioned_preferences():
-    from feedback.judges import PairwiseJudge
+    from alignflow.feedback.judges import PairwiseJudge
 
     class PrincipledJudge:
         name = "pj"

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.dro_v import (DROVConfig, Trajectory, ValueNetwork, dro_policy_loss, dro_value_loss, prompt_value,
-                            trajectories_from_rows, unique_prompts)
-from trainers.iterative.rollout import make_token_batch
+from alignflow.trainers.encoding import make_token_batch
+from alignflow.trainers.online.dro_v import (
+    DROVConfig,
+    Trajectory,
+    ValueNetwork,
+    dro_policy_loss,
+    dro_value_loss,
+    prompt_value,
+    trajectories_from_rows,
+    unique_prompts,
+)
 
 
 def test_losses_closed_form():
@@ -84,7 +92,7 @@ def _policy(path):
 
 def test_value_network_sees_only_the_prompt(world):
     """V(x) is causal in the response: the same prompt with different responses gets the same V."""
-    from trainers.dro_v import encode
+    from alignflow.trainers.online.dro_v import encode
 
     toy, tok = world
     net = ValueNetwork.from_policy(_policy(toy.path))
@@ -117,7 +125,7 @@ def test_rows_to_trajectories():
 
 def test_offline_trajectories_without_generator(world):
     """Offline DRO on a given scored dataset: no generator, no evaluation, the policy moves."""
-    from trainers.dro_v import train_dro_v
+    from alignflow.trainers.online.dro_v import train_dro_v
 
     toy, tok = world
     policy = _policy(toy.path)
@@ -139,9 +147,9 @@ def test_cli_train_loss_dro_on_a_binary_dataset(world, tmp_path):
     import pyarrow as pa
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from schemas.kinds import schema_for
-    from schemas.store import write_dataset
+    from alignflow.flows.cli import app
+    from alignflow.schemas.kinds import schema_for
+    from alignflow.schemas.store import write_dataset
 
     toy, _ = world
     prompts = toy.task.prompts(4, seed=5)
@@ -172,10 +180,10 @@ def test_dro_v_raises_toy_reward(world):
     toy reward, 4 epochs; the held-out reward (64 prompts) rises significantly."""
     from scipy.stats import ttest_rel
 
-    from flows.online import policy_generator_factory, toy_reward
-    from schemas.generator import SamplingParams
-    from trainers.dro_v import train_dro_v
-    from trainers.iterative.rollout import as_messages
+    from alignflow.flows.online import policy_generator_factory, toy_reward
+    from alignflow.schemas.generator import SamplingParams
+    from alignflow.trainers.encoding import as_messages
+    from alignflow.trainers.online.dro_v import train_dro_v
 
     toy, tok = world
     reward = toy_reward(toy.task)

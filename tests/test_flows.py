@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows import tasks
-from flows.config import AlignConfig, GenerateFeedbackConfig, describe, load_config
-from schemas.generator import Generation
-from schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+from alignflow.flows import tasks
+from alignflow.flows.config import AlignConfig, GenerateFeedbackConfig, describe, load_config
+from alignflow.schemas.generator import Generation
+from alignflow.schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_bad_config_names_file_and_field(override, field):
 
 
 def test_every_config_field_is_documented():
-    from flows.config import CONFIGS
+    from alignflow.flows.config import CONFIGS
 
     for name, model in CONFIGS.items():
         rows = describe(model)
@@ -67,7 +67,7 @@ def test_every_config_field_is_documented():
 # ---------------------------------------------------------------------------------------------
 
 def test_prefect_yaml_deployments_load_with_schedules():
-    from flows.runtime import load_deployments, read_deployments
+    from alignflow.flows.runtime import load_deployments, read_deployments
 
     specs = {d["name"]: d for d in read_deployments(ROOT / "prefect.yaml")}
     deployments = {d.name: d for d in load_deployments(ROOT / "prefect.yaml")}
@@ -85,7 +85,7 @@ def test_task_runner_option():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.runtime import make_task_runner
+    from alignflow.flows.runtime import make_task_runner
 
     assert isinstance(make_task_runner("threads", 3), ThreadPoolTaskRunner)
     assert isinstance(make_task_runner("dask", 2), DaskTaskRunner)
@@ -94,7 +94,7 @@ def test_task_runner_option():
 
 
 def test_embedded_environment_defaults(tmp_path, monkeypatch):
-    from flows.runtime import embedded_environment
+    from alignflow.flows.runtime import embedded_environment
 
     for key in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED"):
         monkeypatch.delenv(key, raising=False)
@@ -113,7 +113,7 @@ def test_embedded_environment_defaults(tmp_path, monkeypatch):
 def test_sigterm_becomes_system_exit():
     import signal
 
-    from flows.runtime import sigterm_exits
+    from alignflow.flows.runtime import sigterm_exits
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
@@ -139,7 +139,7 @@ def test_transient_errors_are_classified():
 def test_cli_run_show_config_errors_and_serve_list(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     runner = CliRunner()
     shown = runner.invoke(app, ["run", "align", "--show-config"])
@@ -165,7 +165,7 @@ def _scored(rewards: list[list[float]]) -> pa.Table:
             rows["prompt"].append(f"Copy exactly: p{p}")
             rows["response"].append(f"r{p}-{k}" + "x" * k)
             rows["reward"].append(r)
-    from schemas.prompts import normalize_prompt_columns
+    from alignflow.schemas.prompts import normalize_prompt_columns
 
     return normalize_prompt_columns(pa.table(rows))
 
@@ -234,7 +234,7 @@ def fake_backend():
 
 
 def _prompts(path: Path, n: int) -> str:
-    from feedback.toy_task import ToyTask
+    from alignflow.feedback.toy_task import ToyTask
 
     write_dataset(path, pa.table({"prompt": ToyTask().prompts(n, seed=3)}), "prompts")
     return str(path)
@@ -249,8 +249,8 @@ def _feedback_config(tmp: Path, prompts: str, **over) -> GenerateFeedbackConfig:
 
 
 def _run_generate_feedback(cfg):
-    from flows.generate_feedback import generate_feedback
-    from flows.runtime import prefect_session
+    from alignflow.flows.generate_feedback import generate_feedback
+    from alignflow.flows.runtime import prefect_session
 
     with prefect_session():
         return generate_feedback(config=cfg.model_dump(mode="json"), return_state=True)
@@ -286,7 +286,7 @@ def test_retries_and_failed_shard_isolation(tmp_path, fake_backend, prefect_serv
 
 def test_plain_steps_match_flow_shards(tmp_path, fake_backend, prefect_server):
     """The step functions without Prefect produce the same datasets (the benchmark's baseline)."""
-    from flows.generate_feedback import run_generate_feedback
+    from alignflow.flows.generate_feedback import run_generate_feedback
 
     prompts = _prompts(tmp_path / "prompts", 6)
     cfg = _feedback_config(tmp_path, prompts, output=str(tmp_path / "plain"))
@@ -305,7 +305,7 @@ def test_plain_steps_match_flow_shards(tmp_path, fake_backend, prefect_server):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """An untrained char-level Llama (fast; generation mechanics only)."""
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
@@ -322,8 +322,8 @@ def _hf_feedback_config(out: Path, model: str, prompts: str, **generation) -> di
 @pytest.mark.slow
 def test_dask_two_workers_shard_generation(tmp_path, tiny_model, prefect_server):
     """generate_feedback on a local 2-worker Dask cluster gives the datasets of a plain run."""
-    from flows.generate_feedback import generate_feedback, run_generate_feedback
-    from flows.runtime import prefect_session, with_runner
+    from alignflow.flows.generate_feedback import generate_feedback, run_generate_feedback
+    from alignflow.flows.runtime import prefect_session, with_runner
 
     prompts = _prompts(tmp_path / "prompts", 8)
     plain_cfg = GenerateFeedbackConfig.model_validate(_hf_feedback_config(tmp_path / "plain", tiny_model, prompts,
@@ -348,8 +348,8 @@ def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
     """A reduced align_from_prompts (1 iteration, few prompts) as a Prefect flow, then a cached rerun."""
     from prefect.client.orchestration import get_client
 
-    from flows.align import align_from_prompts
-    from flows.runtime import prefect_session
+    from alignflow.flows.align import align_from_prompts
+    from alignflow.flows.runtime import prefect_session
 
     out = tmp_path / "align"
     cfg = load_config("align", ROOT / "flows/configs/demo.yaml", [
@@ -381,8 +381,8 @@ def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
 
 def test_critique_revise_steps_on_a_tiny_model(tmp_path, tiny_model):
     """critique_revise's steps (plain calls): a critiques trace and an sft dataset of revisions."""
-    from flows.config import CritiqueReviseConfig
-    from flows.critique_revise import run_critique_revise
+    from alignflow.flows.config import CritiqueReviseConfig
+    from alignflow.flows.critique_revise import run_critique_revise
 
     prompts = _prompts(tmp_path / "prompts", 4)
     cfg = CritiqueReviseConfig.model_validate({

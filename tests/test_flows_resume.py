@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from flows import tasks
-from flows.config import GenerateFeedbackConfig
-from schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+from alignflow.flows import tasks
+from alignflow.flows.config import GenerateFeedbackConfig
+from alignflow.schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """An untrained char-level Llama (fast; generation and training mechanics only)."""
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     tokenizer = make_char_tokenizer()
     model = make_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def _prompts(path: Path, n: int, seed: int = 5) -> str:
-    from feedback.toy_task import ToyTask
+    from alignflow.feedback.toy_task import ToyTask
 
     write_dataset(path, pa.table({"prompt": ToyTask().prompts(n, seed=seed)}), "prompts")
     return str(path)
@@ -79,7 +79,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
 
     # Uninterrupted reference run: the same steps called directly (tests/test_flows.py checks
     # that plain calls and the Prefect flow give byte-identical datasets).
-    from flows.generate_feedback import run_generate_feedback
+    from alignflow.flows.generate_feedback import run_generate_feedback
 
     ref_cfg = GenerateFeedbackConfig.model_validate(_feedback_config(tmp_path / "reference", tiny_model, prompts))
     reference = run_generate_feedback(ref_cfg, tasks.PlainSteps(ref_cfg.output))
@@ -91,7 +91,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
                PREFECT_LOGGING_TO_API_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "flows.cli", "run", "generate_feedback", "--config", str(config)]
+    cmd = [sys.executable, "-m", "alignflow.flows.cli", "run", "generate_feedback", "--config", str(config)]
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # its own process group: the server joins it
@@ -163,7 +163,7 @@ def test_sigkill_mid_convert_then_rerun_goes_on_from_the_finished_shards(tmp_pat
     import numpy as np
     import pyarrow.parquet as pq
 
-    from feedback.labels import convert_labels_file
+    from alignflow.feedback.labels import convert_labels_file
 
     rows, k = 200_000, 6  # 15 pairs a row: 3,000,000 pairs in 7 shards (a shard closes after 2 batches of 16,384 rows)
     rng = np.random.default_rng(0)
@@ -184,7 +184,7 @@ def test_sigkill_mid_convert_then_rerun_goes_on_from_the_finished_shards(tmp_pat
 
     out = tmp_path / "pairs"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "flows.cli", "convert", str(src), str(out), "--from", "listwise", "--to", "pairwise"]
+    cmd = [sys.executable, "-m", "alignflow.flows.cli", "convert", str(src), str(out), "--from", "listwise", "--to", "pairwise"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     progress = out.with_name("pairs.partial") / "progress.json"
 

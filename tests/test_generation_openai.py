@@ -15,10 +15,18 @@ import time
 import httpx
 import pytest
 
-from feedback.generation.openai import (LogprobsUnavailable, OpenAIError, OpenAIGenerator, backoff_delay,
-                                        chat_payload, echo_payload, echoed_span_logprob, lookup_continuations,
-                                        parse_chat_choices)
-from schemas.generator import SamplingParams
+from alignflow.feedback.generation.openai import (
+    LogprobsUnavailable,
+    OpenAIError,
+    OpenAIGenerator,
+    backoff_delay,
+    chat_payload,
+    echo_payload,
+    echoed_span_logprob,
+    lookup_continuations,
+    parse_chat_choices,
+)
+from alignflow.schemas.generator import SamplingParams
 
 MSG = [{"role": "user", "content": "Reverse: abc"}]
 
@@ -208,7 +216,7 @@ def test_echo_scoring_fails_in_one_clear_line_where_unsupported():
 
 
 def test_echo_route_is_in_provenance_and_the_judge_does_not_load_the_tokenizer():
-    from feedback.judges.scoring import GeneratorScorer, make_scorer
+    from alignflow.feedback.judges.scoring import GeneratorScorer, make_scorer
 
     gen, _ = _gen(lambda r: httpx.Response(500), tokenizer="no/such-tokenizer")
     assert isinstance(make_scorer(gen), GeneratorScorer)  # an HTTP client: scored by the server
@@ -246,7 +254,7 @@ def _free_port() -> int:
 def served_model(tmp_path_factory):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     tok = make_char_tokenizer()
     # A context that holds the judge prompt (about 520 tokens): transformers serve >= 5.25 refuses
@@ -285,7 +293,7 @@ def served_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_against_transformers_serve(served_model):
-    from feedback.judges import PairwiseJudge
+    from alignflow.feedback.judges import PairwiseJudge
 
     base_url, model = served_model
     with OpenAIGenerator(model, base_url=base_url, max_concurrency=2, timeout=60) as gen:

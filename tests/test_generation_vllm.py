@@ -6,9 +6,14 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from feedback.generation.vllm import (build_score_requests, continuation_logp, parse_request_outputs,
-                                      sampling_kwargs, score_kwargs)
-from schemas.generator import SamplingParams
+from alignflow.feedback.generation.vllm import (
+    build_score_requests,
+    continuation_logp,
+    parse_request_outputs,
+    sampling_kwargs,
+    score_kwargs,
+)
+from alignflow.schemas.generator import SamplingParams
 
 
 def LP(v):
@@ -49,7 +54,7 @@ def test_vllm_missing_gives_install_hint():
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm installed")
-    from feedback.generation.registry import make_generator
+    from alignflow.feedback.generation.registry import make_generator
 
     with pytest.raises(ImportError, match="alignflow\\[vllm\\]"):
         make_generator("vllm", "some/model")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
+from alignflow.trainers.losses import LOSSES, compute_loss, loss_spec
 from tests.test_online import toy_env
 from tests.test_reward_model import _ranked_examples
-from trainers.losses import LOSSES, compute_loss, loss_spec
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +40,7 @@ def test_pairwise_losses_on_cuda_bf16_match_float64_cpu(name):
 
 
 def test_hf_generator_on_cuda_matches_seeded_cpu_shapes(toy_world):
-    from feedback.generation.hf import HFGenerator
+    from alignflow.feedback.generation.hf import HFGenerator
 
     prompts = [[{"role": "user", "content": p}] for p in toy_world.task.prompts(8, seed=3)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=32, seed=0)
@@ -56,9 +56,9 @@ def test_prefix_cached_judge_scoring_on_cuda_matches_plain_scoring(path, monkeyp
     pairwise probability stays order-symmetric."""
     import numpy as np
 
-    from feedback.generation.hf import HFGenerator
-    from feedback.judges import PairwiseJudge, PrefixCachedScorer, scoring
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.feedback.judges import PairwiseJudge, PrefixCachedScorer, scoring
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     if path == "generic-cache":
         monkeypatch.setattr(scoring, "_plain_layers", lambda cache: False)
@@ -118,7 +118,7 @@ def _finite(x) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rloo_steps_on_cuda(cuda_env, dtype):
-    from trainers.rloo import RLOOConfig, train_rloo
+    from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
     policy = cuda_env.policy(dtype)
     before = _snapshot(policy)
@@ -131,7 +131,7 @@ def test_rloo_steps_on_cuda(cuda_env, dtype):
 
 
 def test_ppo_steps_on_cuda(cuda_env):
-    from trainers.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
     texts = [f"{p} {cuda_env.task.reference(p)}" for p in cuda_env.task.prompts(8, seed=5)]
     policy = cuda_env.policy()
@@ -149,7 +149,7 @@ def test_ppo_steps_on_cuda(cuda_env):
 
 @pytest.mark.parametrize("method", ["iterative-dpo", "cringe", "sppo"])
 def test_iterative_round_on_cuda(cuda_env, method):
-    from trainers.iterative.loop import IterativeConfig, train_iterative
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     policy = cuda_env.policy()
     before = _snapshot(policy)
@@ -164,7 +164,7 @@ def test_iterative_round_on_cuda(cuda_env, method):
 
 
 def test_nash_md_step_on_cuda(cuda_env):
-    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+    from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
 
     policy = cuda_env.policy()
     before = _snapshot(policy)
@@ -180,8 +180,8 @@ def test_nash_md_step_on_cuda(cuda_env):
 
 def test_nash_md_mixture_sampling_on_cuda(cuda_env):
     """Mixture sampling with the trainers' CPU generator and CUDA models: seeded, so repeatable."""
-    from trainers.iterative.nash_md import sample_mixture
-    from trainers.iterative.rollout import frozen_copy
+    from alignflow.trainers.modeling import frozen_copy
+    from alignflow.trainers.online.nash_md import sample_mixture
 
     policy = cuda_env.policy()
     ref = frozen_copy(policy)
@@ -192,7 +192,7 @@ def test_nash_md_mixture_sampling_on_cuda(cuda_env):
 
 @pytest.mark.parametrize("value_outputs", ["prompt", "response"])
 def test_dro_v_steps_on_cuda(cuda_env, value_outputs):
-    from trainers.dro_v import DROVConfig, Trajectory, train_dro_v
+    from alignflow.trainers.online.dro_v import DROVConfig, Trajectory, train_dro_v
 
     policy = cuda_env.policy()
     before = _snapshot(policy)
@@ -208,7 +208,7 @@ def test_dro_v_steps_on_cuda(cuda_env, value_outputs):
 
 
 def test_dro_v_collected_round_on_cuda(cuda_env):
-    from trainers.dro_v import DROVConfig, train_dro_v
+    from alignflow.trainers.online.dro_v import DROVConfig, train_dro_v
 
     policy = cuda_env.policy()
     before = _snapshot(policy)
@@ -221,7 +221,7 @@ def test_dro_v_collected_round_on_cuda(cuda_env):
 
 
 def test_paft_round_on_cuda(cuda_env):
-    from trainers.iterative.paft import PAFTConfig, train_paft
+    from alignflow.trainers.online.paft import PAFTConfig, train_paft
 
     policy = cuda_env.policy()
     cfg = PAFTConfig(rounds=1, prompts_per_round=8, k=4, epochs=1, lr=1e-3, sampling=ONLINE_SAMPLING)
@@ -233,7 +233,7 @@ def test_paft_round_on_cuda(cuda_env):
 
 
 def test_bt_reward_model_steps_on_cuda(cuda_env):
-    from trainers.reward_model import RewardModelConfig, make_reward_model, reward_scores, train_reward_model
+    from alignflow.trainers.reward_model import RewardModelConfig, make_reward_model, reward_scores, train_reward_model
 
     rm = make_reward_model(cuda_env.path, cuda_env.tok).to("cuda")
     before = _snapshot(rm)
@@ -247,8 +247,8 @@ def test_bt_reward_model_steps_on_cuda(cuda_env):
 
 
 def test_preference_model_steps_on_cuda(cuda_env):
-    from trainers.preference_model import (PreferenceModelConfig, PreferenceModelFn, train_preference_model)
-    from trainers.reward_model import make_reward_model
+    from alignflow.trainers.preference_model import PreferenceModelConfig, PreferenceModelFn, train_preference_model
+    from alignflow.trainers.reward_model import make_reward_model
 
     pm = make_reward_model(cuda_env.path, cuda_env.tok).to("cuda")
     before = _snapshot(pm)
@@ -265,9 +265,9 @@ def test_trainers_follow_a_policy_the_generator_moves(cuda_env):
     factory moves it to cuda on first use; the reference copy and the value head follow it."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
-    from trainers.ppo import PPOConfig, train_ppo
-    from trainers.rloo import RLOOConfig, train_rloo
+    from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
     common = dict(eval_prompts=cuda_env.eval_prompts, eval_reward_fn=cuda_env.reward)
     policy = AutoModelForCausalLM.from_pretrained(cuda_env.path)
@@ -288,8 +288,8 @@ def test_trainers_follow_a_policy_the_generator_moves(cuda_env):
 
 
 def test_beam_search_and_token_rewards_on_cuda(cuda_env):
-    from trainers.iterative.rollout import frozen_copy
-    from trainers.token_rewards import beam_search_batch, token_rewards
+    from alignflow.trainers.modeling import frozen_copy
+    from alignflow.trainers.token_rewards import beam_search_batch, token_rewards
 
     policy = cuda_env.policy()
     ref = frozen_copy(policy)

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feedback.generation.hf import HFGenerator  # noqa: E402
-from schemas.generator import Generator, SamplingParams  # noqa: E402
-from trainers.toy_model import make_char_tokenizer, make_tiny_llama  # noqa: E402
+from alignflow.feedback.generation.hf import HFGenerator  # noqa: E402
+from alignflow.schemas.generator import Generator, SamplingParams  # noqa: E402
+from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_live_model_mode_is_restored(generator):
 
 
 def test_tokenizer_without_chat_template_falls_back_to_plain_text(generator):
-    from trainers.sft import tokenize_sft_example
+    from alignflow.trainers.sft import tokenize_sft_example
 
     plain = make_char_tokenizer()
     plain.chat_template = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.iterative.loop import IterativeConfig, Pair, _finished, build_pairs
+from alignflow.trainers.online.iterative import IterativeConfig, Pair, _finished, build_pairs
 
 
 def _reward(prompts, responses):
@@ -39,8 +39,8 @@ def test_dno_gold_counts_as_finished():
 
 
 def test_unfinished_response_is_scored_without_eos():
-    from trainers.rloo import response_logps
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.trainers.logprobs import response_logps
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
     model = make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)

@@ -6,13 +6,13 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from schemas.store import read_dataset, read_manifest, write_dataset
+from alignflow.flows.cli import app
+from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     root = tmp_path_factory.mktemp("cli")
     tok = make_char_tokenizer()
@@ -57,7 +57,7 @@ def test_bad_input_is_one_line_exit_2(world, tmp_path):
 def test_openai_judge_gets_the_tokenizer_for_echo_scoring():
     """``alignflow judge --backend openai --tokenizer T`` hands T to the client, which then
     scores any answer text through /completions echo instead of the chat top log-probs."""
-    from flows.commands.feedback import _make_judge
+    from alignflow.flows.commands.feedback import _make_judge
 
     judge = _make_judge("pairwise", "openai", "served-judge", "logprobs", False, 0.05, 1, 0, 8, None,
                         "http://127.0.0.1:9/v1", 2, "some/tokenizer")

@@ -11,16 +11,22 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from feedback.judges import (ListwiseJudge, PairwiseJudge, PrefixCachedScorer, RubricJudge, agreement,
-                             length_bias)
-from feedback.judges.tables import candidate_pairs, label_pairs, rank_samples, score_samples
-from schemas.validate import validate
+from alignflow.feedback.judges import (
+    ListwiseJudge,
+    PairwiseJudge,
+    PrefixCachedScorer,
+    RubricJudge,
+    agreement,
+    length_bias,
+)
+from alignflow.feedback.judges.tables import candidate_pairs, label_pairs, rank_samples, score_samples
+from alignflow.schemas.validate import validate
 
 
 @pytest.fixture(scope="module")
 def gen():
-    from feedback.generation.hf import HFGenerator
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
     return HFGenerator(make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=3), tok,
@@ -35,7 +41,7 @@ def test_prefix_cached_scorer_equals_plain_scoring(gen):
     msgs = [judge.template.messages(f"Reverse: {w}", a, b) for w in words for a, b in ((w[::-1], w), (w, w[::-1]))]
     conts = [["1", "2"], ["1", "2"], ["1", "2 because"], ["1", "2"], ["x", "22"], ["2", "1"]]
     scorer = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=4)
-    from feedback.judges.scoring import _common_prefix_len
+    from alignflow.feedback.judges.scoring import _common_prefix_len
 
     rows = scorer._plan(msgs, [["1"]] * 6)[0]
     P = _common_prefix_len(rows)  # the preamble
@@ -57,7 +63,7 @@ def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypa
     """Every path of the scorer (preallocated key/value buffers; copied caches for other cache
     layer types; no call-wide prefix but level-2 groups; groups a few at a time) gives the log-probs of scoring each
     full sequence from scratch, for one- and many-token continuations."""
-    from feedback.judges import scoring
+    from alignflow.feedback.judges import scoring
 
     if path == "generic-cache":
         monkeypatch.setattr(scoring, "_plain_layers", lambda cache: False)
@@ -83,8 +89,8 @@ def test_kept_prefix_cache_is_recomputed_after_the_weights_change():
     call must not outlive an in-place weight update."""
     import torch
 
-    from feedback.generation.hf import HFGenerator
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
     live = HFGenerator(make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=5), tok, device="cpu")
@@ -132,8 +138,8 @@ def test_reward_model_judge(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from feedback.judges import RewardModelJudge
-    from trainers.toy_model import make_char_tokenizer
+    from alignflow.feedback.judges import RewardModelJudge
+    from alignflow.trainers.toy_model import make_char_tokenizer
 
     tok = make_char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

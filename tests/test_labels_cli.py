@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from schemas.store import read_dataset, read_manifest
+from alignflow.flows.cli import app
+from alignflow.schemas.store import read_dataset, read_manifest
 
 runner = CliRunner()
 
@@ -57,7 +57,7 @@ def test_unreadable_file_exit_2(tmp_path):
 
 
 def test_flow_plain_functions(tmp_path):
-    from flows import convert_labels as fl
+    from alignflow.flows import convert_labels as fl
 
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
@@ -76,8 +76,8 @@ def test_one_flow_run(tmp_path):
     """One real run of the flow on the embedded server (about 11 s to start it)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows import convert_labels as fl
-    from flows.runtime import prefect_session
+    from alignflow.flows import convert_labels as fl
+    from alignflow.flows.runtime import prefect_session
 
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from feedback.labels import conversions as cv
-from feedback.labels.aggregate import agreement, aggregate_graded
-from schemas.prompts import to_messages_array
+from alignflow.feedback.labels import conversions as cv
+from alignflow.feedback.labels.aggregate import aggregate_graded, agreement
+from alignflow.schemas.prompts import to_messages_array
 
 
 def listwise(rows: list[tuple[str, list[str], list[float]]]) -> pa.Table:

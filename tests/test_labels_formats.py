@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feedback.labels import FORMATS, LabelsError, Options, convert_labels_file, read_file
-from schemas.store import read_dataset, read_manifest
+from alignflow.feedback.labels import FORMATS, LabelsError, Options, convert_labels_file, read_file
+from alignflow.schemas.store import read_dataset, read_manifest
 
 
 def write_jsonl(path, rows):
@@ -439,7 +439,7 @@ def test_quarantine_dataset_and_bad_input_errors(tmp_path):
 
 
 def test_streaming_readers_recover_when_a_later_block_changes_type(tmp_path, monkeypatch):
-    from feedback.labels import io as lio
+    from alignflow.feedback.labels import io as lio
 
     monkeypatch.setattr(lio, "BLOCK_BYTES", 256)  # many small blocks
     rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "note": None} for i in range(40)]
@@ -456,7 +456,7 @@ def test_streaming_readers_recover_when_a_later_block_changes_type(tmp_path, mon
 
 
 def test_parquet_is_streamed_in_batches(tmp_path):
-    from feedback.labels import io as lio
+    from alignflow.feedback.labels import io as lio
 
     pq.write_table(pa.table({"x": list(range(1000))}), tmp_path / "big.parquet", row_group_size=100)
     sizes = [b.num_rows for b in lio.iter_file_batches(tmp_path / "big.parquet", batch_rows=64)]

@@ -9,8 +9,8 @@ import tracemalloc
 
 import pytest
 
-from feedback.labels import LabelsError, Options, convert_labels_file
-from feedback.labels import io as lio
+from alignflow.feedback.labels import LabelsError, Options, convert_labels_file
+from alignflow.feedback.labels import io as lio
 
 
 def _rows(n):
@@ -144,7 +144,7 @@ def _listwise_file(tmp_path, n=400):
 
 
 def test_many_shards_written_in_parallel_keep_the_order_of_one(tmp_path):
-    from schemas.store import read_dataset, read_manifest
+    from alignflow.schemas.store import read_dataset, read_manifest
 
     src = _listwise_file(tmp_path)
     one = convert_labels_file(src, tmp_path / "one", "listwise", "pairwise")
@@ -156,7 +156,7 @@ def test_many_shards_written_in_parallel_keep_the_order_of_one(tmp_path):
 
 def _fail_shard(monkeypatch, failing_key: int):
     """Make the store's shard ``failing_key`` fail to write (disk full); returns the real writer."""
-    from schemas.store import DatasetWriter
+    from alignflow.schemas.store import DatasetWriter
 
     real = DatasetWriter.write_shard
 
@@ -170,10 +170,10 @@ def _fail_shard(monkeypatch, failing_key: int):
 
 
 def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path, monkeypatch):
-    from schemas.store import DatasetWriter, read_dataset, read_manifest
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from alignflow.schemas.store import DatasetWriter, read_dataset, read_manifest
 
     src = _listwise_file(tmp_path)
     table = pq.read_table(src)  # two rows the conversion refuses: they must survive the interruption too
@@ -205,7 +205,7 @@ def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path
 
 
 def test_a_partial_run_of_other_input_or_options_is_not_resumed(tmp_path, monkeypatch):
-    from schemas.store import DatasetWriter, read_dataset
+    from alignflow.schemas.store import DatasetWriter, read_dataset
 
     src = _listwise_file(tmp_path)
     real = _fail_shard(monkeypatch, 3)
@@ -220,7 +220,7 @@ def test_a_partial_run_of_other_input_or_options_is_not_resumed(tmp_path, monkey
 
 
 def test_a_failure_before_any_shard_leaves_nothing(tmp_path, monkeypatch):
-    from schemas.store import DatasetWriter
+    from alignflow.schemas.store import DatasetWriter
 
     def failing(self, table, key=None, meta=None):
         raise OSError("disk full")

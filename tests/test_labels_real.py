@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from feedback.labels import convert_labels_file
-from schemas.store import read_dataset, read_manifest
+from alignflow.feedback.labels import convert_labels_file
+from alignflow.schemas.store import read_dataset, read_manifest
 
 
 def test_hh_rlhf_quarantines_divergent_and_empty(human_labels, tmp_path):
@@ -81,7 +81,7 @@ def _sibling_groups(messages, value_of):
 
 def _converts_by_aspect(path, out, aspect, rated, written, dropped):
     """oasst --aspect ASPECT: the accounting, and each untied group's values as scores, best first."""
-    from feedback.labels import Options
+    from alignflow.feedback.labels import Options
 
     report = convert_labels_file(path, out, "oasst", "listwise", Options(aspect=aspect))
     assert (report.read, report.written, report.quarantined) == (2022, written, 0) and report.adds_up

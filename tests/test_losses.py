@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from trainers.losses import (
+from alignflow.trainers.losses import (
     LOSSES,
     BetaDPOState,
     MissingBatchKeyError,

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from alignflow.trainers.losses import compute_loss
 from tests.test_losses import CASES, LISTWISE, case_id, make_batch, registry_name, run_case
-from trainers.losses import compute_loss
 
 PAIRWISE_CASES = [c for c in CASES if c[0] not in LISTWISE | {"kto", "npo", "dro", "cringe", "bt_pair", "nn"}]
 LISTWISE_CASES = [c for c in CASES if c[0] in LISTWISE]

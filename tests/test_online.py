@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24)
 
@@ -19,8 +19,8 @@ def toy_env(toy_world, device: str = "cpu", n_prompts: int = 64, n_eval: int = 3
     ``n_eval`` held-out prompts (seed ``seed + 1``)."""
     from transformers import AutoTokenizer
 
-    from flows.online import RewardPreference, policy_generator_factory, toy_reward
-    from trainers.iterative.rollout import as_messages
+    from alignflow.flows.online import RewardPreference, policy_generator_factory, toy_reward
+    from alignflow.trainers.encoding import as_messages
 
     reward = toy_reward(toy_world.task)
 
@@ -61,8 +61,8 @@ def assert_significant_gain(report, alpha: float = 0.05):
 
 
 def _iterative(env, method: str, **over):
-    from trainers.iterative.loop import IterativeConfig, train_iterative
-    from trainers.iterative.rollout import prompt_text_of
+    from alignflow.trainers.encoding import prompt_text_of
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     params = dict(rounds=2, prompts_per_round=32, k=4, epochs=2, batch_size=16, lr=3e-4, terminate=False,
                   sampling=SAMPLING)
@@ -87,7 +87,7 @@ def test_iterative_dpo_raises_reward_with_reference_refresh(iterative_dpo_run):
 
 @pytest.mark.slow
 def test_rloo_raises_reward(env):
-    from trainers.rloo import RLOOConfig, train_rloo
+    from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
     cfg = RLOOConfig(steps=10, prompts_per_step=16, k=4, lr=3e-4, beta=0.0, sampling=SAMPLING)
     _, report = train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
@@ -97,7 +97,7 @@ def test_rloo_raises_reward(env):
 
 @pytest.mark.slow
 def test_ppo_raises_reward(env):
-    from trainers.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
     cfg = PPOConfig(steps=6, prompts_per_step=16, samples_per_prompt=2, lr=5e-4, beta=0.0, sampling=SAMPLING)
     _, value_head, report = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
@@ -109,7 +109,7 @@ def test_ppo_raises_reward(env):
 @pytest.mark.slow
 def test_ppo_ptx_and_kl_penalty_run(env):
     """PPO-ptx (gamma > 0) with a KL penalty: one step runs and the KL term is reported."""
-    from trainers.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
     texts = [f"{p} {env.task.reference(p)}" for p in env.task.prompts(32, seed=5)]
     cfg = PPOConfig(steps=1, prompts_per_step=4, samples_per_prompt=2, ptx_coef=0.5, beta=0.1, sampling=SAMPLING)
@@ -133,7 +133,7 @@ def test_self_rewarding_uses_the_live_model_as_judge(env):
     Here the factory's judge is the verifier: the test checks the rounds, that the factory saw
     the live model, and the gain. With the model's own rubric scores as the judge (after
     evaluation fine-tuning): tests/test_self_rewarding_rubric.py."""
-    from trainers.iterative.loop import IterativeConfig, train_iterative
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     seen = []
 
@@ -152,7 +152,7 @@ def test_self_rewarding_uses_the_live_model_as_judge(env):
 
 @pytest.mark.slow
 def test_nash_md_raises_reward(env):
-    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+    from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
 
     cfg = NashMDConfig(steps=10, prompts_per_step=16, lr=3e-4, sampling=SAMPLING)
     _, report = train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, env.preference, cfg,
@@ -161,7 +161,7 @@ def test_nash_md_raises_reward(env):
 
 
 def test_nash_md_mixture_is_geometric():
-    from trainers.iterative.nash_md import mixture_logits
+    from alignflow.trainers.online.nash_md import mixture_logits
 
     a, b = torch.randn(3, 7), torch.randn(3, 7)
     mix = mixture_logits(a, b, 0.25).exp()
@@ -173,7 +173,7 @@ def test_nash_md_mixture_is_geometric():
 
 @pytest.mark.slow
 def test_paft_merges_parallel_adapters_and_raises_reward(env):
-    from trainers.iterative.paft import PAFTConfig, train_paft
+    from alignflow.trainers.online.paft import PAFTConfig, train_paft
 
     cfg = PAFTConfig(rounds=2, prompts_per_round=32, k=4, epochs=4, lr=1e-3, sampling=SAMPLING)
     merged, report = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
@@ -201,9 +201,9 @@ def test_token_rewards_point_at_the_wrong_token(env):
     """beta*log(pi/pi_ref) per token: the SFT model (which knows the answers) against an
     untrained reference; a corrupted character gets the lowest token reward, and the token
     rewards sum to the sequence's implicit reward."""
-    from trainers.rloo import response_logps
-    from trainers.token_rewards import token_rewards
-    from trainers.toy_model import make_tiny_llama
+    from alignflow.trainers.logprobs import response_logps
+    from alignflow.trainers.token_rewards import token_rewards
+    from alignflow.trainers.toy_model import make_tiny_llama
 
     policy = env.policy()
     ref = make_tiny_llama(env.tok, hidden_size=32, num_layers=1, seed=1).eval()
@@ -226,7 +226,7 @@ def test_beam_search_finds_higher_scoring_responses(env, iterative_dpo_run):
     the batched search equals the one-prompt search. The task reward per beam width is the
     subject of tests/test_token_rewards.py and tests/bench/bench_beam.py; CRINGE's reward gain
     is in tests/test_online_cringe.py."""
-    from trainers.token_rewards import beam_search, beam_search_batch
+    from alignflow.trainers.token_rewards import beam_search, beam_search_batch
 
     policy, _ = iterative_dpo_run
     ref = env.policy().eval()
@@ -241,7 +241,7 @@ def test_beam_search_finds_higher_scoring_responses(env, iterative_dpo_run):
 def test_cli_rejects_unknown_method(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     res = CliRunner().invoke(app, ["online", "nope", "--model", str(tmp_path), "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "unknown method" in res.output
@@ -253,7 +253,7 @@ def test_flow_composes_judge_and_generator_and_writes_report(toy_world, tmp_path
     the trainer; the trained model and report.json (reward, KL, spend) are written."""
     import json
 
-    from flows.online import run_online
+    from alignflow.flows.online import run_online
 
     report = run_online({"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"),
                          "prompts": 8, "eval_prompts": 4, "params": {"steps": 1, "prompts_per_step": 4, "k": 2}})

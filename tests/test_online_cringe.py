@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24)
 
@@ -30,9 +30,9 @@ def test_cringe_raises_reward_with_default_settings(toy_world, one_thread):
     from scipy.stats import ttest_rel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.online import policy_generator_factory, toy_reward
-    from trainers.iterative.loop import IterativeConfig, train_iterative
-    from trainers.iterative.rollout import as_messages
+    from alignflow.flows.online import policy_generator_factory, toy_reward
+    from alignflow.trainers.encoding import as_messages
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     reward = toy_reward(toy_world.task)
     prompts = [as_messages(p) for p in toy_world.task.prompts(64, seed=11)]
@@ -51,7 +51,7 @@ def test_cringe_raises_reward_with_default_settings(toy_world, one_thread):
 
 
 def test_negative_flags_pick_the_tokens_to_contrast():
-    from trainers.iterative.loop import cringe_negative_flags
+    from alignflow.trainers.online.iterative import cringe_negative_flags
 
     eos = 0
     chosen = [5, 6, 7, 8, eos]
@@ -70,9 +70,9 @@ def test_pair_loss_contrasts_only_the_flagged_tokens():
     """The contrast reaches the policy only through the flagged rejected tokens: with a
     rejected answer that equals the chosen one up to its last character, the default
     (first departing token) contrasts that one position; "all" contrasts every position."""
-    from trainers.iterative import loop
-    from trainers.iterative.loop import Pair
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.trainers.online import iterative as loop
+    from alignflow.trainers.online.iterative import Pair
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
     model = make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2)

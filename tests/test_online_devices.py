@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
-from trainers.iterative import rollout as ro
+from alignflow.schemas.generator import SamplingParams
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.online import rollout as ro
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
 
 
 def test_device_of_and_token_batch_to():
     lin = torch.nn.Linear(2, 1)
-    assert ro.device_of(lin) == torch.device("cpu")
-    assert ro.device_of(torch.nn.Module()) == torch.device("cpu")  # no parameters: the host
-    batch = ro.make_token_batch([[5, 6], [7]], [[8], [9, 10]], pad_id=0)
+    assert modeling.device_of(lin) == torch.device("cpu")
+    assert modeling.device_of(torch.nn.Module()) == torch.device("cpu")  # no parameters: the host
+    batch = encoding.make_token_batch([[5, 6], [7]], [[8], [9, 10]], pad_id=0)
     moved = batch.to("cpu")
     assert all(torch.equal(a, b) for a, b in zip((moved.input_ids, moved.attention_mask, moved.action_mask),
                                                   (batch.input_ids, batch.attention_mask, batch.action_mask)))
@@ -37,8 +38,8 @@ def test_colocate_follows_the_policy():
     test of the flow's case checks through the optimizer)."""
     policy = torch.nn.Linear(2, 2, device="meta")  # stands in for a policy on another device
     head = torch.nn.Linear(2, 1)
-    assert ro.colocate(head, policy) is head and head.weight.device.type == "meta"
-    assert ro.colocate(head, policy) is head  # already there: nothing to do
+    assert modeling.colocate(head, policy) is head and head.weight.device.type == "meta"
+    assert modeling.colocate(head, policy) is head  # already there: nothing to do
 
 
 @pytest.mark.parametrize("returned", [
@@ -54,12 +55,12 @@ def test_score_accepts_lists_arrays_and_tensors(returned):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from flows.online import policy_generator_factory
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.flows.online import policy_generator_factory
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     torch.set_num_threads(1)
     tok = make_char_tokenizer()
-    prompts = [ro.as_messages(f"Write in capitals: {w}") for w in ("abc", "de", "fgh", "ij")]
+    prompts = [encoding.as_messages(f"Write in capitals: {w}") for w in ("abc", "de", "fgh", "ij")]
     return tok, lambda: make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0).double(), \
         policy_generator_factory("cpu"), prompts
 
@@ -70,7 +71,7 @@ def ranked_reward(prompts, responses):
 
 
 def test_rloo_step_with_a_float64_policy(tiny):
-    from trainers.rloo import RLOOConfig, train_rloo
+    from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
     tok, make_policy, make_gen, prompts = tiny
     policy = make_policy()
@@ -83,7 +84,7 @@ def test_rloo_step_with_a_float64_policy(tiny):
 
 
 def test_ppo_step_with_a_float64_policy(tiny):
-    from trainers.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
     tok, make_policy, make_gen, prompts = tiny
     policy = make_policy()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainers.ppo import (
+from alignflow.trainers.online.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     gae,
@@ -16,7 +16,7 @@ from trainers.ppo import (
     masked_mean,
     masked_whiten,
 )
-from trainers.rloo import leave_one_out_advantages, rloo_loss
+from alignflow.trainers.online.rloo import leave_one_out_advantages, rloo_loss
 
 
 def test_gae_matches_hand_computation():
@@ -120,7 +120,7 @@ def test_rloo_loss_gradient_is_eq48():
 
 
 def test_binomial_termination_rule():
-    from trainers.iterative.termination import should_stop, winrate_test
+    from alignflow.trainers.online.termination import should_stop, winrate_test
 
     strong = winrate_test(wins=40, losses=10, ties=0, alpha=0.05)
     assert strong["significant"] and strong["p_value"] < 0.001

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
+from alignflow.trainers.online import checkpointing as ck
 from tests.test_online import toy_env
-from trainers.iterative import rollout as ro
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=12)
 
@@ -27,23 +27,23 @@ def test_checkpoints_atomic_newest_and_pruned(tmp_path):
         lr: float = 0.1
         steps: int = 3
 
-    fp = ro.run_fingerprint(Cfg(), ["a"])
-    assert fp == ro.run_fingerprint(Cfg(steps=9), ["a"])  # extending a run is the same run
-    assert fp != ro.run_fingerprint(Cfg(lr=0.2), ["a"]) != ro.run_fingerprint(Cfg(), ["b"])
+    fp = ck.run_fingerprint(Cfg(), ["a"])
+    assert fp == ck.run_fingerprint(Cfg(steps=9), ["a"])  # extending a run is the same run
+    assert fp != ck.run_fingerprint(Cfg(lr=0.2), ["a"]) != ck.run_fingerprint(Cfg(), ["b"])
     for i in (1, 2, 3):
-        ro.save_checkpoint(tmp_path, ro.checkpoint_name(i), {"w": torch.full((2,), float(i))},
+        ck.save_checkpoint(tmp_path, ck.checkpoint_name(i), {"w": torch.full((2,), float(i))},
                            {"index": i, "fingerprint": fp}, files={"note.txt": f"step {i}"})
     (tmp_path / ".step-000004.tmp-1").mkdir()  # a save killed before its rename: ignored
-    newest = ro.latest_checkpoint(tmp_path)
+    newest = ck.latest_checkpoint(tmp_path)
     assert newest.name == "step-000003"
-    state, meta = ro.load_checkpoint(newest, fp)
+    state, meta = ck.load_checkpoint(newest, fp)
     assert state["w"].tolist() == [3.0, 3.0] and meta["index"] == 3
     # older checkpoints keep their record, not their weights
-    assert not (tmp_path / "step-000001" / ro.CHECKPOINT_STATE).exists()
+    assert not (tmp_path / "step-000001" / ck.CHECKPOINT_STATE).exists()
     assert (tmp_path / "step-000001" / "note.txt").read_text() == "step 1"
     with pytest.raises(ValueError, match="different config"):
-        ro.load_checkpoint(newest, ro.run_fingerprint(Cfg(lr=0.2), ["a"]))
-    assert ro.latest_checkpoint(tmp_path / "absent") is None and ro.find_resume(None, fp) == (None, None)
+        ck.load_checkpoint(newest, ck.run_fingerprint(Cfg(lr=0.2), ["a"]))
+    assert ck.latest_checkpoint(tmp_path / "absent") is None and ck.find_resume(None, fp) == (None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_rloo_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
-    from trainers.rloo import RLOOConfig, train_rloo
+    from alignflow.trainers.online.rloo import RLOOConfig, train_rloo
 
     cfg = RLOOConfig(steps=3, prompts_per_step=4, k=2, lr=3e-4, beta=0.05, sampling=SAMPLING, checkpoint_every=1)
     kw = dict(eval_prompts=env.eval_prompts, eval_reward_fn=env.reward)
@@ -88,7 +88,7 @@ def test_rloo_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
     with pytest.raises(Killed):  # dies while scoring step 3's samples
         train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, crashing(env.reward, 2), cfg,
                    checkpoint_dir=ckpt, **kw)
-    assert ro.latest_checkpoint(ckpt).name == "step-000002"
+    assert ck.latest_checkpoint(ckpt).name == "step-000002"
     resumed, rep = train_rloo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
                               checkpoint_dir=ckpt, **kw)
     assert rep.extra["resumed_from"].endswith("step-000002")
@@ -101,7 +101,7 @@ def test_rloo_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
 def test_ppo_extended_run_equals_one_long_run(env, tmp_path):
     """PPO for 2 steps (checkpoint at the end), then the same run asked for 3 steps resumes at
     step 3; policy, value head and record equal a 3-step run's."""
-    from trainers.ppo import PPOConfig, train_ppo
+    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
     cfg = PPOConfig(steps=3, prompts_per_step=4, samples_per_prompt=2, lr=3e-4, beta=0.05, sampling=SAMPLING)
     kw = dict(eval_prompts=env.eval_prompts)
@@ -126,7 +126,7 @@ def test_iterative_rounds_resume(env, tmp_path):
     """Iterative DPO: 1 round, then the same run asked for 2 rounds skips round 1 and ends with
     the weights of a 2-round run; every round's pairs are kept, only the newest weights; a
     third call with nothing left to do trains nothing."""
-    from trainers.iterative.loop import IterativeConfig, train_iterative
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     cfg = IterativeConfig(method="iterative-dpo", rounds=2, prompts_per_round=6, k=2, epochs=1, batch_size=6,
                           lr=3e-4, terminate=False, sampling=SAMPLING)
@@ -145,7 +145,7 @@ def test_iterative_rounds_resume(env, tmp_path):
     assert rep.generations == rep_whole.generations == 24 and rep.reward_after == rep_whole.reward_after
     rounds = sorted(p.name for p in ckpt.iterdir())
     assert rounds == ["round-000001", "round-000002"]
-    assert not (ckpt / "round-000001" / ro.CHECKPOINT_STATE).exists()
+    assert not (ckpt / "round-000001" / ck.CHECKPOINT_STATE).exists()
     pairs = [json.loads(line) for line in (ckpt / "round-000002" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == rep.history[-1]["pairs"] and {"prompt", "chosen", "rejected"} <= set(pairs[0])
 
@@ -157,7 +157,7 @@ def test_iterative_rounds_resume(env, tmp_path):
 def test_run_online_resumes_into_the_same_output(toy_world, tmp_path):
     """The flow checkpoints into OUTPUT/checkpoints: the same config run again into the same
     folder (here asked for one more step) resumes; another config is refused in one line."""
-    from flows.online import run_online
+    from alignflow.flows.online import run_online
 
     base = {"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
             "eval_prompts": 4, "params": {"steps": 2, "prompts_per_step": 4, "k": 2, "checkpoint_every": 1}}
@@ -174,7 +174,7 @@ def test_run_online_resumes_into_the_same_output(toy_world, tmp_path):
 def test_dro_v_killed_mid_epoch_resumes_to_the_same_result(env, tmp_path, monkeypatch):
     """DRO-V collects its single trajectories once, checkpoints after every epoch (with the
     collected samples); killed in epoch 2, the same call resumes there without re-sampling."""
-    import trainers.dro_v as dv
+    import alignflow.trainers.online.dro_v as dv
 
     cfg = dv.DROVConfig(beta=0.1, epochs=2, batch_size=8, lr=3e-4, prompts_per_round=8, k=2, sampling=SAMPLING)
     kw = dict(prompts=env.prompts, make_generator=env.make_gen, reward_fn=env.reward, eval_prompts=env.eval_prompts)
@@ -193,7 +193,7 @@ def test_dro_v_killed_mid_epoch_resumes_to_the_same_result(env, tmp_path, monkey
     with pytest.raises(Killed):
         dv.train_dro_v(env.policy(), env.tok, cfg, checkpoint_dir=ckpt, **kw)
     monkeypatch.setattr(dv, "dro_policy_loss", real)
-    assert ro.latest_checkpoint(ckpt).name == "epoch-000001"
+    assert ck.latest_checkpoint(ckpt).name == "epoch-000001"
     resumed, v, rep = dv.train_dro_v(env.policy(), env.tok, cfg, checkpoint_dir=ckpt, **kw)
     assert rep.extra["resumed_from"].endswith("epoch-000001")
     assert_same_weights(whole, resumed)
@@ -205,8 +205,8 @@ def test_dro_v_killed_mid_epoch_resumes_to_the_same_result(env, tmp_path, monkey
 def test_nash_md_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
     """Nash-MD checkpoints every step; killed while judging step 3, the same call resumes after
     step 2 and ends with the weights, record and spend of an uninterrupted run."""
-    from flows.online import RewardPreference
-    from trainers.iterative.nash_md import NashMDConfig, train_nash_md
+    from alignflow.flows.online import RewardPreference
+    from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
 
     preference = RewardPreference(env.reward, scale=0.1)
     cfg = NashMDConfig(steps=3, prompts_per_step=4, lr=3e-4, sampling=SAMPLING, checkpoint_every=1)
@@ -224,7 +224,7 @@ def test_nash_md_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
 
     with pytest.raises(Killed):
         train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, dying, cfg, checkpoint_dir=ckpt, **kw)
-    assert ro.latest_checkpoint(ckpt).name == "step-000002"
+    assert ck.latest_checkpoint(ckpt).name == "step-000002"
     resumed, rep = train_nash_md(env.policy(), env.tok, env.prompts, env.make_gen, preference, cfg,
                                  checkpoint_dir=ckpt, **kw)
     assert rep.extra["resumed_from"].endswith("step-000002")
@@ -240,7 +240,7 @@ def test_nash_md_killed_mid_run_resumes_to_the_same_result(env, tmp_path):
 def test_paft_extended_run_equals_one_long_run(env, tmp_path):
     """PAFT: 1 round (merged weights checkpointed), then the same run asked for 2 rounds skips
     round 1 and ends with a 2-round run's merged weights and record; another config is refused."""
-    from trainers.iterative.paft import PAFTConfig, train_paft
+    from alignflow.trainers.online.paft import PAFTConfig, train_paft
 
     cfg = PAFTConfig(rounds=2, prompts_per_round=6, k=2, epochs=1, batch_size=6, lr=1e-3, lora_r=4,
                      sampling=SAMPLING)
@@ -250,7 +250,7 @@ def test_paft_extended_run_equals_one_long_run(env, tmp_path):
     ckpt = tmp_path / "paft"
     one = PAFTConfig(**{**cfg.__dict__, "rounds": 1})
     _, rep1 = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, one, checkpoint_dir=ckpt, **kw)
-    assert rep1.generations == 12 and ro.latest_checkpoint(ckpt).name == "round-000001"
+    assert rep1.generations == 12 and ck.latest_checkpoint(ckpt).name == "round-000001"
     resumed, rep = train_paft(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
                               checkpoint_dir=ckpt, **kw)
     assert rep.extra["resumed_from"].endswith("round-000001")
@@ -273,13 +273,13 @@ def test_paft_extended_run_equals_one_long_run(env, tmp_path):
 def test_run_online_resumes_nash_md_and_paft(toy_world, tmp_path, method, params, grow, name):
     """The flow hands Nash-MD and PAFT their OUTPUT/checkpoints folder: a longer run of the same
     config into the same output resumes after the first run's last checkpoint."""
-    from flows.online import run_online
+    from alignflow.flows.online import run_online
 
     base = {"method": method, "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
             "eval_prompts": 4, "max_new_tokens": 8, "params": params}
     first = run_online(base)
     assert first["extra"].get("resumed_from") is None
-    assert (tmp_path / "run" / "checkpoints" / name / ro.CHECKPOINT_STATE).exists()
+    assert (tmp_path / "run" / "checkpoints" / name / ck.CHECKPOINT_STATE).exists()
     more = run_online({**base, "params": {**params, **grow}})
     assert more["extra"]["resumed_from"].endswith(name)
     assert len(more["history"]) == 2 and more["history"][0] == first["history"][0]

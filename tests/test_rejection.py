@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from feedback.rejection import best_of_n, best_vs_worst, margin_pairs, rso_pairs, rso_sample, to_listwise
-from schemas.validate import validate
+from alignflow.feedback.rejection import best_of_n, best_vs_worst, margin_pairs, rso_pairs, rso_sample, to_listwise
+from alignflow.schemas.validate import validate
 
 
 def _samples():

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from trainers.reward_model import RankedExample, listwise_rewards, pairwise_accuracy
+from alignflow.trainers.reward_model import RankedExample, listwise_rewards, pairwise_accuracy
 
 
 def _ranked_examples(task, n: int, seed: int, k: int = 4) -> list[RankedExample]:
@@ -30,7 +30,7 @@ class _FixedRewards(torch.nn.Module):
 
 
 def test_all_pairs_of_a_prompt_in_one_batch_and_accuracy():
-    from trainers.toy_model import make_char_tokenizer
+    from alignflow.trainers.toy_model import make_char_tokenizer
 
     tok = make_char_tokenizer()
     ex = [RankedExample([{"role": "user", "content": "q"}], ["a", "aaa", "aa"], [0.0, 2.0, 1.0]),
@@ -39,7 +39,7 @@ def test_all_pairs_of_a_prompt_in_one_batch_and_accuracy():
     assert b["rewards"].shape == (2, 3) and b["mask"].tolist() == [[True] * 3, [True, True, False]]
     # longer = higher reward = higher score in example 0: all 3 pairs right; example 1 has none
     assert pairwise_accuracy(_FixedRewards(), tok, ex) == 1.0
-    from trainers.losses import compute_loss
+    from alignflow.trainers.losses import compute_loss
 
     loss = compute_loss("bt", b)
     assert loss[1] == 0  # only tied pairs: counts nowhere
@@ -51,7 +51,7 @@ def test_all_pairs_of_a_prompt_in_one_batch_and_accuracy():
 def test_bt_reward_model_learns_toy_preferences(toy_world):
     from transformers import AutoTokenizer
 
-    from trainers.reward_model import RewardModelConfig, make_reward_model, train_reward_model
+    from alignflow.trainers.reward_model import RewardModelConfig, make_reward_model, train_reward_model
 
     tok = AutoTokenizer.from_pretrained(toy_world.path)
     train = _ranked_examples(toy_world.task, 96, seed=1)
@@ -67,8 +67,8 @@ def test_bt_reward_model_learns_toy_preferences(toy_world):
 def test_preference_model_is_position_debiased_and_learns(toy_world):
     from transformers import AutoTokenizer
 
-    from trainers.preference_model import PreferenceModelConfig, preference_probs, train_preference_model
-    from trainers.reward_model import make_reward_model
+    from alignflow.trainers.preference_model import PreferenceModelConfig, preference_probs, train_preference_model
+    from alignflow.trainers.reward_model import make_reward_model
 
     tok = AutoTokenizer.from_pretrained(toy_world.path)
     train = _ranked_examples(toy_world.task, 64, seed=3, k=3)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import KINDS, SCHEMAS, messages, prompt_id, prompt_ids, to_messages_array, validate
+from alignflow.schemas import KINDS, SCHEMAS, messages, prompt_id, prompt_ids, to_messages_array, validate
 
 GOOD_ROWS = {
     "prompts": {"prompt": "Reverse: abc"},

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.generator import SamplingParams
+from alignflow.schemas.generator import SamplingParams
 
 
 def test_evaluation_examples_map_rewards_to_score_tokens():
-    from feedback.eft import evaluation_examples, score_tokens
-    from feedback.judges.templates import RubricTemplate
+    from alignflow.feedback.eft import evaluation_examples, score_tokens
+    from alignflow.feedback.judges.templates import RubricTemplate
 
     assert score_tokens([0.0, 0.09, 0.11, 0.5, 0.95, 1.0, 1.7, -3], list("012345")) == \
         ["0", "0", "1", "3", "5", "5", "5", "0"]
@@ -33,7 +33,7 @@ def test_evaluation_examples_map_rewards_to_score_tokens():
 
 @pytest.fixture(scope="module")
 def judging_world(toy_world, tmp_path_factory):
-    from flows.self_judging import build_self_judging_world
+    from alignflow.flows.self_judging import build_self_judging_world
 
     torch.set_num_threads(1)
     return build_self_judging_world(tmp_path_factory.mktemp("self-judging"), toy_world)
@@ -53,10 +53,10 @@ def test_self_rewarding_with_the_models_own_rubric_scores_raises_reward(judging_
     from scipy.stats import ttest_rel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback.judges import RubricJudge
-    from flows.online import JudgeReward, policy_generator_factory, toy_reward
-    from trainers.iterative.loop import IterativeConfig, train_iterative
-    from trainers.iterative.rollout import as_messages
+    from alignflow.feedback.judges import RubricJudge
+    from alignflow.flows.online import JudgeReward, policy_generator_factory, toy_reward
+    from alignflow.trainers.encoding import as_messages
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     task = judging_world.task
     tokenizer = AutoTokenizer.from_pretrained(judging_world.path)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from schemas import DatasetError, DatasetWriter, read_dataset, read_manifest, validate, write_dataset
-from schemas.store import iter_batches, verify_dataset
+from alignflow.schemas import DatasetError, DatasetWriter, read_dataset, read_manifest, validate, write_dataset
+from alignflow.schemas.store import iter_batches, verify_dataset
 from tests.test_schemas import GOOD_ROWS
 
 
@@ -112,7 +112,7 @@ def test_write_killed_half_way_leaves_no_visible_dataset(tmp_path):
     target = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os, signal, pyarrow as pa
-        from schemas.store import DatasetWriter
+        from alignflow.schemas.store import DatasetWriter
         w = DatasetWriter({str(target)!r}, "sft")
         t = pa.table({{"prompt": ["p"] * 1000, "response": ["r"] * 1000}})
         for i in range(5):
@@ -132,7 +132,7 @@ def test_write_killed_half_way_leaves_no_visible_dataset(tmp_path):
 def test_cli_inspect_and_validate(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     table = pa.Table.from_pylist([GOOD_ROWS["pairwise"]] * 3)
     path = write_dataset(tmp_path / "d", table, "pairwise", {"flow": "test"})
@@ -151,7 +151,7 @@ def test_cli_inspect_and_validate(tmp_path):
     pq.write_table(bad, path / "train-00000.parquet")
     out = runner.invoke(app, ["validate", str(path)])
     assert out.exit_code == 2 and "checksum mismatch" in out.output
-    from schemas.store import sha256_file
+    from alignflow.schemas.store import sha256_file
 
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = sha256_file(path / "train-00000.parquet")

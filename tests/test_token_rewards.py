@@ -22,7 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(one_thread):
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
     tok = make_char_tokenizer()
     policy = make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=1).eval()
@@ -34,8 +34,8 @@ PROMPTS = ["Spell out: 7", "Spell out: 415", "Copy exactly: abc"]
 
 
 def test_beam_one_is_greedy_decoding(tiny):
-    from trainers.iterative.rollout import as_messages, encode_prompt
-    from trainers.token_rewards import beam_search_batch
+    from alignflow.trainers.encoding import as_messages, encode_prompt
+    from alignflow.trainers.token_rewards import beam_search_batch
 
     policy, ref, tok = tiny
     found = beam_search_batch(policy, ref, tok, PROMPTS, beam_size=1, max_new_tokens=6)
@@ -49,7 +49,7 @@ def test_beam_one_is_greedy_decoding(tiny):
 def _exhaustive_best(policy, tok, prompt, beta):
     """Best summed beta*log pi over every answer of at most 2 new tokens (eos-terminated, or cut
     at 2 tokens without eos)."""
-    from trainers.iterative.rollout import as_messages, encode_prompt
+    from alignflow.trainers.encoding import as_messages, encode_prompt
 
     ids = encode_prompt(tok, as_messages(prompt))
     with torch.no_grad():
@@ -65,7 +65,7 @@ def _exhaustive_best(policy, tok, prompt, beta):
 
 
 def test_wide_beam_finds_the_exhaustive_optimum(tiny):
-    from trainers.token_rewards import beam_search_batch
+    from alignflow.trainers.token_rewards import beam_search_batch
 
     policy, ref, tok = tiny
     vocab = len(tok)
@@ -82,7 +82,7 @@ def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(toy_w
     re-encodes to the searched tokens) against a random reference."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.token_rewards import beam_search, beam_search_batch, token_rewards
+    from alignflow.trainers.token_rewards import beam_search, beam_search_batch, token_rewards
 
     _, ref, tok = tiny
     policy = AutoModelForCausalLM.from_pretrained(toy_world.path).eval()
@@ -98,7 +98,7 @@ def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(toy_w
 
 
 def test_rejects_bad_arguments(tiny):
-    from trainers.token_rewards import beam_search_batch
+    from alignflow.trainers.token_rewards import beam_search_batch
 
     policy, ref, tok = tiny
     with pytest.raises(ValueError, match="objective"):
@@ -121,8 +121,14 @@ def test_larger_beam_raises_the_task_reward_of_dpo_policies(toy_world, one_threa
     from scipy.stats import ttest_rel
     from transformers import AutoModelForCausalLM
 
-    from tests.bench.bench_beam import DPO_SEEDS, dpo_policy, evaluation_prompt_texts, search_rewards, train_prompt_texts
-    from trainers.iterative.rollout import as_messages
+    from alignflow.trainers.encoding import as_messages
+    from tests.bench.bench_beam import (
+        DPO_SEEDS,
+        dpo_policy,
+        evaluation_prompt_texts,
+        search_rewards,
+        train_prompt_texts,
+    )
 
     train_prompts = [as_messages(p) for p in train_prompt_texts(toy_world.task)]
     prompts = [as_messages(p) for p in evaluation_prompt_texts(toy_world.task)]

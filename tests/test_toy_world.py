@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feedback.toy_task import ToyTask, spell_number  # noqa: E402
-from trainers.sft import IGNORE_INDEX, PadCollator, sft_loss, tokenize_sft_example, train_sft  # noqa: E402
-from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint  # noqa: E402
+from alignflow.feedback.toy_task import ToyTask, spell_number  # noqa: E402
+from alignflow.trainers.sft import IGNORE_INDEX, PadCollator, sft_loss, tokenize_sft_example, train_sft  # noqa: E402
+from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint  # noqa: E402
 
 
 # -- tokenizer and model -----------------------------------------------------------------------
@@ -150,8 +150,8 @@ def test_toy_world_reward_spread(toy_world):
 def test_toy_world_checkpoint_loads_and_knows_the_task(toy_world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback.generation.hf import HFGenerator
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.schemas.generator import SamplingParams
 
     model = AutoModelForCausalLM.from_pretrained(toy_world.path)
     tok = AutoTokenizer.from_pretrained(toy_world.path)
@@ -166,8 +166,8 @@ def test_toy_world_checkpoint_loads_and_knows_the_task(toy_world):
 
 def test_length_knob_rewards_longer_samples(toy_world):
     """Among differing samples of one prompt, the longer wins ~half the time at w = 0, clearly more at w > 0."""
-    from feedback.generation.hf import HFGenerator
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.schemas.generator import SamplingParams
 
     prompts = toy_world.task.prompts(48, seed=9)
     gens = HFGenerator(toy_world.path, device="cpu").generate(
@@ -187,7 +187,7 @@ def test_length_knob_rewards_longer_samples(toy_world):
 
 
 def test_toy_world_rebuild_is_reused(toy_world):
-    from flows.toy_world import build_toy_world
+    from alignflow.flows.toy_world import build_toy_world
 
     started = time.perf_counter()
     again = build_toy_world(toy_world.path.parent, seed=0)
@@ -198,7 +198,7 @@ def test_toy_world_rebuild_is_reused(toy_world):
 def test_demo_command_prints_reward_statistics(toy_world):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     result = CliRunner().invoke(app, ["demo", "--world-only", "--output", str(toy_world.path.parent)])
     assert result.exit_code == 0, result.output

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from trainers.collators import ListwiseCollator, pretokenize
-from trainers.logprobs import build_sequence_batch, sequence_logps
-from trainers.losses import compute_loss
+from alignflow.trainers.collators import ListwiseCollator, pretokenize
+from alignflow.trainers.logprobs import build_sequence_batch, sequence_logps
+from alignflow.trainers.losses import compute_loss
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,13 +27,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    from trainers.toy_model import make_char_tokenizer
+    from alignflow.trainers.toy_model import make_char_tokenizer
 
     return make_char_tokenizer()
 
 
 def tiny(tok, dtype=torch.float32, seed=0):
-    from trainers.toy_model import make_tiny_llama
+    from alignflow.trainers.toy_model import make_tiny_llama
 
     model = make_tiny_llama(tok, hidden_size=32, num_layers=2, seed=seed)
     return model.to(dtype)
@@ -117,7 +117,7 @@ def test_listwise_collator_masks_variable_k_and_loss_ignores_padding(tok):
     out = ListwiseCollator(tok.pad_token_id)(examples)
     assert out["mask"].tolist() == [[True, True, False], [True, True, True], [True, False, False]]
     assert out["scores"][0, 2] == 0 and out["ref_logps"][2, 1] == 0
-    from trainers.logprobs import SequenceBatch
+    from alignflow.trainers.logprobs import SequenceBatch
 
     logps, tokens = sequence_logps(model, SequenceBatch(**out["seqs"]))
     assert tokens[0, 2] == 0 and tokens[2, 1] == 0 and logps[2, 1] == 0
@@ -140,7 +140,7 @@ def _first_step_loss(trainer) -> float:
 
 
 def test_dpo_step_one_is_ln2_with_policy_as_reference(tok, tmp_path):
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.preference import PreferenceTrainer
 
     examples = pretokenize(pair_table(), "pairwise", tok)
     trainer = PreferenceTrainer(tiny(tok), args(tmp_path, max_steps=1), examples, kind="pairwise", loss="dpo",
@@ -156,8 +156,8 @@ def test_dpo_step_one_is_ln2_with_policy_as_reference(tok, tmp_path):
 
 
 def test_precomputed_ref_columns_are_used_and_change_the_loss(tok, tmp_path, monkeypatch):
-    import trainers.precompute as precompute
-    from trainers.preference import PreferenceTrainer
+    import alignflow.trainers.precompute as precompute
+    from alignflow.trainers.preference import PreferenceTrainer
 
     model = tiny(tok)
     table = precompute.add_reference_columns(pair_table(), "pairwise", model, tok)
@@ -179,8 +179,8 @@ def test_precomputed_ref_columns_are_used_and_change_the_loss(tok, tmp_path, mon
 
 
 def test_reference_free_loss_needs_no_reference(tok, tmp_path, monkeypatch):
-    import trainers.precompute as precompute
-    from trainers.preference import PreferenceTrainer, needs_reference
+    import alignflow.trainers.precompute as precompute
+    from alignflow.trainers.preference import PreferenceTrainer, needs_reference
 
     assert needs_reference("dpo", "pairwise") and needs_reference("kto", "binary") and needs_reference("lipo", "listwise")
     assert not needs_reference("simpo", "pairwise") and not needs_reference("orpo", "pairwise")
@@ -192,7 +192,7 @@ def test_reference_free_loss_needs_no_reference(tok, tmp_path, monkeypatch):
 
 
 def test_wrong_kind_or_token_level_loss_is_refused(tok, tmp_path):
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.preference import PreferenceTrainer
 
     examples = pretokenize(pair_table(), "pairwise", tok)
     with pytest.raises(ValueError, match="binary"):
@@ -208,7 +208,7 @@ def binary_table(n_true, n_false):
 
 
 def test_kto_warns_outside_survey_ratio_and_uses_mismatched_pairs(tok, tmp_path):
-    from trainers.preference import PreferenceTrainer, kto_balance_warning
+    from alignflow.trainers.preference import PreferenceTrainer, kto_balance_warning
 
     assert kto_balance_warning([True] * 5 + [False] * 5, 1.0, 1.0) is None
     assert kto_balance_warning([True] * 6 + [False] * 5, 1.0, 1.0) is None  # 1.2 in [1, 4/3]
@@ -231,7 +231,7 @@ def test_kto_warns_outside_survey_ratio_and_uses_mismatched_pairs(tok, tmp_path)
 
 
 def test_npo_refuses_desirable_rows(tok, tmp_path):
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.preference import PreferenceTrainer
 
     with pytest.raises(ValueError, match="undesirable"):
         PreferenceTrainer(tiny(tok), args(tmp_path), pretokenize(binary_table(1, 3), "binary", tok), kind="binary",
@@ -239,8 +239,8 @@ def test_npo_refuses_desirable_rows(tok, tmp_path):
 
 
 def test_sdpo_each_stage_uses_previous_stage_as_reference(tok, tmp_path):
-    from trainers.logprobs import build_sequence_batch
-    from trainers.sdpo import split_chunks, train_sdpo
+    from alignflow.trainers.logprobs import build_sequence_batch
+    from alignflow.trainers.sdpo import split_chunks, train_sdpo
 
     assert [len(c) for c in split_chunks(range(10), 3)] == [3, 4, 3]
     examples = pretokenize(pair_table(8), "pairwise", tok)
@@ -261,8 +261,8 @@ def test_sdpo_each_stage_uses_previous_stage_as_reference(tok, tmp_path):
 
 @pytest.fixture
 def cli_world(tmp_path, tok):
-    from schemas.store import write_dataset
-    from trainers.toy_model import save_checkpoint
+    from alignflow.schemas.store import write_dataset
+    from alignflow.trainers.toy_model import save_checkpoint
 
     save_checkpoint(tiny(tok), tok, tmp_path / "model")
     write_dataset(tmp_path / "pairs", pair_table(16), "pairwise", {"flow": "test"})
@@ -272,8 +272,8 @@ def cli_world(tmp_path, tok):
 def test_cli_precompute_ref_then_train_writes_checkpoint(cli_world, monkeypatch):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from schemas.store import read_dataset, read_manifest
+    from alignflow.flows.cli import app
+    from alignflow.schemas.store import read_dataset, read_manifest
 
     runner = CliRunner()
     res = runner.invoke(app, ["precompute-ref", str(cli_world / "pairs"), "--model", str(cli_world / "model"),
@@ -308,7 +308,7 @@ def test_cli_precompute_ref_then_train_writes_checkpoint(cli_world, monkeypatch)
 def test_cli_train_bad_input_is_one_line_exit_2(cli_world):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     runner = CliRunner()
     base = ["train", str(cli_world / "pairs"), "--model", str(cli_world / "model"), "--output", str(cli_world / "o")]
@@ -331,7 +331,7 @@ def test_cuda_bf16_packed_matches_plain_and_trains(tok, tmp_path):
     torch.testing.assert_close(packed, plain, rtol=2e-2, atol=5e-2)
     from transformers import TrainingArguments
 
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.preference import PreferenceTrainer
 
     targs = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=True,
                               report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3)
@@ -344,7 +344,7 @@ def test_cuda_bf16_packed_matches_plain_and_trains(tok, tmp_path):
 def test_cli_sdpo_stages(cli_world):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     out = cli_world / "sdpo"
     res = CliRunner().invoke(app, ["train", str(cli_world / "pairs"), "--model", str(cli_world / "model"),

@@ -37,8 +37,8 @@ def world(toy_world, one_thread):
 
 
 def _sample(model, tok, prompts, n, seed):
-    from feedback.generation.hf import HFGenerator
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.schemas.generator import SamplingParams
 
     gen = HFGenerator(model, tok, device="cpu", batch_size=256)
     out = gen.generate([[{"role": "user", "content": p}] for p in prompts], n=n,
@@ -69,7 +69,7 @@ def sft_rewards(world):
 
 
 def datasets(samples):
-    from trainers.sample_data import binary_from_samples, listwise_from_samples, pairwise_from_samples
+    from alignflow.trainers.sample_data import binary_from_samples, listwise_from_samples, pairwise_from_samples
 
     prompts, responses, rewards = samples
     best_worst = [[r[int(np.argmax(s))], r[int(np.argmin(s))]] for r, s in zip(responses, rewards)]
@@ -96,8 +96,8 @@ def test_family_raises_reward_significantly(world, samples, sft_rewards, tmp_pat
     from scipy import stats
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from trainers.collators import pretokenize
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.collators import pretokenize
+    from alignflow.trainers.preference import PreferenceTrainer
 
     toy, tok, _ = world
     table = datasets(samples)[data]

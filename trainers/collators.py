@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from trainers.logprobs import build_sequence_batch
+from alignflow.trainers.logprobs import build_sequence_batch
 
 KINDS = ("pairwise", "listwise", "binary")
 

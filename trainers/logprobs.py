@@ -20,9 +20,14 @@ log-softmax run only over response tokens, never over prompt or padding position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import nn
+
+from alignflow.schemas.generator import Messages
+from alignflow.trainers.encoding import encode_prompt, encode_response
+from alignflow.trainers.modeling import device_of
 
 LAYOUTS = ("packed", "plain")
 
@@ -197,3 +202,14 @@ def sequence_logps(model: torch.nn.Module, batch: SequenceBatch) -> tuple[torch.
     tokens = torch.bincount(batch.target_seq, minlength=size)
     shape = (batch.num_examples, batch.num_responses)
     return logps.view(shape), tokens.view(shape)
+
+def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages],
+                   responses: Sequence[Sequence[str]], finished: Sequence[Sequence[bool]] | None = None,
+                   layout: str = "packed") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts ``[B, K]`` of K responses per prompt (eos included when
+    finished), on the model's device."""
+    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    finished = finished or [[True] * len(r) for r in responses]
+    r_ids = [[encode_response(tokenizer, r, f) for r, f in zip(rs, fs)] for rs, fs in zip(responses, finished)]
+    batch = build_sequence_batch(p_ids, r_ids, tokenizer.pad_token_id, resolve_layout(model, layout))
+    return sequence_logps(model, batch.to(device_of(model)))

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from trainers.logprobs import build_sequence_batch, resolve_layout, sequence_logps
+from alignflow.trainers.logprobs import build_sequence_batch, resolve_layout, sequence_logps
 
 REF_COLUMNS = {
     "pairwise": ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"),
@@ -110,7 +110,7 @@ def add_reference_columns(table, kind: str, model, tokenizer, *, batch_size: int
     """``table`` (pyarrow) with the reference columns of ``kind`` computed by ``model`` (replaced if present)."""
     import pyarrow as pa
 
-    from trainers.collators import pretokenize
+    from alignflow.trainers.collators import pretokenize
 
     stripped = table.drop_columns([c for c in REF_COLUMNS[kind] if c in table.column_names])
     examples = pretokenize(stripped, kind, tokenizer, max_length)
@@ -132,7 +132,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from schemas.store import read_dataset, read_manifest, write_dataset
+    from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
 
     manifest = read_manifest(dataset)
     kind = manifest["kind"]
@@ -161,6 +161,6 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
 
 def reference_of(dataset: str | os.PathLike) -> dict | None:
     """The reference-model record of a dataset's manifest (None if its ref columns were never computed)."""
-    from schemas.store import read_manifest
+    from alignflow.schemas.store import read_manifest
 
     return read_manifest(dataset).get("provenance", {}).get("reference")

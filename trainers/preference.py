@@ -26,10 +26,17 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer
 
-from trainers.collators import collator_for
-from trainers.logprobs import SequenceBatch, resolve_layout, sequence_logps
-from trainers.losses import (BetaDPOState, MissingBatchKeyError, compute_loss, kto_kl_from_mismatched, loss_spec,
-                             pairwise_metrics, resolve_params)
+from alignflow.trainers.collators import collator_for
+from alignflow.trainers.logprobs import SequenceBatch, resolve_layout, sequence_logps
+from alignflow.trainers.losses import (
+    BetaDPOState,
+    MissingBatchKeyError,
+    compute_loss,
+    kto_kl_from_mismatched,
+    loss_spec,
+    pairwise_metrics,
+    resolve_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ logger = logging.getLogger(__name__)
 NEEDS_MORE_THAN_SUMMARIES = {
     "tdpo": "per-token log-probs of policy and reference over the vocabulary",
     "cringe": "top-k logits of the policy (iterative: `alignflow online cringe`)",
-    "dro": "a value network V(x) and a reward column (trainers.dro_v: `alignflow train DATA --loss dro` "
+    "dro": "a value network V(x) and a reward column (trainers.online.dro_v: `alignflow train DATA --loss dro` "
            "on binary data, or `alignflow online dro-v`)",
     "nn": "K sampled responses and two reference models",
     "bt": "reward-model scores (it trains a reward model, not a policy: `alignflow online reward-model`)",
@@ -161,7 +168,7 @@ class PreferenceTrainer(Trainer):
         missing = self.needs_ref and not all("ref_logps" in e and (not self.with_kl or "ref_kl_logps" in e)
                                              for e in examples)
         if missing:
-            from trainers.precompute import fill_reference_logps
+            from alignflow.trainers.precompute import fill_reference_logps
 
             logger.warning("reference log-probs absent: computing them once with %s before training",
                            "the given reference model" if ref_model is not None else "the initial policy")

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.iterative import rollout as ro
-from trainers.reward_model import RankedExample
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.reward_model import RankedExample
 
 SEP_A, SEP_B = "[A]", "[B]"
 
@@ -36,8 +36,8 @@ def pair_text(a: str, b: str) -> str:
 
 def pair_logits(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
     """``f(x, a, b)`` for aligned lists: ``[N]`` on the model's device."""
-    batch = ro.encode_samples(tokenizer, [ro.as_messages(p) for p in prompts],
-                              [pair_text(x, y) for x, y in zip(a, b)]).to(ro.device_of(model))
+    batch = encoding.encode_samples(tokenizer, [encoding.as_messages(p) for p in prompts],
+                              [pair_text(x, y) for x, y in zip(a, b)]).to(modeling.device_of(model))
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
 
 
@@ -51,7 +51,7 @@ def preference_probs(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], a
             ab = torch.sigmoid(pair_logits(model, tokenizer, p, x, y))
             ba = torch.sigmoid(pair_logits(model, tokenizer, p, y, x))
             out.append((ab + 1.0 - ba) / 2.0)
-    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(model))
+    return torch.cat(out) if out else torch.zeros(0, device=modeling.device_of(model))
 
 
 def ordered_pairs(examples: Sequence[RankedExample]) -> list[tuple[Any, str, str]]:
@@ -106,7 +106,7 @@ def train_preference_model(model: nn.Module, tokenizer: Any, train: Sequence[Ran
             logits = pair_logits(model, tokenizer, prompts, first, second)
             labels = torch.cat([torch.ones(len(sel)), torch.zeros(len(sel))]).to(logits.device)
             loss = F.binary_cross_entropy_with_logits(logits, labels)
-            ro.step(optimizer, loss, params, cfg.max_grad_norm)
+            modeling.step(optimizer, loss, params, cfg.max_grad_norm)
             last = loss.item()
     model.eval()
     after = preference_accuracy(model, tokenizer, eval_examples) if eval_examples else float("nan")

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from trainers.iterative import rollout as ro
-from trainers.losses import compute_loss
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.losses import compute_loss
 
 
 @dataclass
@@ -65,7 +65,7 @@ def make_reward_model(model_or_path: Any, tokenizer: Any) -> nn.Module:
 
 def _encode_rows(tokenizer: Any, prompts: Sequence[list[dict]], responses: Sequence[str],
                  device: torch.device | str | None = None) -> dict:
-    batch = ro.encode_samples(tokenizer, [ro.as_messages(p) for p in prompts], responses)
+    batch = encoding.encode_samples(tokenizer, [encoding.as_messages(p) for p in prompts], responses)
     if device is not None:
         batch = batch.to(device)
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
@@ -77,9 +77,9 @@ def reward_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], resp
     out = []
     with torch.no_grad():
         for s in range(0, len(responses), batch_size):
-            enc = _encode_rows(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], ro.device_of(model))
+            enc = _encode_rows(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], modeling.device_of(model))
             out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(model))
+    return torch.cat(out) if out else torch.zeros(0, device=modeling.device_of(model))
 
 
 def listwise_rewards(model: nn.Module, tokenizer: Any, examples: Sequence[RankedExample]) -> dict:
@@ -88,7 +88,7 @@ def listwise_rewards(model: nn.Module, tokenizer: Any, examples: Sequence[Ranked
     k_max = max(len(e.responses) for e in examples)
     flat_p = [e.prompt for e in examples for _ in e.responses]
     flat_r = [r for e in examples for r in e.responses]
-    flat = model(**_encode_rows(tokenizer, flat_p, flat_r, ro.device_of(model))).logits[:, 0].float()
+    flat = model(**_encode_rows(tokenizer, flat_p, flat_r, modeling.device_of(model))).logits[:, 0].float()
     rewards = torch.zeros(len(examples), k_max, dtype=flat.dtype, device=flat.device)
     scores = torch.zeros(len(examples), k_max)
     mask = torch.zeros(len(examples), k_max, dtype=torch.bool)
@@ -162,7 +162,7 @@ def train_reward_model(model: nn.Module, tokenizer: Any, train: Sequence[RankedE
             else:
                 per_example = compute_loss("bt", batch, margin=cfg.margin)
             loss = per_example.mean()
-            ro.step(optimizer, loss, params, cfg.max_grad_norm)
+            modeling.step(optimizer, loss, params, cfg.max_grad_norm)
             last_loss = loss.item()
             cfg.history.append({"epoch": epoch, "loss": last_loss})
     model.eval()

@@ -16,8 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainers.precompute import fill_reference_logps
-from trainers.preference import PreferenceTrainer
+from alignflow.trainers.precompute import fill_reference_logps
+from alignflow.trainers.preference import PreferenceTrainer
 
 
 def split_chunks(examples: Sequence[dict], stages: int | Sequence[int]) -> list[list[dict]]:

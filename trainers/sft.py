@@ -139,7 +139,7 @@ def _make_trainer_class():
 
 def read_sft_dataset(path: str | Path) -> list[tuple[list[dict], str]]:
     """(prompt messages, response) pairs from an ``sft`` (or ``samples``/``binary``) dataset of the store."""
-    from schemas.store import read_dataset
+    from alignflow.schemas.store import read_dataset
 
     table = read_dataset(Path(path))
     if "response" not in table.column_names:

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from trainers.iterative import rollout as ro
+from alignflow.trainers import encoding, modeling
 
 
 @dataclass
@@ -50,9 +50,9 @@ class TokenReward:
 def token_rewards(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any, response: str,
                   beta: float = 0.1, finished: bool = True) -> list[TokenReward]:
     """Per-token implicit rewards of ``response`` (eos included when ``finished``)."""
-    batch = ro.encode_samples(tokenizer, [ro.as_messages(prompt)], [response], [finished])
-    lp, _ = ro.forward_token_logprobs(policy, batch)
-    rlp, _ = ro.forward_token_logprobs(ref, batch)
+    batch = encoding.encode_samples(tokenizer, [encoding.as_messages(prompt)], [response], [finished])
+    lp, _ = encoding.forward_token_logprobs(policy, batch)
+    rlp, _ = encoding.forward_token_logprobs(ref, batch)
     mask = batch.action_mask[0]
     ids = batch.actions[0][mask].tolist()
     lp, rlp = lp[0][mask.to(lp.device)].tolist(), rlp[0][mask.to(rlp.device)].tolist()
@@ -65,11 +65,11 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, prompt_ids: Sequence[list[int]], pad: int):
         self.model = model
-        self.device = ro.device_of(model)  # rows live where the model is
-        ids, self.mask, pos = (t.to(self.device) for t in ro.left_padded(prompt_ids, pad))
-        self.cache_arg = ro.cache_kwarg(model)
+        self.device = modeling.device_of(model)  # rows live where the model is
+        ids, self.mask, pos = (t.to(self.device) for t in encoding.left_padded(prompt_ids, pad))
+        self.cache_arg = encoding.cache_kwarg(model)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
-        self.cache, self.pos = ro.cache_of(out), pos[:, -1]
+        self.cache, self.pos = encoding.cache_of(out), pos[:, -1]
         self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)  # [R, V] next-token log-probs
 
     def step(self, parents: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -81,7 +81,7 @@ class _Decoder:
         self.pos = self.pos[parents] + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
                          use_cache=True, **{self.cache_arg: self.cache})
-        self.cache = ro.cache_of(out)
+        self.cache = encoding.cache_of(out)
         self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)
 
 
@@ -114,7 +114,7 @@ def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     expand = expand or max(beam_size, 2)
-    prompt_ids = [ro.encode_prompt(tokenizer, ro.as_messages(p)) for p in prompts]
+    prompt_ids = [encoding.encode_prompt(tokenizer, encoding.as_messages(p)) for p in prompts]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dec = _Decoder(policy, prompt_ids, pad)

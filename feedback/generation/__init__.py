@@ -4,6 +4,6 @@ Backends live in their own modules and are imported lazily, so this package stay
 ``make_generator(backend, model, **kw)`` picks one by name (see ``registry``).
 """
 
-from feedback.generation.registry import BACKENDS, make_generator
+from alignflow.feedback.generation.registry import BACKENDS, make_generator
 
 __all__ = ["BACKENDS", "make_generator"]

@@ -26,7 +26,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas.generator import Generation, Messages, SamplingParams
+from alignflow.schemas.generator import Generation, Messages, SamplingParams
 
 
 def _as_messages(prompt: Any) -> Messages:

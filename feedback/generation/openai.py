@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
-from schemas.generator import Generation, Messages, SamplingParams
+from alignflow.schemas.generator import Generation, Messages, SamplingParams
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"

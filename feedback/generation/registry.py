@@ -14,15 +14,15 @@ BACKENDS = ("hf", "vllm", "openai")
 
 def make_generator(backend: str, model: Any, **kwargs: Any):
     if backend == "hf":
-        from feedback.generation.hf import HFGenerator
+        from alignflow.feedback.generation.hf import HFGenerator
 
         return HFGenerator(model, **kwargs)
     if backend == "vllm":
-        from feedback.generation.vllm import VLLMGenerator
+        from alignflow.feedback.generation.vllm import VLLMGenerator
 
         return VLLMGenerator(str(model), **kwargs)
     if backend == "openai":
-        from feedback.generation.openai import OpenAIGenerator
+        from alignflow.feedback.generation.openai import OpenAIGenerator
 
         return OpenAIGenerator(str(model), **kwargs)
     raise ValueError(f"unknown generation backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from schemas.generator import Generation, Messages, SamplingParams
+from alignflow.schemas.generator import Generation, Messages, SamplingParams
 
 
 def sampling_kwargs(n: int, sampling: SamplingParams, *, logprobs: int | None = 0,

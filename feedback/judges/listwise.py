@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import LLMJudgeBase, Scorer
-from feedback.judges.templates import ListwiseTemplate, conversation_text, parse_ranking
-from schemas.generator import Messages, SamplingParams
+from alignflow.feedback.judges.scoring import LLMJudgeBase, Scorer
+from alignflow.feedback.judges.templates import ListwiseTemplate, conversation_text, parse_ranking
+from alignflow.schemas.generator import Messages, SamplingParams
 
 
 def permutations_for(k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 
 
 def position_consistency(p_ab: Sequence[float], p_ba: Sequence[float], tie_band: float = 0.0) -> float:
-    from feedback.judges.pairwise import verdicts
+    from alignflow.feedback.judges.pairwise import verdicts
 
     p_ab, p_ba = np.asarray(p_ab, dtype=np.float64), np.asarray(p_ba, dtype=np.float64)
     if not len(p_ab):

@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import LLMJudgeBase, Scorer
-from feedback.judges.templates import PairwiseTemplate, conversation_text, parse_choice
-from schemas.generator import Messages, SamplingParams
+from alignflow.feedback.judges.scoring import LLMJudgeBase, Scorer
+from alignflow.feedback.judges.templates import PairwiseTemplate, conversation_text, parse_choice
+from alignflow.schemas.generator import Messages, SamplingParams
 
 MODES = ("auto", "logprobs", "generate")
 

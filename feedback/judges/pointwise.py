@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from feedback.judges.scoring import LLMJudgeBase, Scorer
-from feedback.judges.templates import RubricTemplate, conversation_text, parse_choice
-from schemas.generator import Messages, SamplingParams
+from alignflow.feedback.judges.scoring import LLMJudgeBase, Scorer
+from alignflow.feedback.judges.templates import RubricTemplate, conversation_text, parse_choice
+from alignflow.schemas.generator import Messages, SamplingParams
 
 
 def expected_score(logps: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:

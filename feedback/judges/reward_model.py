@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from schemas.generator import Messages
+from alignflow.schemas.generator import Messages
 
 
 class RewardModelJudge:
@@ -40,7 +40,7 @@ class RewardModelJudge:
         return {"judge": self.name, "model": self.path or type(self.model).__name__}
 
     def _text(self, prompt: Messages | str, response: str) -> str:
-        from schemas.prompts import messages as to_messages
+        from alignflow.schemas.prompts import messages as to_messages
 
         conv = to_messages(prompt) + [{"role": "assistant", "content": response}]
         if getattr(self.tokenizer, "chat_template", None):

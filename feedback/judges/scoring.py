@@ -25,7 +25,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from schemas.generator import Messages
+from alignflow.schemas.generator import Messages
 
 
 class Scorer(Protocol):

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedback.judges.pairwise import PairwiseJudge, PairwiseJudgement
-from schemas.prompts import to_messages_array
+from alignflow.feedback.judges.pairwise import PairwiseJudge, PairwiseJudgement
+from alignflow.schemas.prompts import to_messages_array
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

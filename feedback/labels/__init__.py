@@ -2,7 +2,7 @@
 
 Public API::
 
-    from feedback.labels import convert_labels_file, Options, FORMATS, get_format
+    from alignflow.feedback.labels import convert_labels_file, Options, FORMATS, get_format
     report = convert_labels_file("hh.jsonl.gz", "out/pairs", "hh-rlhf", "pairwise",
                                  Options(ties="drop"), quarantine_path="out/quarantine")
     print(report.line())   # read N = written + quarantined + dropped-by-rule
@@ -13,12 +13,20 @@ Kind conversions (``feedback.labels.conversions``): ``listwise_to_pairwise``,
 agreement: ``feedback.labels.aggregate``.
 """
 
-from feedback.labels.conversions import (STRATEGIES, bradley_terry, listwise_to_binary, listwise_to_pairwise,
-                                         pairwise_to_binary, pairwise_to_listwise, ratings_to_listwise, to_sft)
-from feedback.labels.convert import Options, Report, convert_kind, convert_labels_file
-from feedback.labels.errors import LabelsError
-from feedback.labels.formats import CANONICAL, FORMATS, Format, Parsed, ReadContext, get_format
-from feedback.labels.io import FileWriter, iter_file_batches, read_file, write_file
+from alignflow.feedback.labels.conversions import (
+                                         STRATEGIES,
+                                         bradley_terry,
+                                         listwise_to_binary,
+                                         listwise_to_pairwise,
+                                         pairwise_to_binary,
+                                         pairwise_to_listwise,
+                                         ratings_to_listwise,
+                                         to_sft,
+)
+from alignflow.feedback.labels.convert import Options, Report, convert_kind, convert_labels_file
+from alignflow.feedback.labels.errors import LabelsError
+from alignflow.feedback.labels.formats import CANONICAL, FORMATS, Format, Parsed, ReadContext, get_format
+from alignflow.feedback.labels.io import FileWriter, iter_file_batches, read_file, write_file
 
 __all__ = [
     "CANONICAL", "FORMATS", "STRATEGIES", "FileWriter", "Format", "LabelsError", "Options", "Parsed", "ReadContext",

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedback.labels.errors import missing_columns
-from schemas.kinds import MESSAGE, MESSAGES
-from schemas.prompts import canonical_prompt_text, to_messages_array
-from schemas.validate import quarantine_table
+from alignflow.feedback.labels.errors import missing_columns
+from alignflow.schemas.kinds import MESSAGE, MESSAGES
+from alignflow.schemas.prompts import canonical_prompt_text, to_messages_array
+from alignflow.schemas.validate import quarantine_table
 
 
 def col(table: pa.Table, name: str) -> pa.Array:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedback.labels.errors import LabelsError
+from alignflow.feedback.labels.errors import LabelsError
 
 STRATEGIES = ("all-pairs", "best-vs-worst", "best-vs-rest", "adjacent")
 INTERNAL = ("_row", "_nrec", "_cid")  # source row, records merged, canonical row id
@@ -225,7 +225,7 @@ def repeat_rows(lists, rows: np.ndarray) -> pa.Array:
 
 
 def _empty_pairwise(table: pa.Table) -> pa.Table:
-    from schemas.kinds import schema_for
+    from alignflow.schemas.kinds import schema_for
 
     out = schema_for("pairwise").empty_table()
     for name in INTERNAL:
@@ -429,7 +429,7 @@ def pairwise_to_listwise(table: pa.Table, ties: str = "drop") -> tuple[pa.Table,
 
 
 def _empty_listwise() -> pa.Table:
-    from schemas.kinds import schema_for
+    from alignflow.schemas.kinds import schema_for
 
     t = schema_for("listwise").empty_table()
     return t.append_column("_row", pa.array([], pa.int64())).append_column("_nrec", pa.array([], pa.int64()))

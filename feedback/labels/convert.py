@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedback.labels import conversions as cv
-from feedback.labels.errors import LabelsError
-from feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format
-from feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
-from schemas.validate import QUARANTINE_SCHEMA, validate
+from alignflow.feedback.labels import conversions as cv
+from alignflow.feedback.labels.errors import LabelsError
+from alignflow.feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format
+from alignflow.feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
+from alignflow.schemas.validate import QUARANTINE_SCHEMA, validate
 
 TIES = ("drop", "keep")
 INTERNAL_COLUMNS = ("_row", "_nrec", "_cid", "tie", "both_bad")
@@ -115,7 +115,7 @@ def target_kind(fmt: Format) -> str:
 
 def known_rows(path: str | os.PathLike) -> int | None:
     """The input's row count when it is written down (Parquet footer, dataset manifest), else None."""
-    from schemas.store import DatasetError, is_dataset, read_manifest
+    from alignflow.schemas.store import DatasetError, is_dataset, read_manifest
 
     path = Path(path)
     try:
@@ -131,14 +131,14 @@ def known_rows(path: str | os.PathLike) -> int | None:
 
 
 def _formats():
-    from feedback.labels.formats import FORMATS
+    from alignflow.feedback.labels.formats import FORMATS
 
     return FORMATS
 
 
 def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
     """Raw batches of the input: a store dataset folder (canonical kinds) or a file."""
-    from schemas.store import is_dataset, iter_batches
+    from alignflow.schemas.store import is_dataset, iter_batches
 
     if Path(path).is_dir():
         if not is_dataset(path):
@@ -299,7 +299,7 @@ class _Sink:
                  resume_key: str):
         import shutil
 
-        from schemas.store import DatasetError, DatasetWriter
+        from alignflow.schemas.store import DatasetError, DatasetWriter
 
         self.fmt, self.kind, self.options = fmt, kind, options
         self.out = out
@@ -449,7 +449,7 @@ def convert_labels_file(
     ``progress(report, total_rows)`` is called after each batch (``total_rows``: the input's
     row count where the file says it, Parquet and dataset folders; else None).
     """
-    from schemas.store import QUARANTINE_KIND, sha256_file, write_dataset
+    from alignflow.schemas.store import QUARANTINE_KIND, sha256_file, write_dataset
 
     options = options or Options()
     if options.ties not in TIES:
@@ -466,7 +466,7 @@ def convert_labels_file(
     provenance = {"flow": flow, "source_format": src_fmt.name, "source_file": str(source),
                   "source_sha256": file_sha, "target_format": dst_fmt.name, "options": options.as_dict()}
     if source.is_dir():
-        from schemas.store import read_manifest
+        from alignflow.schemas.store import read_manifest
 
         provenance["parent_datasets"] = [str(source)]
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
@@ -566,7 +566,7 @@ def _resume_key(provenance: dict, source: Path, batch_rows: int, rows_per_shard:
     import hashlib
     import json
 
-    from schemas.store import MANIFEST, sha256_file
+    from alignflow.schemas.store import MANIFEST, sha256_file
 
     ident = {k: v for k, v in provenance.items() if k != "flow"}
     if source.is_dir():

@@ -22,14 +22,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedback.labels import aggregate as agg
-from feedback.labels.columns import (Quarantine, as_prompt, col, first_present, interleave_turns, last_and_rest,
-                                     one_message, require, same_messages, text)
-from feedback.labels.conversions import ASPECT_PREFIX, parse_aspect
-from feedback.labels.errors import LabelsError
-from feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
-from schemas.kinds import MESSAGES
-from schemas.prompts import prompt_ids
+from alignflow.feedback.labels import aggregate as agg
+from alignflow.feedback.labels.columns import (
+    Quarantine,
+    as_prompt,
+    col,
+    first_present,
+    interleave_turns,
+    last_and_rest,
+    one_message,
+    require,
+    same_messages,
+    text,
+)
+from alignflow.feedback.labels.conversions import ASPECT_PREFIX, parse_aspect
+from alignflow.feedback.labels.errors import LabelsError
+from alignflow.feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
+from alignflow.schemas.kinds import MESSAGES
+from alignflow.schemas.prompts import prompt_ids
 
 
 @dataclass
@@ -1227,7 +1237,7 @@ def export_openai_dpo(table: pa.Table, options: dict) -> pa.Table:
 
 def _read_canonical(kind: str):
     def read(raw: pa.Table, ctx: ReadContext) -> Parsed:
-        from schemas.kinds import schema_for
+        from alignflow.schemas.kinds import schema_for
 
         needed = [f.name for f in schema_for(kind) if not f.nullable and f.name != "prompt_id"]
         require(raw, needed, ctx)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from feedback.labels.errors import LabelsError
+from alignflow.feedback.labels.errors import LabelsError
 
 BATCH_ROWS = 65_536
 BLOCK_BYTES = 1 << 24  # Arrow's JSON / CSV readers parse (and infer types) block by block

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.kinds import MESSAGE, MESSAGES
-from schemas.prompts import to_messages_array
+from alignflow.schemas.kinds import MESSAGE, MESSAGES
+from alignflow.schemas.prompts import to_messages_array
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"

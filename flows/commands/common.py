@@ -21,7 +21,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextlib.contextmanager
 def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     """Turn expected errors (bad files, bad data, bad options) into a one-line exit 2."""
-    from schemas.store import DatasetError
+    from alignflow.schemas.store import DatasetError
 
     try:
         yield

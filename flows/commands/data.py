@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, fail, user_errors
 
 
 def inspect(
@@ -17,7 +17,7 @@ def inspect(
     """Show a dataset's kind, row count, schema, provenance and a few rows."""
     from rich.table import Table
 
-    from schemas.store import read_dataset, verify_dataset
+    from alignflow.schemas.store import read_dataset, verify_dataset
 
     with user_errors():
         manifest = verify_dataset(dataset)
@@ -49,8 +49,8 @@ def validate(
     quarantine: Path = typer.Option(None, "--quarantine", help="Write rows that fail as a quarantine dataset here."),
 ) -> None:
     """Check checksums and every row against the kind's schema; exit 1 if any row fails."""
-    from schemas.store import QUARANTINE_KIND, read_dataset, verify_dataset, write_dataset
-    from schemas.validate import validate as validate_rows
+    from alignflow.schemas.store import QUARANTINE_KIND, read_dataset, verify_dataset, write_dataset
+    from alignflow.schemas.validate import validate as validate_rows
 
     with user_errors():
         manifest = verify_dataset(dataset)

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, fail, user_errors
 
 BACKEND_HELP = "Generation backend: hf (transformers, in process), vllm (in-process engine), openai (any OpenAI-compatible server)."
 MODEL_HELP = "Checkpoint folder (hf, vllm) or the server's model name (openai)."
@@ -32,7 +32,7 @@ def _progress(label: str, total: int) -> Iterator:
 
 def _generator(backend: str, model: str, base_url: Optional[str], batch_size: int, device: Optional[str],
                max_concurrency: int, tokenizer: Optional[str] = None):
-    from feedback.generation.registry import BACKENDS, make_generator
+    from alignflow.feedback.generation.registry import BACKENDS, make_generator
 
     if backend not in BACKENDS:
         fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -47,7 +47,7 @@ def _generator(backend: str, model: str, base_url: Optional[str], batch_size: in
 
 
 def _sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int):
-    from schemas.generator import SamplingParams
+    from alignflow.schemas.generator import SamplingParams
 
     return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
 
@@ -69,8 +69,8 @@ def generate(
     overwrite: bool = typer.Option(False, help="Replace an existing output dataset."),
 ) -> None:
     """Sample K responses per prompt: prompts -> samples."""
-    from feedback.sampling import sample_dataset
-    from schemas.store import read_manifest
+    from alignflow.feedback.sampling import sample_dataset
+    from alignflow.schemas.store import read_manifest
 
     with user_errors(ImportError):
         n = read_manifest(prompts)["num_rows"]
@@ -110,10 +110,10 @@ def judge(
     samples + rubric / reward-model / toy-task -> samples with reward; samples + listwise ->
     listwise; pairwise + pairwise judge -> the same pairs with judge_prob, judge_consistent and a
     report (position consistency, agreement with the existing labels, length bias)."""
-    from feedback.judges import metrics
-    from feedback.judges import tables as jt
-    from feedback.sampling import generator_provenance
-    from schemas.store import read_dataset, read_manifest, write_dataset
+    from alignflow.feedback.judges import metrics
+    from alignflow.feedback.judges import tables as jt
+    from alignflow.feedback.sampling import generator_provenance
+    from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
 
     if judge_kind not in JUDGES:
         fail(f"--judge must be one of {', '.join(JUDGES)}, not {judge_kind!r}")
@@ -171,10 +171,10 @@ def _pairwise_report(result, pairs, metrics) -> dict:
 
 def _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, seed, batch_size, device,
                 base_url, max_concurrency, tokenizer=None):
-    from feedback import judges
+    from alignflow.feedback import judges
 
     if judge_kind == "toy-task":
-        from feedback.toy_task import ToyTask
+        from alignflow.feedback.toy_task import ToyTask
 
         return judges.FunctionJudge.from_task(ToyTask())
     if model is None:
@@ -209,8 +209,8 @@ def critique(
 ) -> None:
     """Constitutional AI critique-revision: writes critiques (trace), sft (final revisions) and
     pairwise (revision over original)."""
-    from feedback.constitutional import critique_revise_dataset, load_constitution
-    from schemas.store import read_manifest
+    from alignflow.feedback.constitutional import critique_revise_dataset, load_constitution
+    from alignflow.schemas.store import read_manifest
 
     with user_errors(ImportError):
         const = load_constitution(constitution)
@@ -244,9 +244,9 @@ def rejection_sample(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Best-of-n -> sft; best-vs-worst / margin / RSO (eq. 4) -> pairwise; full lists -> listwise."""
-    from feedback import rejection
-    from feedback.judges import tables as jt
-    from schemas.store import read_dataset, read_manifest, write_dataset
+    from alignflow.feedback import rejection
+    from alignflow.feedback.judges import tables as jt
+    from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
 
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")

@@ -8,14 +8,14 @@ from typing import Iterator
 
 import typer
 
-from flows.commands.common import console, user_errors
+from alignflow.flows.commands.common import console, user_errors
 
 
 def formats() -> None:
     """List the label formats: what each holds, import/export, ties."""
     from rich.table import Table
 
-    from feedback.labels.formats import FORMATS
+    from alignflow.feedback.labels.formats import FORMATS
 
     table = Table(title="label formats (--from / --to)")
     for name in ("format", "kind", "import", "export", "ties", "holds"):
@@ -45,7 +45,7 @@ def convert(
     """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule.
 
     A killed conversion to a dataset folder resumes from its finished shards when run again with the same arguments."""
-    from feedback.labels import LabelsError, Options, convert_labels_file
+    from alignflow.feedback.labels import LabelsError, Options, convert_labels_file
 
     with user_errors(LabelsError), _progress() as show:
         report = convert_labels_file(source, out, from_format, to_format,

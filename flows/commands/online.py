@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, fail, user_errors
 
 METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "self-rewarding", "cringe",
            "sppo", "nash-md", "dno", "paft", "token-rewards", "dro-v")
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         if data is not None and not data.exists():
             fail(f"{data}: dataset not found")
         with user_errors():
-            from flows.online import OnlineRunConfig, run_online
+            from alignflow.flows.online import OnlineRunConfig, run_online
 
             cfg = OnlineRunConfig(method=method, model=str(model), output=str(output), judge=_judge_spec(judge),
                                   reward=reward, preference=preference, data=str(data) if data else None,
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
             from rich.table import Table
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from trainers.token_rewards import beam_search, token_rewards
+            from alignflow.trainers.token_rewards import beam_search, token_rewards
 
             tok = AutoTokenizer.from_pretrained(str(policy))
             pol = AutoModelForCausalLM.from_pretrained(str(policy)).eval()

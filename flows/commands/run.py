@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, fail, user_errors
 
 DEFAULT_RUNS = Path("alignflow-runs")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -31,7 +31,7 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _execute(flow: str, config, verbose: bool) -> dict:
-    from flows.runtime import RichProgress, embedded_environment, run_flow
+    from alignflow.flows.runtime import RichProgress, embedded_environment, run_flow
 
     _quiet_prefect(verbose)
     embedded_environment()
@@ -52,8 +52,8 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
     """Run a flow from a YAML config; rerunning with the same --output resumes it."""
-    from flows.config import CONFIGS, dump_config, flow_name, load_config
-    from flows.runtime import expand_output
+    from alignflow.flows.config import CONFIGS, dump_config, flow_name, load_config
+    from alignflow.flows.runtime import expand_output
 
     with user_errors():
         name = flow_name(flow)
@@ -76,7 +76,7 @@ def run(
 
 def preflight(config) -> None:
     """Fail fast, in one line, on input datasets that are not there (before Prefect starts)."""
-    from schemas.store import read_manifest
+    from alignflow.schemas.store import read_manifest
 
     for field in ("prompts", "dataset"):
         value = getattr(config, field, None)
@@ -107,8 +107,8 @@ def demo(
     """The main job: build the toy world and align it with two iterations of DPO (reward should rise)."""
     import shutil
 
-    from flows.config import dump_config, load_config
-    from flows.runtime import expand_output
+    from alignflow.flows.config import dump_config, load_config
+    from alignflow.flows.runtime import expand_output
 
     if world_only:
         _world_only(output, seed, length_weight, fresh)
@@ -145,8 +145,8 @@ def _world_only(output: Path | None, seed: int, length_weight: float, force: boo
     """The toy world alone (data + SFT), with its reward statistics and a few samples."""
     from rich.table import Table
 
-    from feedback.toy_task import ToyTask
-    from flows.toy_world import build_toy_world
+    from alignflow.feedback.toy_task import ToyTask
+    from alignflow.flows.toy_world import build_toy_world
 
     out_dir = output or DEFAULT_RUNS / "demo" / f"seed-{seed}"
     with user_errors():
@@ -177,8 +177,8 @@ def _world_only(output: Path | None, seed: int, length_weight: float, force: boo
 
 def _show_examples(world, n_prompts: int = 3, k: int = 4) -> None:
     """A few prompts with K samples each and their rewards."""
-    from feedback.generation.hf import HFGenerator
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.schemas.generator import SamplingParams
 
     prompts = world.task.prompts(n_prompts, seed=world.config.seed + 2000)
     generator = HFGenerator(world.path, device="cpu")
@@ -228,7 +228,7 @@ def _print_result(result) -> None:
 def _print_fields(model) -> None:
     from rich.table import Table
 
-    from flows.config import describe
+    from alignflow.flows.config import describe
 
     table = Table(title=f"{model.__name__} fields", show_lines=False)
     table.add_column("field")
@@ -253,7 +253,7 @@ def serve(
 
     from rich.table import Table
 
-    from flows.runtime import embedded_environment, load_deployments
+    from alignflow.flows.runtime import embedded_environment, load_deployments
 
     embedded_environment()
     with user_errors():

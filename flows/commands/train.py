@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from flows.commands.common import console, user_errors
+from alignflow.flows.commands.common import console, user_errors
 
 # Our defaults where TrainingArguments' would waste time on a laptop run; any option overrides.
 FAST_DEFAULTS = {
@@ -83,13 +83,13 @@ def train(
     import os
 
     with user_errors():
-        from trainers.losses import resolve_params
+        from alignflow.trainers.losses import resolve_params
 
         params = dict(parse_param(p) for p in (param or []))
         resolve_params(loss, params)  # unknown loss / parameter -> one line, before heavy imports run
         if layout not in ("packed", "plain"):
             raise ValueError(f"--layout {layout!r}: expected packed or plain")
-        from schemas.store import read_dataset, read_manifest
+        from alignflow.schemas.store import read_dataset, read_manifest
 
         manifest = read_manifest(dataset)
         kind = manifest["kind"]
@@ -97,7 +97,7 @@ def train(
             if kind != "binary":
                 raise ValueError(f"loss 'dro' takes binary data (a reward or label per response), the dataset is {kind}")
             return _train_dro_v(dataset, model, params, training_arguments(ctx.args, output), output)
-        from trainers.preference import loss_kind
+        from alignflow.trainers.preference import loss_kind
 
         loss_kind(loss, kind)
         args = training_arguments(ctx.args, output)
@@ -105,8 +105,8 @@ def train(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.collators import pretokenize
-    from trainers.preference import PreferenceTrainer
+    from alignflow.trainers.collators import pretokenize
+    from alignflow.trainers.preference import PreferenceTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     with user_errors(OSError):
@@ -154,8 +154,8 @@ def _train_dro_v(dataset: Path, model: str, params: dict, args, output: Path) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from schemas.store import read_dataset
-    from trainers.dro_v import DROVConfig, train_dro_v, trajectories_from_table
+    from alignflow.schemas.store import read_dataset
+    from alignflow.trainers.online.dro_v import DROVConfig, train_dro_v, trajectories_from_table
 
     with user_errors(OSError):
         rows = trajectories_from_table(read_dataset(dataset))
@@ -179,7 +179,7 @@ def _train_dro_v(dataset: Path, model: str, params: dict, args, output: Path) ->
 
 
 def _train_sdpo(policy, tokenizer, args, examples, kind, loss, params, layout, stages, output, dataset, model) -> None:
-    from trainers.sdpo import train_sdpo
+    from alignflow.trainers.sdpo import train_sdpo
 
     console.print(f"train: sDPO, {len(examples)} {kind} rows in {stages} stages, loss={loss} {params or ''}; "
                   "each stage's reference is the previous stage's policy (ref columns recomputed per stage)")
@@ -206,7 +206,7 @@ def precompute_ref(
 ) -> None:
     """Compute reference log-probs once and store them as ref_* columns (manifest records the model)."""
     with user_errors(OSError):
-        from trainers.precompute import precompute_reference, reference_of
+        from alignflow.trainers.precompute import precompute_reference, reference_of
 
         path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length)
         record = reference_of(path)

@@ -78,9 +78,9 @@ def dpo_policy(world, train_prompts, seed: int = 0, max_new_tokens: int = TRAIN_
     ``max_new_tokens`` caps the training samples, ``settings`` override ``DPO_SETTINGS``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.online import policy_generator_factory, toy_reward
-    from schemas.generator import SamplingParams
-    from trainers.iterative.loop import IterativeConfig, train_iterative
+    from alignflow.flows.online import policy_generator_factory, toy_reward
+    from alignflow.schemas.generator import SamplingParams
+    from alignflow.trainers.online.iterative import IterativeConfig, train_iterative
 
     tok = AutoTokenizer.from_pretrained(world.path)
     cfg = IterativeConfig(method="iterative-dpo", sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
@@ -110,7 +110,7 @@ def evaluation_prompt_texts(task, n: int = 192) -> list[str]:
 
 def two_digit_prompts(train_prompts) -> list:
     """Every "Spell out: n", n in 0..99, that is not among the training prompts."""
-    from trainers.iterative.rollout import as_messages, prompt_text_of
+    from alignflow.trainers.encoding import as_messages, prompt_text_of
 
     seen = {prompt_text_of(p) for p in train_prompts}
     return [as_messages(f"Spell out: {n}") for n in range(100) if f"Spell out: {n}" not in seen]
@@ -121,8 +121,8 @@ def search_rewards(policy, ref, tok, task, prompts, widths, objective: str,
     """``{width: (task rewards [N] numpy, search scores [N], lengths [N], wall seconds)}``."""
     import numpy as np
 
-    from trainers.iterative.rollout import prompt_text_of
-    from trainers.token_rewards import beam_search_batch
+    from alignflow.trainers.encoding import prompt_text_of
+    from alignflow.trainers.token_rewards import beam_search_batch
 
     texts = [prompt_text_of(p) for p in prompts]
     out = {}
@@ -168,7 +168,7 @@ def print_rows(runs: dict, widths) -> None:
 
 def calibrate(world, ref, widths) -> None:
     """The calibration grid of the module docstring, on the calibration prompts only."""
-    from trainers.iterative.rollout import as_messages
+    from alignflow.trainers.encoding import as_messages
 
     train = [as_messages(p) for p in train_prompt_texts(world.task)]
     cal = [as_messages(p) for p in calibration_prompt_texts(world.task)]
@@ -193,8 +193,8 @@ def main() -> None:
     from scipy.stats import ttest_rel
     from transformers import AutoModelForCausalLM
 
-    from flows.toy_world import build_toy_world
-    from trainers.iterative.rollout import as_messages
+    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.trainers.encoding import as_messages
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", default=str(Path(tempfile.gettempdir()) / "alignflow-bench-world"))

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from feedback.labels.conversions import bradley_terry
+from alignflow.feedback.labels.conversions import bradley_terry
 
 PRIOR = 0.1
 

@@ -45,7 +45,7 @@ def _sentences(rng: np.random.Generator, n: int, n_words: int) -> pa.Array:
 
 def make_listwise(path: Path, rows: int, seed: int = 0, batch: int = 200_000) -> None:
     """Write ``rows`` synthetic listwise rows (with prompt_id given) to one Parquet file."""
-    from schemas.kinds import MESSAGE, MESSAGES
+    from alignflow.schemas.kinds import MESSAGE, MESSAGES
 
     rng = np.random.default_rng(seed)
     writer = None
@@ -71,7 +71,7 @@ def make_listwise(path: Path, rows: int, seed: int = 0, batch: int = 200_000) ->
 
 def run_ours(src: Path, out: Path) -> dict:
     """The library conversion (what `alignflow convert --from listwise --to pairwise` runs)."""
-    from feedback.labels import Options, convert_labels_file
+    from alignflow.feedback.labels import Options, convert_labels_file
 
     t0, c0 = time.perf_counter(), time.process_time()
     report = convert_labels_file(src, out, "listwise", "pairwise", Options(strategy="all-pairs"))
@@ -84,8 +84,8 @@ def run_kernel(src: Path, out: Path) -> dict:
     """The conversion step alone: listwise_to_pairwise on batches already in memory (no IO);
     then, separately, the cost of only writing its output pairs as the store does (zstd Parquet;
     the floor any file -> store conversion pays, whatever its conversion code)."""
-    from feedback.labels.conversions import listwise_to_pairwise
-    from schemas.store import write_parquet
+    from alignflow.feedback.labels.conversions import listwise_to_pairwise
+    from alignflow.schemas.store import write_parquet
 
     batches = []
     for b in pq.ParquetFile(src).iter_batches(16_384):

@@ -58,8 +58,8 @@ def prepare(workdir: Path, n: int = N_PAIRS) -> None:
     """The model checkpoint and the dataset (store format for alignflow, JSON for TRL)."""
     import pyarrow as pa
 
-    from schemas.store import write_dataset
-    from trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
+    from alignflow.schemas.store import write_dataset
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama, save_checkpoint
 
     tok = make_char_tokenizer(model_max_length=512)
     model = make_tiny_llama(tok, hidden_size=256, num_layers=2, max_position_embeddings=512, seed=0)
@@ -96,7 +96,7 @@ def _result_line(output: str) -> dict:
 
 def run_ours(workdir: Path, layout: str = "packed", bf16: bool = True) -> dict:
     data = workdir / f"pairs_ref_{layout}"
-    pre = run_measured([sys.executable, "-m", "flows.cli", "precompute-ref", str(workdir / "pairs"),
+    pre = run_measured([sys.executable, "-m", "alignflow.flows.cli", "precompute-ref", str(workdir / "pairs"),
                         "--model", str(workdir / "model"), "--output", str(data)])
     out_dir = workdir / f"out_ours_{layout}"
     train = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--workdir", str(workdir),
@@ -127,7 +127,7 @@ def worker_ours(workdir: Path, data: Path, out: Path, layout: str, bf16: str) ->
     import torch  # noqa: F401  (imports before the clock starts, as in the TRL worker)
     import transformers  # noqa: F401
 
-    from flows.cli import app
+    from alignflow.flows.cli import app
 
     start = time.perf_counter()
 

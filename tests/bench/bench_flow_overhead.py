@@ -37,17 +37,17 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-flow-"))
-    from flows.runtime import embedded_environment
+    from alignflow.flows.runtime import embedded_environment
 
     embedded_environment(work / "prefect-home")  # a fresh home: cold server start
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 
-    from flows.align import prepare_outside_flow, run_align
-    from flows.config import load_config
-    from flows.tasks import PlainSteps
-
     import psutil
+
+    from alignflow.flows.align import prepare_outside_flow, run_align
+    from alignflow.flows.config import load_config
+    from alignflow.flows.tasks import PlainSteps
 
     me = psutil.Process()
 
@@ -74,7 +74,7 @@ def main() -> None:
     plain_cpu = cpu_seconds() - c0
     print(f"plain functions: {plain_s:.1f} s (toy world {world_s:.1f} s + align {plain_s - world_s:.1f} s)")
 
-    import flows.runtime as runtime
+    import alignflow.flows.runtime as runtime
 
     server_s = {}
     start = runtime.start_embedded_server

@@ -27,9 +27,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback.generation.hf import HFGenerator
-    from flows.toy_world import build_toy_world
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.schemas.generator import SamplingParams
 
     torch.set_num_threads(args.threads)
     world = build_toy_world(args.world, seed=0)

@@ -46,8 +46,8 @@ def _bench_judges(gen, template, label, prompts, good, bad, args) -> None:
     import numpy as np
     import torch
 
-    from feedback.judges import PairwiseJudge
-    from feedback.judges.scoring import GeneratorScorer, PrefixCachedScorer
+    from alignflow.feedback.judges import PairwiseJudge
+    from alignflow.feedback.judges.scoring import GeneratorScorer, PrefixCachedScorer
 
     n_tok = len(gen.prompt_ids(template.messages(prompts[0], good[0], bad[0])))
     prefix = PrefixCachedScorer(gen.model, gen.tokenizer, batch_size=args.batch_size)
@@ -73,7 +73,7 @@ def _bench_judges(gen, template, label, prompts, good, bad, args) -> None:
     names = list(judges)
     assert results[names[0]].method == "logprobs" and results[names[2]].method == "generate"
     verdicts = [g[0] for g in gen.generate([template.messages(prompts[0], good[0], bad[0])], 1,
-                                           __import__("schemas.generator").generator.SamplingParams(
+                                           __import__("alignflow.schemas.generator").schemas.generator.SamplingParams(
                                                temperature=0.0, max_new_tokens=args.verdict_tokens))]
     print(f"\n== debiased pairwise judging, {label}: judge prompt ~{n_tok} tokens, 2 orders per pair ==")
     for name in names:
@@ -103,9 +103,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from feedback.generation.hf import HFGenerator
-    from flows.toy_world import build_toy_world
-    from schemas.generator import SamplingParams
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.schemas.generator import SamplingParams
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def main() -> None:
     bad = [task.corrupt(g, rng) for g in good]
     print(f"pairs: {args.pairs}, batch size {args.batch_size}")
 
-    from feedback.judges import PairExemplar, PairwiseTemplate
+    from alignflow.feedback.judges import PairExemplar, PairwiseTemplate
 
     shots = tuple(PairExemplar(p, task.reference(p), task.corrupt(task.reference(p), rng), 1)
                   for p in task.prompts(4, seed=3))

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 
@@ -52,14 +51,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from feedback.generation.hf import HFGenerator
-    from flows.toy_world import build_toy_world
-    from schemas.generator import SamplingParams
-    from trainers.collators import pretokenize, tokenize_prompts_responses
-    from trainers.logprobs import build_sequence_batch, sequence_logps
-    from trainers.losses import LOSSES, loss_spec
-    from trainers.preference import PreferenceTrainer
-    from trainers.sample_data import binary_from_samples, listwise_from_samples, pairwise_from_samples
+    from alignflow.feedback.generation.hf import HFGenerator
+    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.schemas.generator import SamplingParams
+    from alignflow.trainers.collators import pretokenize, tokenize_prompts_responses
+    from alignflow.trainers.logprobs import build_sequence_batch, sequence_logps
+    from alignflow.trainers.losses import LOSSES, loss_spec
+    from alignflow.trainers.preference import PreferenceTrainer
+    from alignflow.trainers.sample_data import binary_from_samples, listwise_from_samples, pairwise_from_samples
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(opts.threads)

@@ -25,12 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def method_configs(samples: int, sampling) -> dict:
-    from trainers.dro_v import DROVConfig
-    from trainers.iterative.loop import IterativeConfig
-    from trainers.iterative.nash_md import NashMDConfig
-    from trainers.iterative.paft import PAFTConfig
-    from trainers.ppo import PPOConfig
-    from trainers.rloo import RLOOConfig
+    from alignflow.trainers.online.dro_v import DROVConfig
+    from alignflow.trainers.online.iterative import IterativeConfig
+    from alignflow.trainers.online.nash_md import NashMDConfig
+    from alignflow.trainers.online.paft import PAFTConfig
+    from alignflow.trainers.online.ppo import PPOConfig
+    from alignflow.trainers.online.rloo import RLOOConfig
 
     k = 4
     per_round = 32
@@ -57,7 +57,7 @@ def method_configs(samples: int, sampling) -> dict:
 def run(method: str, cfg, world, prompts, eval_prompts) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flows.online import RewardPreference, policy_generator_factory, toy_reward
+    from alignflow.flows.online import RewardPreference, policy_generator_factory, toy_reward
 
     tok = AutoTokenizer.from_pretrained(world.path)
     policy = AutoModelForCausalLM.from_pretrained(world.path)
@@ -66,29 +66,29 @@ def run(method: str, cfg, world, prompts, eval_prompts) -> dict:
     pref = RewardPreference(reward, scale=0.1)
     t0 = time.perf_counter()
     if method == "ppo":
-        from trainers.ppo import train_ppo
+        from alignflow.trainers.online.ppo import train_ppo
 
         _, _, rep = train_ppo(policy, tok, prompts, make_gen, reward, cfg, eval_prompts=eval_prompts)
     elif method == "rloo":
-        from trainers.rloo import train_rloo
+        from alignflow.trainers.online.rloo import train_rloo
 
         _, rep = train_rloo(policy, tok, prompts, make_gen, reward, cfg, eval_prompts=eval_prompts)
     elif method == "nash-md":
-        from trainers.iterative.nash_md import train_nash_md
+        from alignflow.trainers.online.nash_md import train_nash_md
 
         _, rep = train_nash_md(policy, tok, prompts, make_gen, pref, cfg, eval_prompts=eval_prompts, eval_reward_fn=reward)
     elif method == "dro-v":
-        from trainers.dro_v import train_dro_v
+        from alignflow.trainers.online.dro_v import train_dro_v
 
         _, _, rep = train_dro_v(policy, tok, cfg, prompts=prompts, make_generator=make_gen, reward_fn=reward,
                                 eval_prompts=eval_prompts)
     elif method == "paft":
-        from trainers.iterative.paft import train_paft
+        from alignflow.trainers.online.paft import train_paft
 
         _, rep = train_paft(policy, tok, prompts, make_gen, reward, cfg, eval_prompts=eval_prompts)
     else:
-        from trainers.iterative.loop import train_iterative
-        from trainers.iterative.rollout import prompt_text_of
+        from alignflow.trainers.encoding import prompt_text_of
+        from alignflow.trainers.online.iterative import train_iterative
 
         # self-rewarding on the toy world: a char-level model cannot read a rubric, so its
         # "own judge" is the verifier (labelled as such in the table)
@@ -105,9 +105,9 @@ def run(method: str, cfg, world, prompts, eval_prompts) -> dict:
 def main() -> None:
     import torch
 
-    from flows.toy_world import build_toy_world
-    from schemas.generator import SamplingParams
-    from trainers.iterative.rollout import as_messages
+    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.schemas.generator import SamplingParams
+    from alignflow.trainers.encoding import as_messages
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", default=str(Path(tempfile.gettempdir()) / "alignflow-bench-world"))

@@ -1,7 +1,7 @@
 """Every alignment loss of the survey as a small pure function, registered by name.
 
 ```python
-from trainers.losses import LOSSES, compute_loss
+from alignflow.trainers.losses import LOSSES, compute_loss
 per_example = compute_loss("dpo", batch, beta=0.1)    # Tensor [B]
 ```
 

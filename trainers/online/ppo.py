@@ -15,7 +15,7 @@ realised the usual way (token-level MDP):
   ``0.5 max((V - G)^2, (V_old + clip(V - V_old, -e_v, e_v) - G)^2)`` (``clipped_value_loss``);
 - PPO-ptx: ``gamma`` times the mean per-token NLL of pretraining text (``ptx_loss``).
 
-All per-token tensors are ``[B, T-1]`` indexed by action (see ``trainers.iterative.rollout``).
+All per-token tensors are ``[B, T-1]`` indexed by action (see ``trainers.encoding``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from schemas.generator import Messages, SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
+from alignflow.schemas.generator import Messages, SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,10 +118,10 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def ptx_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token NLL of pretraining text (``-log pi(x)`` of eq. 2's gamma term, per token)."""
-    device = ro.device_of(model)
+    device = modeling.device_of(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    logps = ro.gather_token_logprobs(logits, input_ids[:, 1:])
+    logps = encoding.gather_token_logprobs(logits, input_ids[:, 1:])
     return -masked_mean(logps, attention_mask[:, 1:].bool())
 
 
@@ -167,7 +169,7 @@ class PPOConfig:
 def _ptx_batch(tokenizer: Any, texts: Sequence[str], n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.randint(len(texts), (n,), generator=gen).tolist()
     enc = [list(tokenizer(texts[i], add_special_tokens=True)["input_ids"]) for i in idx]
-    batch = ro.make_token_batch([[]] * n, enc, tokenizer.pad_token_id or 0)
+    batch = encoding.make_token_batch([[]] * n, enc, tokenizer.pad_token_id or 0)
     return batch.input_ids, batch.attention_mask
 
 
@@ -191,22 +193,22 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ref = ref if ref is not None else ro.frozen_copy(policy)
-    value_head = ValueHead(policy.config.hidden_size).to(ro.device_of(policy))
+    ref = ref if ref is not None else modeling.frozen_copy(policy)
+    value_head = ValueHead(policy.config.hidden_size).to(modeling.device_of(policy))
     optimizer = torch.optim.AdamW([
         {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": value_head.parameters(), "lr": cfg.value_lr or 10 * cfg.lr},
     ])
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    run = ro.start_run("ppo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+    run = runs.start_run("ppo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
                        eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
-    device = ro.device_of(policy)  # every rollout tensor lives where the policy does (after the
-    ro.colocate(ref, policy)       # generator factory has moved it); reference and head follow
-    ro.colocate(value_head, policy)
+    device = modeling.device_of(policy)  # every rollout tensor lives where the policy does (after the
+    modeling.colocate(ref, policy)       # generator factory has moved it); reference and head follow
+    modeling.colocate(value_head, policy)
     state = {"policy": policy, "value_head": value_head, "optimizer": optimizer}  # checkpointed besides the RNG
-    spend, start = ro.resume_into(run, state, gen)
+    spend, start = runs.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -217,13 +219,13 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
         flat_p = [p for p, g in zip(batch_prompts, gens) for _ in g]
         flat_g = [x for g in gens for x in g]
         scores = ro.score(reward_fn, flat_p, [g.text for g in flat_g], spend, device=device)
-        batch = ro.encode_samples(tokenizer, flat_p, [g.text for g in flat_g],
+        batch = encoding.encode_samples(tokenizer, flat_p, [g.text for g in flat_g],
                                   ro.finished_flags(flat_g, cfg.sampling.max_new_tokens)).to(device)
         mask = batch.action_mask
         with torch.no_grad():
-            old_logps, hidden = ro.forward_token_logprobs(policy, batch, return_hidden=True)
+            old_logps, hidden = encoding.forward_token_logprobs(policy, batch, return_hidden=True)
             old_values = value_head(hidden) * mask
-            ref_logps = ro.forward_token_logprobs(ref, batch)[0].to(device)
+            ref_logps = encoding.forward_token_logprobs(ref, batch)[0].to(device)
             rewards, kl = kl_penalized_rewards(scores, old_logps, ref_logps, mask, cfg.beta)
             adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
@@ -236,8 +238,8 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
             perm = torch.randperm(n, generator=gen)
             for mb in perm.chunk(max(1, min(cfg.minibatches, n))):
                 mb = mb.to(device)
-                sub = ro.TokenBatch(batch.input_ids[mb], batch.attention_mask[mb], mask[mb])
-                logps, hidden = ro.forward_token_logprobs(policy, sub, return_hidden=True)
+                sub = encoding.TokenBatch(batch.input_ids[mb], batch.attention_mask[mb], mask[mb])
+                logps, hidden = encoding.forward_token_logprobs(policy, sub, return_hidden=True)
                 values = value_head(hidden)
                 pg, stats = clipped_policy_loss(logps, old_logps[mb], adv[mb], sub.action_mask, cfg.clip_eps)
                 vf = clipped_value_loss(values, old_values[mb], returns[mb], sub.action_mask, cfg.value_clip_eps)
@@ -245,14 +247,14 @@ def train_ppo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], ma
                 if cfg.ptx_coef > 0:
                     ids, am = _ptx_batch(tokenizer, ptx_texts, len(mb), gen)
                     loss = loss + cfg.ptx_coef * ptx_loss(policy, ids, am)
-                ro.step(optimizer, loss, all_params, cfg.max_grad_norm)
+                modeling.step(optimizer, loss, all_params, cfg.max_grad_norm)
         report.history.append({
             "step": step, "reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
             "policy_loss": pg.item(), "value_loss": vf.item(), **stats,
         })
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
+        runs.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     return policy, value_head, report

@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from schemas.generator import Messages, SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
-from trainers.logprobs import build_sequence_batch, resolve_layout, sequence_logps
+from alignflow.schemas.generator import Messages, SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.logprobs import response_logps
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -56,16 +58,6 @@ class RLOOConfig:
     checkpoint_every: int = 10  # steps between checkpoints (and one at the end) when a checkpoint_dir is given
 
 
-def response_logps(model: nn.Module, tokenizer: Any, prompts: Sequence[Messages],
-                   responses: Sequence[Sequence[str]], finished: Sequence[Sequence[bool]] | None = None,
-                   layout: str = "packed") -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts ``[B, K]`` of K responses per prompt (eos included when
-    finished), on the model's device."""
-    p_ids = [ro.encode_prompt(tokenizer, p) for p in prompts]
-    finished = finished or [[True] * len(r) for r in responses]
-    r_ids = [[ro.encode_response(tokenizer, r, f) for r, f in zip(rs, fs)] for rs, fs in zip(responses, finished)]
-    batch = build_sequence_batch(p_ids, r_ids, tokenizer.pad_token_id, resolve_layout(model, layout))
-    return sequence_logps(model, batch.to(ro.device_of(model)))
 
 
 def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], make_generator: Any,
@@ -83,16 +75,16 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ref = ref if ref is not None else ro.frozen_copy(policy)
-    optimizer = ro.make_optimizer(policy.parameters(), ro.OptimConfig(lr=cfg.lr))
+    ref = ref if ref is not None else modeling.frozen_copy(policy)
+    optimizer = modeling.make_optimizer(policy.parameters(), modeling.OptimConfig(lr=cfg.lr))
     params = [p for p in policy.parameters() if p.requires_grad]
-    run = ro.start_run("rloo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+    run = runs.start_run("rloo", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
                        eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
-    ro.colocate(ref, policy)  # the generator factory may have moved the policy
+    modeling.colocate(ref, policy)  # the generator factory may have moved the policy
     state = {"policy": policy, "optimizer": optimizer}  # what a checkpoint holds besides the random streams
-    spend, start = ro.resume_into(run, state, gen)
+    spend, start = runs.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
@@ -103,7 +95,7 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
         finished = [ro.finished_flags(gs, cfg.sampling.max_new_tokens) for gs in gens]
         flat_p = [p for p, gs in zip(batch_prompts, gens) for _ in gs]
         scores = ro.score(reward_fn, flat_p, [t for ts in texts for t in ts], spend,
-                          device=ro.device_of(policy)).view(len(gens), cfg.k)
+                          device=modeling.device_of(policy)).view(len(gens), cfg.k)
         policy.train()
         logps, _ = response_logps(policy, tokenizer, batch_prompts, texts, finished, cfg.layout)
         with torch.no_grad():
@@ -113,12 +105,12 @@ def train_rloo(policy: nn.Module, tokenizer: Any, prompts: Sequence[Messages], m
             if cfg.normalize_advantages:
                 adv = adv / adv.std().clamp_min(1e-6)
         loss = rloo_loss(logps, adv)
-        ro.step(optimizer, loss, params, cfg.max_grad_norm)
+        modeling.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "reward": float(scores.mean()), "kl": float(kl.mean()),
                                "loss": loss.item()})
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
+        runs.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     return policy, report

@@ -25,10 +25,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from schemas.generator import Messages, SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
-from trainers.rloo import response_logps
+from alignflow.schemas.generator import Messages, SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.logprobs import response_logps
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
 
 
 def mixture_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mix: float) -> torch.Tensor:
@@ -49,10 +51,10 @@ def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: S
     mixture's probabilities copied to its device; on CPU nothing is copied."""
     from transformers import DynamicCache
 
-    device = ro.device_of(policy)
-    seqs = [ro.encode_prompt(tokenizer, p) for p in prompts]
-    ids, mask, pos = (t.to(device) for t in ro.left_padded(seqs, tokenizer.pad_token_id))
-    cache_kws = [ro.cache_kwarg(m) for m in (policy, ref)]  # "cache" on transformers 5.2x
+    device = modeling.device_of(policy)
+    seqs = [encoding.encode_prompt(tokenizer, p) for p in prompts]
+    ids, mask, pos = (t.to(device) for t in encoding.left_padded(seqs, tokenizer.pad_token_id))
+    cache_kws = [encoding.cache_kwarg(m) for m in (policy, ref)]  # "cache" on transformers 5.2x
     outs = [m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: DynamicCache()})
             for m, kw in zip((policy, ref), cache_kws)]
     next_pos = pos[:, -1:] + 1
@@ -72,7 +74,7 @@ def sample_mixture(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: S
             break
         mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], -1)
         outs = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                  **{kw: ro.cache_of(o)}) for m, o, kw in zip((policy, ref), outs, cache_kws)]
+                  **{kw: encoding.cache_of(o)}) for m, o, kw in zip((policy, ref), outs, cache_kws)]
         next_pos = next_pos + 1
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
@@ -107,17 +109,17 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ref = ref if ref is not None else ro.frozen_copy(policy)
+    ref = ref if ref is not None else modeling.frozen_copy(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    run = ro.start_run("nash-md", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+    run = runs.start_run("nash-md", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
                        eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     state = {"policy": policy, "optimizer": optimizer}  # what a checkpoint holds besides the random streams
-    spend, start = ro.resume_into(run, state, gen)
+    spend, start = runs.resume_into(run, state, gen)
     generator = make_generator(policy, tokenizer)
-    ro.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
+    modeling.colocate(ref, policy)  # the generator factory may have moved the policy; the mixture needs both
     for step in range(start, cfg.steps):
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
@@ -126,7 +128,7 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         y_mix = sample_mixture(policy, ref, tokenizer, batch_prompts, cfg.mixture,
                                cfg.sampling.max_new_tokens, cfg.sampling.temperature, gen)
         spend.add(generations=len(y_mix))
-        pref = torch.tensor([float(p) for p in preference_fn(batch_prompts, ys, y_mix)], device=ro.device_of(policy))
+        pref = torch.tensor([float(p) for p in preference_fn(batch_prompts, ys, y_mix)], device=modeling.device_of(policy))
         spend.add(judge_calls=len(ys))
         policy.train()
         logps, _ = response_logps(policy, tokenizer, batch_prompts, [[y] for y in ys])
@@ -135,11 +137,11 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
             kl = (logps.detach() - ref_logps.to(logps.device))[:, 0]
             advantage = (pref - 0.5) - cfg.beta * kl
         loss = -(advantage * logps[:, 0]).mean()
-        ro.step(optimizer, loss, params, cfg.max_grad_norm)
+        modeling.step(optimizer, loss, params, cfg.max_grad_norm)
         report.history.append({"step": step, "preference_vs_mixture": float(pref.mean()), "kl": float(kl.mean())})
-        ro.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
+        runs.save_progress(checkpoint_dir, step + 1, cfg.steps, cfg.checkpoint_every, state, gen, run.fingerprint,
                          report, spend, run.first)
     policy.eval()
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     return policy, report

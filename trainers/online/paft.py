@@ -27,12 +27,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from schemas.generator import SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
-from trainers.iterative.loop import IterativeConfig, Pair, build_pairs
-from trainers.losses import compute_loss
-from trainers.rloo import response_logps
+from alignflow.schemas.generator import SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import modeling
+from alignflow.trainers.logprobs import response_logps
+from alignflow.trainers.losses import compute_loss
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
+from alignflow.trainers.online.iterative import IterativeConfig, Pair, build_pairs
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -123,7 +125,7 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             ex = [sft_examples[i] for i in idx]
             loss = _sft_loss(peft_model, tokenizer, [e[0] for e in ex], [e[1] for e in ex],
                              [e[2] if len(e) > 2 else True for e in ex]) + cfg.l1 * l1_penalty(params)
-            ro.step(opts["sft"], loss, params, cfg.max_grad_norm)
+            modeling.step(opts["sft"], loss, params, cfg.max_grad_norm)
             hist["sft"].append(loss.item())
         # --- DPO adapter step against pi_pre
         if pairs:
@@ -139,7 +141,7 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
                      "ref_chosen_logps": ref_sel[:, 0], "ref_rejected_logps": ref_sel[:, 1],
                      "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
             loss = compute_loss("dpo", batch, beta=cfg.beta).mean()
-            ro.step(opts["dpo"], loss, params, cfg.max_grad_norm)
+            modeling.step(opts["dpo"], loss, params, cfg.max_grad_norm)
             hist["dpo"].append(loss.item())
     sparsity = {name: float(sum((p.abs() < 1e-6).sum() for p in adapter_params(peft_model, name)) /
                             max(1, sum(p.numel() for p in adapter_params(peft_model, name))))
@@ -167,14 +169,14 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # sampling seeds and LoRA initialisations: a run is reproducible
     gen = torch.Generator().manual_seed(cfg.seed)
-    sft_ref = ro.frozen_copy(policy)
-    run = ro.start_run("paft", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+    sft_ref = modeling.frozen_copy(policy)
+    run = runs.start_run("paft", cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
                        eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
-    ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy
+    modeling.colocate(sft_ref, policy)  # the generator factory may have moved the policy
     # resume after the newest finished round: the merged weights and the random streams
-    spend, start = ro.resume_into(run, {"policy": policy}, gen)
+    spend, start = runs.resume_into(run, {"policy": policy}, gen)
     pair_cfg = IterativeConfig(method="iterative-dpo", k=cfg.k)
     for r in range(start, cfg.rounds):
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_round].tolist()
@@ -187,8 +189,8 @@ def train_paft(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], make_g
         sft_examples = [(p.prompt, p.chosen, p.chosen_finished) for p in pairs]
         policy, stats = train_paft_adapters(policy, tokenizer, sft_examples, pairs, cfg)
         report.history.append({"round": r + 1, "pairs": len(pairs), **stats})
-        ro.save_progress(checkpoint_dir, r + 1, cfg.rounds, 1, {"policy": policy}, gen, run.fingerprint, report, spend,
+        runs.save_progress(checkpoint_dir, r + 1, cfg.rounds, 1, {"policy": policy}, gen, run.fingerprint, report, spend,
                          run.first, prefix="round")
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     return policy, report

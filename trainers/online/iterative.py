@@ -31,12 +31,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from schemas.generator import Messages, SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
-from trainers.iterative.termination import count_outcomes, should_stop, winrate_test
-from trainers.losses import compute_loss, cringe_topk_excluding
-from trainers.rloo import response_logps
+from alignflow.schemas.generator import Messages, SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.logprobs import response_logps
+from alignflow.trainers.losses import compute_loss, cringe_topk_excluding
+from alignflow.trainers.online import checkpointing as ck
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
+from alignflow.trainers.online.termination import count_outcomes, should_stop, winrate_test
 
 METHODS = ("iterative-dpo", "self-rewarding", "cringe", "sppo", "dno")
 
@@ -136,7 +139,7 @@ def build_pairs(cfg: IterativeConfig, prompts: Sequence[Messages], samples: Sequ
         return pairs
     if cfg.method == "dno":
         for p, s, fin in zip(prompts, samples, finished):
-            key = ro.prompt_text_of(p)
+            key = encoding.prompt_text_of(p)
             cands = list(s) + ([gold[key]] if gold and key in gold else [])
             done = list(fin) + [True] * (len(cands) - len(s))  # a gold response is complete
             w = winrates(winrate_matrix(preference_fn, p, cands, spend))
@@ -203,15 +206,15 @@ def _cringe_rejected_tensors(policy: nn.Module, tokenizer: Any, pairs: Sequence[
     """Top-k logits (negative token excluded) and the negative token's logit over the rejected
     responses' tokens, the extra tensors the pairwise ``cringe`` loss reads; the mask holds the
     negatives chosen by ``cringe_negative_flags``."""
-    batch = ro.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs],
-                              [x.rejected_finished for x in pairs]).to(ro.device_of(policy))
+    batch = encoding.encode_samples(tokenizer, [x.prompt for x in pairs], [x.rejected for x in pairs],
+                              [x.rejected_finished for x in pairs]).to(modeling.device_of(policy))
     logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     topk, tok = cringe_topk_excluding(logits.float(), batch.actions, k)
     mask = batch.action_mask.clone()
     if negatives != "all":
         for i, x in enumerate(pairs):
-            flags = cringe_negative_flags(ro.encode_response(tokenizer, x.chosen, x.chosen_finished),
-                                          ro.encode_response(tokenizer, x.rejected, x.rejected_finished),
+            flags = cringe_negative_flags(encoding.encode_response(tokenizer, x.chosen, x.chosen_finished),
+                                          encoding.encode_response(tokenizer, x.rejected, x.rejected_finished),
                                           negatives, tokenizer.eos_token_id)
             cols = batch.action_mask[i].nonzero().flatten()  # the response's tokens, in order
             mask[i, cols] = torch.tensor(flags, dtype=torch.bool, device=mask.device)
@@ -325,7 +328,7 @@ def train_on_pairs(cfg: IterativeConfig, policy: nn.Module, ref: nn.Module, toke
         for chunk in order.split(cfg.batch_size):
             loss = pair_loss(cfg, policy, tokenizer, [pairs[i] for i in chunk.tolist()],
                              ref_logps[chunk.to(ref_logps.device)])
-            ro.step(optimizer, loss, params, cfg.max_grad_norm)
+            modeling.step(optimizer, loss, params, cfg.max_grad_norm)
             losses.append(loss.item())
     policy.eval()
     return losses
@@ -373,8 +376,8 @@ def _save_round(folder: str | Path, index: int, policy: nn.Module, optimizer: to
     """One finished round, atomically: weights + optimizer + RNG (``state.pt``), the record
     (``meta.json``) and the round's training pairs (``pairs.jsonl``, kept for every round)."""
     pairs_jsonl = "".join(json.dumps(asdict(p)) + "\n" for p in pairs)
-    return ro.save_checkpoint(folder, ro.checkpoint_name(index, "round"), {
-        "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ro.rng_state(gen)}, meta,
+    return ck.save_checkpoint(folder, ck.checkpoint_name(index, "round"), {
+        "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "rng": ck.rng_state(gen)}, meta,
         files={"pairs.jsonl": pairs_jsonl})
 
 
@@ -410,26 +413,26 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    sft_ref = ref if ref is not None else ro.frozen_copy(policy)
+    sft_ref = ref if ref is not None else modeling.frozen_copy(policy)
     ref_t = sft_ref
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     generator = make_generator(policy, tokenizer)
-    run = ro.start_run(cfg.method, cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
+    run = runs.start_run(cfg.method, cfg, checkpoint_dir, make_generator, policy, tokenizer, prompts, eval_prompts,
                        eval_reward_fn, eval_sampling)
     prompts, eval_prompts, eval_sampling, spend, report = (run.prompts, run.eval_prompts, run.eval_sampling,
                                                            run.spend, run.report)
     first = run.first
-    ro.colocate(sft_ref, policy)  # the generator factory may have moved the policy (ref_t is sft_ref)
+    modeling.colocate(sft_ref, policy)  # the generator factory may have moved the policy (ref_t is sft_ref)
     rewards_hist = [first["reward"]]
     prev_responses = first["responses"]
     previous_state = None
     stopped = False
-    spend, start = ro.resume_into(run, {"policy": policy, "optimizer": optimizer}, gen)
+    spend, start = runs.resume_into(run, {"policy": policy, "optimizer": optimizer}, gen)
     if run.saved is not None:  # the loop's own record after the newest finished round
         rewards_hist, prev_responses, stopped = (run.meta["rewards_hist"], run.meta["prev_responses"],
                                                  run.meta["stopped"])
         report.termination = next((h["termination"] for h in reversed(report.history) if "termination" in h), None)
-        ref_t = ro.frozen_copy(policy) if cfg.refresh_reference else sft_ref
+        ref_t = modeling.frozen_copy(policy) if cfg.refresh_reference else sft_ref
     for t in range(start, cfg.rounds):
         if stopped:
             break
@@ -464,14 +467,14 @@ def train_iterative(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], m
         if not stopped:
             prev_responses = ev["responses"]
             if cfg.refresh_reference:
-                ref_t = ro.frozen_copy(policy)
+                ref_t = modeling.frozen_copy(policy)
         if checkpoint_dir is not None:
-            _save_round(checkpoint_dir, t + 1, policy, optimizer, gen, pairs, ro.checkpoint_meta(
+            _save_round(checkpoint_dir, t + 1, policy, optimizer, gen, pairs, ck.checkpoint_meta(
                 t + 1, run.fingerprint, report, spend, first, rewards_hist=rewards_hist, prev_responses=prev_responses,
                 stopped=stopped))
         if stopped:
             break
     final = ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=sft_ref)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     report.extra["rounds_run"] = len(report.history)
     return policy, report

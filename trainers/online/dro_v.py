@@ -55,10 +55,13 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from schemas.generator import Messages, SamplingParams
-from schemas.online import OnlineReport
-from trainers.iterative import rollout as ro
-from trainers.losses import compute_loss
+from alignflow.schemas.generator import Messages, SamplingParams
+from alignflow.schemas.online import OnlineReport
+from alignflow.trainers import encoding, modeling
+from alignflow.trainers.losses import compute_loss
+from alignflow.trainers.online import checkpointing as ck
+from alignflow.trainers.online import rollout as ro
+from alignflow.trainers.online import runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def dro_value_loss(value: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Te
 class ValueNetwork(nn.Module):
     """``V_phi``: a backbone (a copy of a causal LM's decoder) and a linear head on its last
     hidden state. ``forward`` returns per-position values at the predicting positions
-    ``[B, T-1]`` (action-indexed like ``trainers.iterative.rollout``)."""
+    ``[B, T-1]`` (action-indexed like ``trainers.encoding``)."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, init_value: float = 0.0):
         super().__init__()
@@ -116,8 +119,8 @@ class ValueNetwork(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def forward(self, batch: ro.TokenBatch) -> torch.Tensor:
-        batch = batch.to(ro.device_of(self))
+    def forward(self, batch: encoding.TokenBatch) -> torch.Tensor:
+        batch = batch.to(modeling.device_of(self))
         return self.head(self.hidden(batch.input_ids, batch.attention_mask)[:, :-1].float()).squeeze(-1)
 
     def prompt_values(self, tokenizer: Any, prompts: Sequence[Messages]) -> torch.Tensor:
@@ -129,10 +132,10 @@ class ValueNetwork(nn.Module):
         for i, key in enumerate(keys):
             first.setdefault(key, i)
         distinct = list(first)
-        ids = [ro.encode_prompt(tokenizer, prompts[i]) for i in first.values()]
+        ids = [encoding.encode_prompt(tokenizer, prompts[i]) for i in first.values()]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = ro.device_of(self)
-        batch = ro.make_token_batch(ids, [[] for _ in ids], pad).to(device)
+        device = modeling.device_of(self)
+        batch = encoding.make_token_batch(ids, [[] for _ in ids], pad).to(device)
         hidden = self.hidden(batch.input_ids, batch.attention_mask)  # [U, T, H], right-padded
         last = torch.tensor([len(x) - 1 for x in ids], device=device)
         values = self.head(hidden[torch.arange(len(ids), device=device), last].float()).squeeze(-1)  # [U]
@@ -174,7 +177,7 @@ def trajectories_from_table(table: pa.Table) -> list[Trajectory]:
     if len(missing):
         raise ValueError(f"row {int(missing[0])}: DRO needs a 'reward' or a 'label' per response")
     prompts = table.column("prompt").to_pylist()
-    return [Trajectory(ro.as_messages(p), r, float(v))
+    return [Trajectory(encoding.as_messages(p), r, float(v))
             for p, r, v in zip(prompts, table.column("response").to_pylist(), reward.to_pylist())]
 
 
@@ -204,17 +207,17 @@ def collect_trajectories(generator: Any, prompts: Sequence[Messages], reward_fn:
     return [Trajectory(p, g.text, r, f) for p, g, r, f in zip(flat_p, flat_g, rewards, done)]
 
 
-def encode(tokenizer: Any, rows: Sequence[Trajectory]) -> ro.TokenBatch:
-    return ro.encode_samples(tokenizer, [t.prompt for t in rows], [t.response for t in rows],
+def encode(tokenizer: Any, rows: Sequence[Trajectory]) -> encoding.TokenBatch:
+    return encoding.encode_samples(tokenizer, [t.prompt for t in rows], [t.response for t in rows],
                              [t.finished for t in rows])
 
 
 @torch.no_grad()
 def reference_logps(ref: nn.Module, tokenizer: Any, rows: Sequence[Trajectory], chunk: int = 64) -> torch.Tensor:
     """``log pi_ref(y|x)`` summed over response tokens, computed once: ``[N]`` on ``ref``'s device."""
-    out = [ro.forward_token_logprobs(ref, encode(tokenizer, rows[s:s + chunk]))[0].sum(-1)
+    out = [encoding.forward_token_logprobs(ref, encode(tokenizer, rows[s:s + chunk]))[0].sum(-1)
            for s in range(0, len(rows), chunk)]
-    return torch.cat(out) if out else torch.zeros(0, device=ro.device_of(ref))
+    return torch.cat(out) if out else torch.zeros(0, device=modeling.device_of(ref))
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,27 +267,27 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ref = ref if ref is not None else ro.frozen_copy(policy)
+    ref = ref if ref is not None else modeling.frozen_copy(policy)
     eval_reward_fn = eval_reward_fn or reward_fn
     evaluating = make_generator is not None and eval_reward_fn is not None
-    fingerprint = ro.run_fingerprint(cfg, [ro.as_messages(p) for p in prompts or []]
+    fingerprint = ck.run_fingerprint(cfg, [encoding.as_messages(p) for p in prompts or []]
                                      + [asdict(t) for t in trajectories or []])
-    saved, meta = ro.find_resume(checkpoint_dir, fingerprint)
+    saved, meta = ck.find_resume(checkpoint_dir, fingerprint)
     if evaluating:
-        run = ro.begin_run("dro-v", make_generator, policy, tokenizer, prompts or unique_prompts(trajectories),
+        run = runs.begin_run("dro-v", make_generator, policy, tokenizer, prompts or unique_prompts(trajectories),
                            eval_prompts, eval_reward_fn, cfg.sampling, eval_sampling, cfg.seed,
                            first=meta["first"] if meta else None)
         spend, report, eval_prompts, eval_sampling = run.spend, run.report, run.eval_prompts, run.eval_sampling
         prompts = run.prompts
     else:
         spend, report = ro.Spend(), OnlineReport(method="dro-v")
-        prompts = [ro.as_messages(p) for p in prompts] if prompts is not None else None
+        prompts = [encoding.as_messages(p) for p in prompts] if prompts is not None else None
     # the generator factory moves the policy to its device; reference and value network follow
     generator = make_generator(policy, tokenizer) if make_generator is not None else None
-    ro.colocate(ref, policy)
+    modeling.colocate(ref, policy)
     data = list(trajectories) if trajectories is not None else None
     mean_reward = (sum(t.reward for t in data) / len(data)) if data else 0.0
-    device = ro.device_of(policy)  # data tensors go where the policy is
+    device = modeling.device_of(policy)  # data tensors go where the policy is
     value_net = ValueNetwork.from_policy(policy, init_value=mean_reward).to(device)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = list(value_net.parameters())
@@ -296,8 +299,8 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
         value_net.load_state_dict(saved["value_net"])
         policy_opt.load_state_dict(saved["policy_opt"])
         value_opt.load_state_dict(saved["value_opt"])
-        ro.set_rng_state(saved["rng"], gen)
-        report.history, spend = meta["history"], ro.spend_of(meta)
+        ck.set_rng_state(saved["rng"], gen)
+        report.history, spend = meta["history"], ck.spend_of(meta)
         start_round, start_epoch = meta["next_round"], meta["next_epoch"]
         if meta["collected"]:  # this round's samples were drawn by the run: read them back
             lines = (Path(meta["path"]) / "trajectories.jsonl").read_text().splitlines()
@@ -322,7 +325,7 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
         for epoch in range(start_epoch if resuming else 0, cfg.epochs):
             for chunk in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
                 batch = encode(tokenizer, [data[i] for i in chunk.tolist()]).to(device)
-                logps = ro.forward_token_logprobs(policy, batch)[0].sum(-1)
+                logps = encoding.forward_token_logprobs(policy, batch)[0].sum(-1)
                 r, rl = rewards[chunk.to(device)], ref_lp[chunk.to(device)]
                 if cfg.value_outputs == "prompt":  # V(x) from the prompts alone
                     v_x = value_net.prompt_values(tokenizer, [data[i].prompt for i in chunk.tolist()])
@@ -347,11 +350,11 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
                 })
             if checkpoint_dir is not None:
                 last = epoch + 1 == cfg.epochs
-                ro.save_checkpoint(checkpoint_dir, ro.checkpoint_name(rnd * cfg.epochs + epoch + 1, "epoch"), {
+                ck.save_checkpoint(checkpoint_dir, ck.checkpoint_name(rnd * cfg.epochs + epoch + 1, "epoch"), {
                     "policy": policy.state_dict(), "value_net": value_net.state_dict(),
                     "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
-                    "rng": ro.rng_state(gen),
-                }, ro.checkpoint_meta(rnd * cfg.epochs + epoch + 1, fingerprint, report, spend,
+                    "rng": ck.rng_state(gen),
+                }, ck.checkpoint_meta(rnd * cfg.epochs + epoch + 1, fingerprint, report, spend,
                                       run.first if evaluating else {}, next_round=rnd + 1 if last else rnd,
                                       next_epoch=0 if last else epoch + 1, collected=collected),
                     files={"trajectories.jsonl": "".join(json.dumps(asdict(t)) + "\n" for t in data)} if collected else None)
@@ -360,5 +363,5 @@ def train_dro_v(policy: nn.Module, tokenizer: Any, config: DROVConfig | None = N
     report.extra["trajectories"] = len(data)
     final = (ro.evaluate(make_generator, policy, tokenizer, eval_prompts, eval_reward_fn, eval_sampling, ref=ref)
              if evaluating else None)
-    ro.finish_run(report, final, spend, t0)
+    runs.finish_run(report, final, spend, t0)
     return policy, value_net, report
