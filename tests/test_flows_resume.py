@@ -23,7 +23,7 @@ import yaml
 
 from alignflow.flows import tasks
 from alignflow.flows.config import GenerateFeedbackConfig
-from alignflow.schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+from alignflow.schemas.store import MANIFEST, read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     finished: dict[str, float] = {}
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        done = [p for p in shards.glob("samples-*") if (p / "manifest.json").exists()] if shards.exists() else []
+        done = [p for p in shards.glob("samples-*") if (p / MANIFEST).exists()] if shards.exists() else []
         if done:
             break
         time.sleep(0.01)
@@ -107,8 +107,8 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _wait_for_group_gone(proc.pid)  # the orphaned embedded server is reaped with the group
-    finished = {p.name: (p / "manifest.json").stat().st_mtime_ns
-                for p in shards.glob("samples-*") if (p / "manifest.json").exists()}
+    finished = {p.name: (p / MANIFEST).stat().st_mtime_ns
+                for p in shards.glob("samples-*") if (p / MANIFEST).exists()}
     assert 1 <= len(finished) < n_shards, f"killed after {len(finished)} of {n_shards} shards"
     assert not (run_dir / "pairwise").exists()
 
@@ -117,7 +117,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # Shards finished before the kill were skipped, not redone.
     for name, mtime in finished.items():
-        assert (shards / name / "manifest.json").stat().st_mtime_ns == mtime, name
+        assert (shards / name / MANIFEST).stat().st_mtime_ns == mtime, name
 
     for kind in ("samples", "pairwise"):
         _same_datasets(reference["samples"] if kind == "samples" else reference["dataset"], run_dir / kind)
@@ -219,4 +219,4 @@ def test_sigkill_mid_convert_then_rerun_goes_on_from_the_finished_shards(tmp_pat
     assert kept_now == kept  # finished shards were not redone (a shard is rewritten only if unfinished)
     _same_datasets(tmp_path / "reference", out)
     assert manifest["num_rows"] == reference.rows_out == 3_000_000
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"train-{i:05d}.parquet" for i in range(n_shards)]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST] + [f"train-{i:05d}.parquet" for i in range(n_shards)]
