@@ -21,15 +21,6 @@ from alignflow.schemas.store import MANIFEST, read_dataset, read_manifest, verif
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """One embedded Prefect server for the flow tests of the session (slow machines: 90 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
