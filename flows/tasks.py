@@ -279,6 +279,7 @@ def judge_shard(out: str, *, samples: str, judge: dict, seed: int = 0) -> str:
             write_dataset(out, pairs, "pairwise", {**provenance, "counts": counts}, overwrite=True)
             return out
         scored = score_samples(table, scorer)
+    provenance["truncated_to_context"] = int(getattr(scorer, "last_truncated", 0))
     write_dataset(out, scored, "samples", provenance, overwrite=True)
     return out
 
