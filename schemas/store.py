@@ -208,16 +208,17 @@ class DatasetWriter:
                 same = False
             if same:  # still the folder at that name (not one a finished writer renamed away)
                 self._lock_fd = fd
-                weakref.finalize(self, _close_fd, fd)
+                # closes the fd if the writer is dropped unreleased; runs at most once (release calls it)
+                self._unlock = weakref.finalize(self, _close_fd, fd)
                 return
             os.close(fd)
         raise DatasetError(f"{self.partial}: could not lock it (it keeps changing); is another writer running?")
 
     def release(self) -> None:
         """Give up the write lock (the partial folder stays for a rerun to go on from)."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            _close_fd(fd)
+        if self._lock_fd is not None:
+            self._lock_fd = None
+            self._unlock()  # never close the number twice: it may name another file by then
 
     # -- resume support -------------------------------------------------------------------
     def completed_shards(self) -> set[str]:

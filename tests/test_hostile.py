@@ -180,6 +180,20 @@ w.commit()
     assert read_manifest(tmp_path / "other")["num_rows"] == 1
 
 
+def test_a_released_write_lock_never_closes_a_file_opened_later(tmp_path):
+    import gc
+
+    writer = DatasetWriter(tmp_path / "x", "sft")
+    writer.release()
+    read_end, write_end = os.pipe()  # may get the lock's old descriptor numbers
+    del writer
+    gc.collect()
+    os.write(write_end, b"ok")
+    assert os.read(read_end, 2) == b"ok"
+    os.close(read_end)
+    os.close(write_end)
+
+
 # --- 5. one-line errors ---------------------------------------------------------------------------
 
 def test_training_inputs_that_cannot_work_are_one_line_errors(tmp_path):
