@@ -97,8 +97,14 @@ def _generate_texts(generator: Any, conversations: list[list[dict]], sampling: S
 
 def critique_revise(table: pa.Table, generator: Any, constitution: Constitution, rounds: int = 1, seed: int = 0,
                     sampling: SamplingParams | None = None, batch_size: int = 64,
-                    progress: Callable[[int], None] | None = None) -> pa.Table:
-    """``critiques`` table from rows with ``prompt`` and ``response`` (``samples`` or ``sft``)."""
+                    progress: Callable[[int], None] | None = None, stats: dict | None = None) -> pa.Table:
+    """``critiques`` table from rows with ``prompt`` and ``response`` (``samples`` or ``sft``).
+
+    What the model reads fits its context (``feedback.context``): the prompt's turns and the
+    current response keep their heads, in equal shares, where the whole revision conversation
+    would not fit with room for a critique and a revision of ``max_new_tokens`` each; the rows
+    cut are counted in ``stats["truncated"]``. The stored trace keeps the full texts."""
+    from alignflow.feedback.context import fit_conversation, fitter_for
     from alignflow.schemas.prompts import normalize_prompt_columns
 
     table = normalize_prompt_columns(table)
@@ -108,9 +114,13 @@ def critique_revise(table: pa.Table, generator: Any, constitution: Constitution,
     picks = sample_principles(len(prompts), rounds, len(constitution.principles), seed)
     sampling = sampling or SamplingParams(temperature=0.7, max_new_tokens=128, seed=seed)
     traces: list[list[dict]] = [[] for _ in prompts]
+    fitter = fitter_for(generator, what="critique-revision prompt")
     for rnd in range(rounds):
         principles = [constitution.principles[k] for k in picks[:, rnd]]
-        base = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, current)]
+        base = [fit_conversation(fitter, list(p) + [{"role": "assistant", "content": r}], 2 * sampling.max_new_tokens,
+                                 tail=[{"role": "user", "content": pr.critique}, {"role": "assistant", "content": ""},
+                                       {"role": "user", "content": pr.revision}])
+                for p, r, pr in zip(prompts, current, principles)]
         ask_critique = [b + [{"role": "user", "content": pr.critique}] for b, pr in zip(base, principles)]
         step_seed = None if sampling.seed is None else sampling.seed + 2 * rnd * 1_000_003
         critiques = _generate_texts(generator, ask_critique, dataclasses.replace(sampling, seed=step_seed), batch_size)
@@ -124,6 +134,8 @@ def critique_revise(table: pa.Table, generator: Any, constitution: Constitution,
                 current[i] = rv
         if progress:
             progress(len(prompts))
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + fitter.truncated
     return pa.table({"prompt_id": table.column("prompt_id"), "prompt": to_messages_array(table.column("prompt")),
                      "response": pa.array(original, pa.string()),
                      "rounds": pa.array(traces, pa.list_(ROUND)),
@@ -157,12 +169,14 @@ def critique_revise_dataset(in_path: str | Path, out_dir: str | Path, generator:
 
     constitution = constitution or load_constitution()
     sampling = sampling or SamplingParams(temperature=0.7, max_new_tokens=128, seed=seed)
+    stats: dict = {}
     trace = critique_revise(read_dataset(in_path), generator, constitution, rounds, seed, sampling,
-                            batch_size, progress)
+                            batch_size, progress, stats=stats)
     out_dir = Path(out_dir)
     prov = {"flow": "critique", "models": {"critic": generator_provenance(generator)},
             "constitution": constitution.provenance(), "rounds": rounds, "seed": seed,
-            "sampling": dataclasses.asdict(sampling), "parent_datasets": [str(in_path)]}
+            "sampling": dataclasses.asdict(sampling), "parent_datasets": [str(in_path)],
+            "truncated_to_context": stats.get("truncated", 0)}
     paths = {"critiques": write_dataset(out_dir / "critiques", trace.drop_columns(["final"]), "critiques", prov,
                                         overwrite=overwrite)}
     child = dict(prov, parent_datasets=[str(in_path), str(paths["critiques"])])

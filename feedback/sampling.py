@@ -33,13 +33,22 @@ def model_label(generator: Any) -> str:
 
 
 def sample_table(prompts: pa.Table, generator: Any, k: int = 4, sampling: SamplingParams | None = None,
-                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> pa.Table:
-    """``k`` responses per prompt row -> ``samples`` rows (prompt-major, sample order kept)."""
+                 batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                 stats: dict | None = None) -> pa.Table:
+    """``k`` responses per prompt row -> ``samples`` rows (prompt-major, sample order kept).
+
+    A prompt longer than the model's context minus ``max_new_tokens`` is cut by the rule of
+    ``feedback.context`` (each turn keeps its head, in equal shares) before it is sent; the rows
+    keep the full prompt, and ``stats["truncated"]`` counts the prompts cut."""
+    from alignflow.feedback.context import fit_conversation, fitter_for
     from alignflow.schemas.prompts import normalize_prompt_columns
 
     prompts = normalize_prompt_columns(prompts)
-    messages = prompts.column("prompt").to_pylist()
     sampling = sampling or SamplingParams()
+    fitter = fitter_for(generator, what="generation prompt")
+    messages = [fit_conversation(fitter, m, sampling.max_new_tokens) for m in prompts.column("prompt").to_pylist()]
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + fitter.truncated
     texts, logps, n_tokens = [], [], []
     for start in range(0, len(messages), batch_size):
         chunk = messages[start: start + batch_size]
@@ -68,8 +77,9 @@ def sample_dataset(prompts_path: str | Path, out_path: str | Path, generator: An
     from alignflow.schemas.store import read_dataset, write_dataset
 
     sampling = sampling or SamplingParams()
-    table = sample_table(read_dataset(prompts_path), generator, k, sampling, batch_size, progress)
+    stats: dict = {}
+    table = sample_table(read_dataset(prompts_path), generator, k, sampling, batch_size, progress, stats=stats)
     provenance = {"flow": "generate", "models": {"policy": generator_provenance(generator)}, "k": k,
                   "sampling": dataclasses.asdict(sampling), "seed": sampling.seed,
-                  "parent_datasets": [str(prompts_path)]}
+                  "parent_datasets": [str(prompts_path)], "truncated_to_context": stats.get("truncated", 0)}
     return write_dataset(out_path, table, "samples", provenance, overwrite=overwrite)

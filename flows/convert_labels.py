@@ -35,11 +35,11 @@ def check_source_fn(source: str, from_format: str, to_format: str) -> dict:
 
 
 def convert_fn(source: str, out: str, from_format: str, to_format: str, options: dict,
-               quarantine: str | None = None) -> dict:
+               quarantine: str | None = None, overwrite: bool = False) -> dict:
     from alignflow.feedback.labels import Options, convert_labels_file
 
     report = convert_labels_file(source, out, from_format, to_format, Options(**options),
-                                 quarantine_path=quarantine, flow="convert_labels")
+                                 quarantine_path=quarantine, flow="convert_labels", overwrite=overwrite)
     return {"line": report.line(), "details": report.details(), **report.as_dict(), "output": report.output,
             "quarantine": report.quarantine_path,
             "agreement": report.info.get("agreement"),
@@ -64,11 +64,12 @@ verify_output = task(verify_output_fn, name="verify-output")
 def convert_labels(source: str, out: str | None = None, from_format: str = "pairwise", to_format: str = "pairwise",
                    strategy: str = "all-pairs", ties: str = "drop", aspect: str | None = None,
                    aggregate: str = "majority", threshold: float | None = None, top_k: int = 1,
-                   style: str | None = None, quarantine: str | None = None, output: str | None = None) -> dict[str, Any]:
+                   style: str | None = None, quarantine: str | None = None, output: str | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Convert a label file between formats and kinds; returns the accounting and output facts.
 
     ``out`` defaults to ``<output>/<to_format>`` (``output`` is the run folder when run from a
-    config file).
+    config file). ``overwrite``: replace an existing output dataset of the same kind.
     """
     if out is None:
         if output is None:
@@ -77,7 +78,7 @@ def convert_labels(source: str, out: str | None = None, from_format: str = "pair
     facts = check_source(source, from_format, to_format)
     options = {"strategy": strategy, "ties": ties, "aspect": aspect, "aggregate": aggregate,
                "threshold": threshold, "top_k": top_k, "style": style}
-    result = convert(source, out, from_format, to_format, options, quarantine)
+    result = convert(source, out, from_format, to_format, options, quarantine, overwrite)
     result["verify"] = verify_output(result["output"])
     result["source_sha256"] = facts["sha256"]
     return result

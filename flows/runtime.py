@@ -8,7 +8,9 @@ imported, because Prefect reads its settings from the environment at import time
 
 ``prefect_session`` wraps a flow call: the flow-run heartbeat is disabled (an environment
 variable cannot set it to None) and SIGTERM becomes ``SystemExit`` so the embedded server is
-shut down by Prefect's normal exit path instead of being orphaned.
+shut down by Prefect's normal exit path instead of being orphaned. Against SIGKILL (or any
+death that runs no cleanup), ``guard_embedded_server`` starts a small watchdog process that
+stops the server once its parent is gone.
 
 Measured costs behind these choices: ../shared/notes/prefect.md.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -195,6 +198,67 @@ def start_embedded_server():
 
     with get_client(sync_client=True) as client:
         client.hello()
+    guard_embedded_server()
+
+
+# The watchdog: polls its parent; when the parent is gone (re-parented to init or a subreaper),
+# it stops the server, if the pid still names the process started then (same start time).
+_WATCHDOG = """
+import os, signal, sys, time
+parent, child, started = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+while os.getppid() == parent:
+    if start_time(child) != started:
+        sys.exit(0)
+    time.sleep(0.2)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    if start_time(child) != started:
+        break
+    os.kill(child, sig)
+    deadline = time.time() + wait
+    while time.time() < deadline and start_time(child) == started:
+        time.sleep(0.1)
+"""
+
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def guard_process(pid: int) -> subprocess.Popen | None:
+    """Start a watchdog that stops process ``pid`` (SIGTERM, then SIGKILL) when this process
+    dies, however it dies. Linux (/proc); elsewhere nothing is started."""
+    import subprocess
+
+    started = _proc_start_time(pid)
+    if started is None:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid), started],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+
+
+def guard_embedded_server() -> None:
+    """Make the embedded Prefect server die with this process (a SIGKILL leaves it orphaned
+    otherwise, holding its port and SQLite database)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:  # pragma: no cover - prefect's layout changed: no guard, as before
+        return
+    server = SubprocessASGIServer._instances.get(None)
+    process = getattr(server, "server_process", None)
+    if process is None or process.poll() is not None or getattr(server, "_alignflow_guard", None):
+        return
+    server._alignflow_guard = guard_process(process.pid)
 
 
 def run_flow(flow: str, config, *, progress=None) -> Any:

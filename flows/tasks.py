@@ -3,13 +3,12 @@
 One task is a stage or a shard (never a row): Prefect's SQLite server stays far from its
 locking limits and the per-task cost (~5-7 ms) is noise. Every step
 
-- takes JSON-able arguments (paths as strings, configs as dicts) so the cache key is a
-  function of its inputs (``INPUTS + TASK_SOURCE``, not the run id: a rerun of the same run
-  folder after a crash finds the finished steps and shards and skips them);
-- writes its data itself, atomically, through the dataset store, and returns the *path*
-  (Prefect persists only that small result, under the run folder);
-- is idempotent on its own: an output that already exists is returned as is, so resume holds
-  even where Prefect's result files were lost.
+- takes JSON-able arguments (paths as strings, configs as dicts);
+- writes its data itself, atomically, through the dataset store, and returns the *path*;
+- is idempotent: an output that already exists is returned as is, so a rerun of the same run
+  folder after a crash finds the finished steps and shards and skips them. Prefect stores no
+  step results (they would be pickles a tampered run folder could use to run code, see
+  ``_tasks``); resume rests on the outputs alone.
 
 The plain functions are what ``tests/bench/bench_flow_overhead.py`` calls without Prefect.
 Producers and consumers come from ``feedback`` and ``trainers``; this module only composes them.
@@ -23,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +43,37 @@ _MODEL_LOCK = threading.RLock()
 
 # Test hook and extension point: backend name -> factory(model, **options) -> Generator.
 BACKEND_FACTORIES: dict[str, Any] = {}
+
+# Code named in a config or a run folder ('module:factory' backends, 'module:function' verifiers)
+# is imported only when the user allowed it on the command line (``--allow-plugin SPEC``, which
+# sets this variable for the run and its worker processes): a config file or a downloaded run
+# folder is data, and must never be able to run code by naming it.
+ALLOW_PLUGINS_ENV = "ALIGNFLOW_ALLOW_PLUGINS"
+
+
+class PluginNotAllowed(ValueError):
+    """A config names code to import that the user did not allow with --allow-plugin."""
+
+
+def allowed_plugins() -> set[str]:
+    return {p.strip() for p in os.environ.get(ALLOW_PLUGINS_ENV, "").split(",") if p.strip()}
+
+
+def check_plugin(spec: str, what: str) -> None:
+    if spec not in allowed_plugins():
+        raise PluginNotAllowed(f"{what} {spec!r} names Python code to import; alignflow imports such code only when "
+                               f"you allow it on the command line: --allow-plugin {spec}")
+
+
+def load_plugin(spec: str, what: str):
+    """The object ``module:attr`` names, once ``check_plugin`` allows it."""
+    import importlib
+
+    check_plugin(spec, what)
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"{what} {spec!r}: expected 'module:name'")
+    return getattr(importlib.import_module(module), attr)
 
 
 class TransientBackendError(RuntimeError):
@@ -86,11 +115,8 @@ def get_generator(backend: str, model: str, options: dict | None = None):
 def _make_generator(backend: str, model: str, options: dict):
     if backend in BACKEND_FACTORIES:
         return BACKEND_FACTORIES[backend](model, **options)
-    if ":" in backend:  # a user's own backend: 'module:factory'
-        import importlib
-
-        module, _, attr = backend.partition(":")
-        return getattr(importlib.import_module(module), attr)(model, **options)
+    if ":" in backend:  # a user's own backend: 'module:factory', if allowed on the command line
+        return load_plugin(backend, "generation.backend")(model, **options)
     from alignflow.feedback.generation.registry import make_generator
 
     return make_generator(backend, model, **options)
@@ -152,10 +178,7 @@ def make_judge(judge: dict):
     if kind == "verifier":
         spec = judge.get("verifier")
         if spec:
-            import importlib
-
-            module, _, name = spec.partition(":")
-            return judges.FunctionJudge(getattr(importlib.import_module(module), name), label=spec)
+            return judges.FunctionJudge(load_plugin(spec, "verifier"), label=spec)
         return judges.FunctionJudge.from_task(toy_task(judge.get("task")))
     if kind == "reward_model":
         return judges.RewardModelJudge(judge["model"], device=judge.get("device"))
@@ -256,6 +279,7 @@ def judge_shard(out: str, *, samples: str, judge: dict, seed: int = 0) -> str:
             write_dataset(out, pairs, "pairwise", {**provenance, "counts": counts}, overwrite=True)
             return out
         scored = score_samples(table, scorer)
+    provenance["truncated_to_context"] = int(getattr(scorer, "last_truncated", 0))
     write_dataset(out, scored, "samples", provenance, overwrite=True)
     return out
 
@@ -401,12 +425,13 @@ def train_policy(out: str, *, dataset: str, model: str, train: dict, seed: int =
 
     With ``num_processes > 1`` the training runs under ``accelerate launch`` (DDP; gloo on
     CPU; ``accelerate_config`` passes DeepSpeed or FSDP settings through). The checkpoint is
-    written to a temporary folder and renamed, so a half-written one is never taken as done.
+    written to ``<out>.partial`` and renamed, so a half-written one is never taken as done; the
+    name is fixed, so a rerun after a kill removes what the killed run left there.
     """
     target = Path(out)
     if (target / "config.json").exists():
         return out
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _fresh_partial(target)
     spec = {"dataset": dataset, "model": model, "output": str(tmp), "train": train, "seed": seed}
     processes = int(train.get("num_processes", 1))
     try:
@@ -572,9 +597,17 @@ def _score_all(generator, messages: list, responses: list[list[str]]) -> np.ndar
 
 def _atomic_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per step output: a fixed name, reused by a rerun
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, path)
+
+
+def _fresh_partial(target: Path) -> Path:
+    """``<target>.partial``, emptied: where a checkpoint is written before it is renamed into place."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.with_name(tmp.name + ".spec.json").unlink(missing_ok=True)
+    return tmp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,14 +615,19 @@ def _atomic_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _tasks():
-    """Build the Prefect task objects (imports prefect; called once, lazily)."""
-    from prefect import task
-    from prefect.cache_policies import INPUTS, TASK_SOURCE
+    """Build the Prefect task objects (imports prefect; called once, lazily).
 
-    cache = INPUTS + TASK_SOURCE
+    No step result is persisted, so nothing in a run folder is ever deserialized by Prefect: its
+    result records name their own serializer (pickle included), so a tampered or downloaded run
+    folder would run code on resume. Resume needs no result records: every step is idempotent
+    on its own outputs (Parquet datasets with manifests, JSON summaries read as plain data), and a
+    finished step returns from them at once (``tests/test_hostile.py`` measures a rerun).
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
 
     def make(fn, name, **options):
-        return task(fn, name=name, cache_policy=cache, persist_result=True, **options)
+        return task(fn, name=name, cache_policy=NO_CACHE, persist_result=False, **options)
 
     return {
         "prepare_prompts": make(prepare_prompts, "prepare-prompts"),
@@ -613,14 +651,11 @@ _TASKS: dict | None = None
 
 
 def prefect_task(name: str, run_dir: str | os.PathLike, **options):
-    """The Prefect task of step ``name``, its results stored under ``<run_dir>/.prefect-results``."""
+    """The Prefect task of step ``name`` (``run_dir``: the run folder; no results are stored in it)."""
     global _TASKS
     if _TASKS is None:
         _TASKS = _tasks()
-    # A Path (not a string, which Prefect reads as a saved block's name) under the run folder.
-    storage = Path(run_dir).resolve() / ".prefect-results"
-    storage.mkdir(parents=True, exist_ok=True)
-    return _TASKS[name].with_options(result_storage=storage, **options)
+    return _TASKS[name].with_options(**options) if options else _TASKS[name]
 
 
 STEPS = {
@@ -702,7 +737,7 @@ def sft_policy(out: str, *, dataset: str, model: str, epochs: float = 1.0, seed:
         return out
     from alignflow.trainers.sft import train_sft
 
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _fresh_partial(target)
     try:
         with _MODEL_LOCK:
             train_sft(model, None, dataset, tmp, num_train_epochs=epochs, seed=seed)

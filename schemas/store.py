@@ -1,31 +1,46 @@
-"""The dataset store: a folder of Parquet shards plus ``manifest.json``.
+"""The dataset store: a folder of Parquet shards plus ``_manifest.json``.
 
 Layout of a dataset folder::
 
-    train-00000.parquet  train-00001.parquet ...  manifest.json
+    train-00000.parquet  train-00001.parquet ...  _manifest.json
 
-``manifest.json`` holds the kind, schema version, row count, each shard's rows and sha256,
-and provenance (producing flow, models, judge, parameters, seed, parent datasets).
+``_manifest.json`` holds the kind, schema version, row count, each shard's rows and sha256,
+and provenance (producing flow, models, judge, parameters, seed, parent datasets). Its name
+starts with ``_`` because Arrow, pandas and Spark skip ``_``- and ``.``-prefixed files: the
+folder opens unchanged with ``pandas.read_parquet(PATH)``, ``pyarrow.parquet.read_table(PATH)``,
+``pyarrow.dataset.dataset(PATH)``, ``datasets.load_dataset(PATH)``, DuckDB's
+``read_parquet('PATH/*.parquet')`` and polars on the shards (tests/test_hostile.py opens one
+with each). Folders written before (``manifest.json``) are still read.
 
-Writes are atomic: shards go into ``<name>.partial/`` and the folder is renamed into place
-only once the manifest is written, so a killed write never leaves a visible dataset. A
-streaming producer writes shard by shard with ``DatasetWriter``; a shard is complete once
+Writes are atomic and never destroy what is not theirs:
+
+* shards go into ``<name>.partial/`` and the folder is renamed into place only once the
+  manifest is written, so a killed write never leaves a visible dataset;
+* the target must be absent, an empty folder, or (with ``overwrite=True``) a dataset of the
+  same kind; a file, a folder of other files or a dataset of another kind is refused;
+* one writer at a time: the ``.partial`` folder is locked (``flock``) for the whole write, so a
+  second writer of the same dataset fails at once;
+* a replaced dataset is moved aside to ``<name>.partial.old`` (a fixed name: a write killed in
+  the middle of the swap is repaired by the next writer) and deleted.
+
+A streaming producer writes shard by shard with ``DatasetWriter``; a shard is complete once
 listed in ``<name>.partial/progress.json``, so a restarted producer skips the shards it has.
-
-The folder loads with pyarrow alone (``read_dataset`` or ``pyarrow.dataset``) and with
-``datasets.load_dataset("parquet", data_dir=path)``.
+Shard names in manifests and progress files must be plain file names inside the folder.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -35,8 +50,10 @@ import pyarrow.parquet as pq
 from alignflow.schemas.kinds import KINDS, SCHEMA_VERSION, optional_type, schema_for
 from alignflow.schemas.prompts import normalize_prompt_columns
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # folders written before the manifest got its "_" (still read)
 PROGRESS = "progress.json"
+RESUME_DIR = ".resume"  # a producer's own state inside the partial folder (feedback.labels.convert)
 FORMAT = "alignflow-dataset"
 QUARANTINE_KIND = "quarantine"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|credential)", re.I)
@@ -44,6 +61,28 @@ _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|cred
 
 class DatasetError(Exception):
     """A dataset folder that cannot be read or written as asked (one-line message)."""
+
+
+class UnfinishedWriteOfAnotherKind(DatasetError):
+    """``<name>.partial`` holds an interrupted write of another kind (a fresh write may clear it)."""
+
+
+def plain_file_name(name: Any) -> bool:
+    """A file name that stays inside its folder: no separators, not ``.``/``..``, no NUL."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+            and not any(c in name for c in ("/", "\\", "\x00")))
+
+
+def shard_name_ok(name: Any) -> bool:
+    """A shard file name a manifest may list: plain, ``.parquet``, not hidden from other readers."""
+    return plain_file_name(name) and name.endswith(".parquet") and not name.startswith(("_", "."))
+
+
+def manifest_file(path: str | os.PathLike) -> Path:
+    """The manifest of a dataset folder (``_manifest.json``, or ``manifest.json`` of older folders)."""
+    path = Path(path)
+    new = path / MANIFEST
+    return new if new.is_file() or not (path / LEGACY_MANIFEST).is_file() else path / LEGACY_MANIFEST
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -117,7 +156,8 @@ class DatasetWriter:
     ...         w.write_shard(batch, i)
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str, provenance: dict | None = None, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, kind: str, provenance: dict | None = None, *, overwrite: bool = False,
+                 resume: bool = True):
         if kind not in KINDS and kind != QUARANTINE_KIND:
             raise DatasetError(f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
         self.path = Path(path)
@@ -125,20 +165,60 @@ class DatasetWriter:
         self.provenance = scrub_secrets(dict(provenance or {}))
         self.overwrite = overwrite
         self.partial = self.path.with_name(self.path.name + ".partial")
-        if self.path.exists() and not overwrite:
-            raise DatasetError(f"{self.path}: already exists (pass overwrite=True to replace it)")
-        self.partial.mkdir(parents=True, exist_ok=True)
-        progress = self.partial / PROGRESS
-        self._shards: dict[str, dict] = {}
-        if progress.exists():
-            state = json.loads(progress.read_text())
-            if state.get("kind") != kind:
-                raise DatasetError(f"{self.partial}: unfinished write of kind {state.get('kind')!r}, not {kind!r}")
-            self._shards = {s["key"]: s for s in state["shards"]}
-        for stale in self.partial.glob(".*.tmp"):  # shards a killed writer had not finished
-            stale.unlink(missing_ok=True)
+        check_target(self.path, kind, overwrite)
+        self._lock_fd: int | None = None
+        self._lock_partial()
+        try:
+            _repair_swap(self.path)
+            check_target(self.path, kind, overwrite)  # again, now that no other writer can change it
+            self._shards: dict[str, dict] = {}
+            if resume:
+                self._shards = _load_progress(self.partial, kind)
+            else:  # a one-shot write starts from nothing
+                _clear_partial(self.partial)
+            for stale in self.partial.glob(".*.tmp"):  # shards a killed writer had not finished
+                stale.unlink(missing_ok=True)
+        except BaseException:
+            self.release()
+            raise
         self._schema: pa.Schema | None = None
         self._lock = threading.Lock()  # write_shard may run in several threads (one shard each)
+
+    def _lock_partial(self) -> None:
+        """Create ``<name>.partial`` if needed and hold an exclusive ``flock`` on it until the write
+        ends (commit, abort, or this process's death): a second writer fails at once."""
+        for _ in range(5):
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.partial.mkdir(exist_ok=True)
+                fd = os.open(self.partial, os.O_RDONLY | os.O_DIRECTORY)
+            except FileExistsError:
+                raise DatasetError(f"{self.partial}: exists and is not a folder; move it away") from None
+            except FileNotFoundError:  # another writer just committed (renamed it): try again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DatasetError(f"{self.path}: another process is writing this dataset ({self.partial.name} is "
+                                   "locked); wait for it to finish or write elsewhere") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.partial))
+            except FileNotFoundError:
+                same = False
+            if same:  # still the folder at that name (not one a finished writer renamed away)
+                self._lock_fd = fd
+                # closes the fd if the writer is dropped unreleased; runs at most once (release calls it)
+                self._unlock = weakref.finalize(self, _close_fd, fd)
+                return
+            os.close(fd)
+        raise DatasetError(f"{self.partial}: could not lock it (it keeps changing); is another writer running?")
+
+    def release(self) -> None:
+        """Give up the write lock (the partial folder stays for a rerun to go on from)."""
+        if self._lock_fd is not None:
+            self._lock_fd = None
+            self._unlock()  # never close the number twice: it may name another file by then
 
     # -- resume support -------------------------------------------------------------------
     def completed_shards(self) -> set[str]:
@@ -230,11 +310,15 @@ class DatasetWriter:
         }
         _atomic_write_text(self.partial / MANIFEST, json.dumps(manifest, indent=2, default=str))
         (self.partial / PROGRESS).unlink(missing_ok=True)
-        _move_into_place(self.partial, self.path, self.overwrite)
+        check_target(self.path, self.kind, self.overwrite)
+        _move_into_place(self.partial, self.path)
+        self.release()
         return self.path
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if self._lock_fd is not None:  # only the lock holder may remove the partial folder
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.release()
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -243,6 +327,7 @@ class DatasetWriter:
         if exc_type is None:
             self.commit()
         # on error the partial folder stays, so a rerun resumes from the finished shards
+        self.release()
 
 
 def _empty_quarantine() -> pa.Table:
@@ -251,17 +336,131 @@ def _empty_quarantine() -> pa.Table:
     return QUARANTINE_SCHEMA.empty_table()
 
 
-def _move_into_place(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst.exists():
-        if not overwrite:
-            raise DatasetError(f"{dst}: already exists (pass overwrite=True to replace it)")
-        trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _old_of(path: Path) -> Path:
+    return path.with_name(path.name + ".partial.old")
+
+
+def _entries(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def check_target(path: str | os.PathLike, kind: str, overwrite: bool) -> None:
+    """Refuse to write a ``kind`` dataset at ``path`` where that would destroy something else.
+
+    Allowed: nothing there, an empty folder, or (only with ``overwrite``) an alignflow dataset of
+    the same kind. Refused with a one-line ``DatasetError``: a file, a folder holding other
+    things, a dataset of another kind, an existing dataset without ``overwrite``.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise DatasetError(f"{path}: exists and is not a dataset folder; refusing to replace it "
+                           "(choose another output)")
+    if not _entries(path):
+        return
+    if not is_dataset(path):
+        raise DatasetError(f"{path}: a folder holding other files, not an alignflow dataset; refusing to replace it "
+                           "(choose a new or empty folder)")
+    try:
+        existing = read_manifest(path)["kind"]
+    except DatasetError as exc:
+        raise DatasetError(f"{path}: holds a dataset alignflow cannot read ({exc}); refusing to replace it") from None
+    if existing != kind:
+        raise DatasetError(f"{path}: holds a {existing} dataset; refusing to replace it with {kind} data "
+                           "(choose another output, or delete it first)")
+    if not overwrite:
+        raise DatasetError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
+
+
+def check_separate(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "output") -> None:
+    """Refuse an output that is an input, holds one, or lies inside an input folder."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise DatasetError(f"{out}: the {what} would replace the input {item}; choose another {what}")
+        if source.is_dir() and source in target.parents:
+            raise DatasetError(f"{out}: the {what} lies inside the input folder {item}; choose another {what}")
+
+
+_OUR_PARTIAL_ENTRY = re.compile(r"(progress\.json|_?manifest\.json|train-[A-Za-z0-9_.-]+\.parquet|\..*\.tmp|\.resume)")
+
+
+def _load_progress(partial: Path, kind: str) -> dict[str, dict]:
+    """The finished shards an interrupted writer recorded; every entry checked (plain names only)."""
+    foreign = [e for e in _entries(partial) if not _OUR_PARTIAL_ENTRY.fullmatch(e)]
+    if foreign:
+        raise DatasetError(f"{partial}: holds files alignflow did not write ({', '.join(foreign[:3])}); move it away")
+    progress = partial / PROGRESS
+    if not progress.exists():
+        return {}
+    try:
+        state = json.loads(progress.read_text())
+        shards = state["shards"]
+        if not isinstance(shards, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise DatasetError(f"{progress}: unreadable progress file; delete {partial} to start over") from None
+    if state.get("kind") != kind:
+        raise UnfinishedWriteOfAnotherKind(f"{partial}: unfinished write of kind {state.get('kind')!r}, not {kind!r}")
+    out = {}
+    for entry in shards:
+        key = entry.get("key") if isinstance(entry, dict) else None
+        if (not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", key) or key in (".", "..")
+                or entry.get("file") != f"train-{key}.parquet" or not shard_name_ok(entry["file"])):
+            raise DatasetError(f"{progress}: shard entry {json.dumps(entry, default=str)[:120]} is not a shard of "
+                               f"this folder; delete {partial} to start over")
+        out[key] = entry
+    return out
+
+
+def _clear_partial(partial: Path) -> None:
+    """Empty our (locked) partial folder for a fresh write."""
+    foreign = [e for e in _entries(partial) if not _OUR_PARTIAL_ENTRY.fullmatch(e)]
+    if foreign:
+        raise DatasetError(f"{partial}: holds files alignflow did not write ({', '.join(foreign[:3])}); move it away")
+    for name in _entries(partial):
+        item = partial / name
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink(missing_ok=True)
+
+
+def _repair_swap(path: Path) -> None:
+    """Finish or undo a replacement a killed writer left half done (``<name>.partial.old``)."""
+    old = _old_of(path)
+    if not old.is_dir() or not is_dataset(old):
+        return
+    if os.path.lexists(path):
+        shutil.rmtree(old)  # the new dataset is in place: the old one only waited to be deleted
     else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(old, path)  # killed between the two renames: the old dataset goes back
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename the finished partial folder to ``dst`` (checked by ``check_target`` just before)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dst) and _entries(dst):  # a dataset of the same kind, replaced as asked
+        old = _old_of(dst)
+        os.replace(dst, old)
         os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)  # absent, or an empty folder (rename replaces an empty directory)
 
 
 def write_dataset(
@@ -273,27 +472,27 @@ def write_dataset(
     rows_per_shard: int = 250_000,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``table`` as a dataset of ``kind`` at ``path``, atomically."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a one-shot write does not resume
-    writer = DatasetWriter(path, kind, provenance, overwrite=overwrite)
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
-        writer.write_shard(table.slice(start, rows_per_shard), i)
-    return writer.commit()
+    """Write ``table`` as a dataset of ``kind`` at ``path``, atomically (see ``check_target``)."""
+    writer = DatasetWriter(path, kind, provenance, overwrite=overwrite, resume=False)
+    try:
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+            writer.write_shard(table.slice(start, rows_per_shard), i)
+        return writer.commit()
+    finally:
+        writer.release()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(f"{path}: no such dataset folder")
-    mpath = path / MANIFEST
-    if not mpath.exists():
+    mpath = manifest_file(path)
+    if not mpath.is_file():
         hint = " (an unfinished write?)" if path.name.endswith(".partial") else ""
         raise DatasetError(f"{path}: no {MANIFEST}, not an alignflow dataset{hint}")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"{mpath}: not an alignflow manifest (format field missing or wrong)")
@@ -302,32 +501,68 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise DatasetError(f"{mpath}: manifest lacks field {key!r}")
     if manifest["kind"] not in KINDS and manifest["kind"] != QUARANTINE_KIND:
         raise DatasetError(f"{mpath}: unknown kind {manifest['kind']!r}")
-    if manifest["schema_version"] > SCHEMA_VERSION:
-        raise DatasetError(f"{mpath}: schema version {manifest['schema_version']} is newer than this alignflow ({SCHEMA_VERSION})")
+    if not isinstance(manifest["schema_version"], int) or manifest["schema_version"] > SCHEMA_VERSION:
+        raise DatasetError(f"{mpath}: schema version {manifest['schema_version']} is newer than this alignflow "
+                           f"({SCHEMA_VERSION})")
+    if not isinstance(manifest["shards"], list) or not manifest["shards"]:
+        raise DatasetError(f"{mpath}: manifest lists no shards")
+    for shard in manifest["shards"]:
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not shard_name_ok(name):
+            raise DatasetError(f"{mpath}: shard {str(name)[:80]!r} is not a plain .parquet file name inside the folder")
+        if not isinstance(shard.get("rows"), int) or shard["rows"] < 0 or not isinstance(shard.get("sha256"), str):
+            raise DatasetError(f"{mpath}: shard {name}: rows or sha256 missing or malformed")
     return manifest
 
 
+def _regular_shard(path: Path, shard: dict) -> Path:
+    """The shard's path, once it is known to be a regular file (no link, device or pipe)."""
+    file = path / shard["file"]
+    try:
+        mode = os.lstat(file).st_mode
+    except FileNotFoundError:
+        raise DatasetError(f"{file}: shard listed in the manifest is missing") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError(f"{file}: shard is not a regular file (a link, device or folder); refusing to read it")
+    return file
+
+
 def verify_dataset(path: str | os.PathLike) -> dict:
-    """Check every shard's presence, sha256 and row count; returns the manifest."""
+    """Check every shard: a regular file, its sha256, and its row count against the Parquet footer
+    and the manifest's total; returns the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
     total = 0
     for shard in manifest["shards"]:
-        file = path / shard["file"]
-        if not file.exists():
-            raise DatasetError(f"{file}: shard listed in the manifest is missing")
+        file = _regular_shard(path, shard)
         if sha256_file(file) != shard["sha256"]:
             raise DatasetError(f"{file}: checksum mismatch (the shard changed after it was written)")
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetError(f"{file}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        if rows != shard["rows"]:
+            raise DatasetError(f"{file}: holds {rows} rows, the manifest says {shard['rows']}")
         total += shard["rows"]
     if total != manifest["num_rows"]:
-        raise DatasetError(f"{path / MANIFEST}: shard rows add up to {total}, manifest says {manifest['num_rows']}")
+        raise DatasetError(f"{manifest_file(path)}: shard rows add up to {total}, manifest says {manifest['num_rows']}")
     return manifest
+
+
+def unlisted_files(path: str | os.PathLike) -> list[str]:
+    """Names in a dataset folder that its manifest does not list (the manifest itself aside).
+
+    Other readers (pandas, pyarrow, ``datasets``) take every name not starting with ``_`` or ``.``
+    as data, so such a file makes them see another dataset than alignflow does."""
+    path = Path(path)
+    listed = {s["file"] for s in read_manifest(path)["shards"]} | {MANIFEST, LEGACY_MANIFEST}
+    return [name for name in _entries(path) if name not in listed]
 
 
 def shard_paths(path: str | os.PathLike, *, verify: bool = True) -> list[Path]:
     path = Path(path)
     manifest = verify_dataset(path) if verify else read_manifest(path)
-    return [path / s["file"] for s in manifest["shards"]]
+    return [_regular_shard(path, s) for s in manifest["shards"]]
 
 
 def read_dataset(path: str | os.PathLike, *, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
@@ -349,4 +584,5 @@ def dataset_kind(path: str | os.PathLike) -> str:
 
 
 def is_dataset(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / LEGACY_MANIFEST).is_file()

@@ -19,6 +19,8 @@ import pyarrow.compute as pc
 from alignflow.schemas.kinds import ROLES, optional_type, schema_for
 from alignflow.schemas.prompts import fill_prompt_ids, to_messages_array
 
+MAX_FIELD_BYTES = 16 << 20  # one text field (a prompt turn, a response) larger than this is refused
+
 QUARANTINE_SCHEMA = pa.schema(
     [pa.field("row", pa.int64()), pa.field("reason", pa.string()), pa.field("record", pa.string())]
 )
@@ -157,8 +159,32 @@ def _has_nan_in_list(col: pa.Array) -> np.ndarray:
     return rows
 
 
-def validate(table: pa.Table, kind: str) -> Validation:
-    """Conform ``table`` to ``kind``: valid rows (schema order, extras kept) and quarantined rows."""
+def _oversize(col: pa.Array, limit: int) -> np.ndarray:
+    """Rows holding a text (at any depth: prompt turns, listed responses) longer than ``limit`` bytes."""
+    col = _combine(col)
+    typ = col.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ) \
+            or pa.types.is_large_binary(typ):
+        return pc.fill_null(pc.greater(pc.binary_length(col), limit), False).to_numpy(zero_copy_only=False)
+    if pa.types.is_struct(typ):
+        out = np.zeros(len(col), dtype=bool)
+        for i in range(typ.num_fields):
+            out |= _oversize(pc.struct_field(col, [i]), limit)
+        return out
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        inner = _oversize(pc.list_flatten(col), limit)
+        out = np.zeros(len(col), dtype=bool)
+        if inner.any():
+            out[pc.list_parent_indices(col).to_numpy()[inner]] = True
+        return out
+    return np.zeros(len(col), dtype=bool)
+
+
+def validate(table: pa.Table, kind: str, *, max_field_bytes: int = MAX_FIELD_BYTES) -> Validation:
+    """Conform ``table`` to ``kind``: valid rows (schema order, extras kept) and quarantined rows.
+
+    A row with a text field larger than ``max_field_bytes`` is quarantined: no model context holds
+    it, and every later stage would copy it around."""
     schema = schema_for(kind)
     n = table.num_rows
     reasons = _Reasons(n)
@@ -214,6 +240,8 @@ def validate(table: pa.Table, kind: str) -> Validation:
 
     ordered = {f.name: columns[f.name] for f in schema}
     ordered.update(extras)
+    for name, col in ordered.items():
+        reasons.add(_oversize(col, max_field_bytes), f"{name}: a text longer than {max_field_bytes} bytes")
     full = pa.table(ordered)
     bad = reasons.bad()
     good_idx = np.flatnonzero(~bad)
@@ -229,9 +257,12 @@ def validate(table: pa.Table, kind: str) -> Validation:
     return Validation(kind, valid, quarantined, counts)
 
 
-def quarantine_table(rows: pa.Table, row_numbers, reasons: list[str]) -> pa.Table:
-    """Quarantine rows as (row number, reason, original row as JSON)."""
+def quarantine_table(rows: pa.Table, row_numbers, reasons: list[str], max_record_chars: int = 1 << 20) -> pa.Table:
+    """Quarantine rows as (row number, reason, original row as JSON; a record longer than
+    ``max_record_chars`` keeps its head and a marker)."""
     records = [json.dumps(r, default=str, ensure_ascii=False) for r in rows.to_pylist()]
+    records = [r if len(r) <= max_record_chars else r[:max_record_chars] + f" ...[{len(r)} characters, cut]"
+               for r in records]
     return pa.table(
         {
             "row": pa.array(np.asarray(row_numbers, dtype=np.int64)),
@@ -240,3 +271,45 @@ def quarantine_table(rows: pa.Table, row_numbers, reasons: list[str]) -> pa.Tabl
         },
         schema=QUARANTINE_SCHEMA,
     )
+
+
+def _row_codes(col: pa.Array) -> list[np.ndarray]:
+    """Integer arrays, one value per row each, equal for equal rows: dictionary codes of flat
+    columns (exact); for lists, the length and two 64-bit polynomial hashes of the elements' codes
+    (nested prompts and response lists; a collision needs two 64-bit hashes to agree)."""
+    col = _combine(col)
+    typ = col.type
+    if pa.types.is_struct(typ):
+        codes = [pc.is_valid(col).to_numpy(zero_copy_only=False).astype(np.int64)]
+        for i in range(typ.num_fields):
+            codes += _row_codes(pc.struct_field(col, [i]))
+        return codes
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        lengths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(col)
+        parents = pc.list_parent_indices(col).to_numpy().astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))[:-1]])
+        position = (np.arange(len(flat), dtype=np.int64) - starts[parents]).astype(np.uint64) + np.uint64(1)
+        out = [lengths]
+        for element in _row_codes(flat):
+            value = element.astype(np.uint64) + np.uint64(2)
+            for mult in (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)):
+                with np.errstate(over="ignore"):
+                    term = value * (mult ** position | np.uint64(1))
+                row_hash = np.zeros(len(col), dtype=np.uint64)
+                np.add.at(row_hash, parents, term)
+                out.append(row_hash.view(np.int64))
+        return out
+    encoded = pc.dictionary_encode(col)
+    return [pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)]
+
+
+def duplicate_rows(table: pa.Table) -> np.ndarray:
+    """Rows equal in every column to an earlier row (bool [rows]); column operations only."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=bool)
+    codes = np.stack([c for name in table.column_names for c in _row_codes(table.column(name))], axis=1)
+    _, first = np.unique(codes, axis=0, return_index=True)
+    duplicate = np.ones(table.num_rows, dtype=bool)
+    duplicate[first] = False
+    return duplicate

@@ -55,3 +55,12 @@ def toy_world(tmp_path_factory):
     from alignflow.flows.toy_world import build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("toy-world"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One embedded Prefect server for the flow tests of the session (slow machines: 90 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

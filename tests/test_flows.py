@@ -16,18 +16,9 @@ import pytest
 from alignflow.flows import tasks
 from alignflow.flows.config import AlignConfig, GenerateFeedbackConfig, describe, load_config
 from alignflow.schemas.generator import Generation
-from alignflow.schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+from alignflow.schemas.store import MANIFEST, read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def prefect_server():
-    """One embedded Prefect server for the flow tests of the session (slow machines: 90 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +259,7 @@ def test_retries_and_failed_shard_isolation(tmp_path, fake_backend, prefect_serv
     with pytest.raises(Exception, match="1 of 4 shards failed"):
         state.result()
     shards = tmp_path / "run" / "shards"
-    done = sorted(p.name for p in shards.glob("samples-*") if (p / "manifest.json").exists())
+    done = sorted(p.name for p in shards.glob("samples-*") if (p / MANIFEST).exists())
     assert done == ["samples-00000", "samples-00001", "samples-00003"]  # flaky shard recovered by a retry
     assert sum(flaky in c for c in fake_backend["calls"]) == 2  # one failure, one retry
     assert sum(broken in c for c in fake_backend["calls"]) == 3  # first try + 2 retries

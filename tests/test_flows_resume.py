@@ -1,9 +1,10 @@
 """Flows that hold: SIGKILL in the middle of generation then resume, and multi-process training.
 
 The crash test runs the real CLI in its own process group with its own PREFECT_HOME, kills
-the whole group (the embedded Prefect server included) while shards are being generated,
-checks nothing of the group survives, reruns, and compares the final datasets with an
-uninterrupted run: same rows, same shard checksums, no duplicates, nothing lost.
+the CLI process alone (SIGKILL) while shards are being generated, checks that nothing of its
+group survives it (the embedded Prefect server goes too: issue 17, item 9), reruns, and compares
+the final datasets with an uninterrupted run: same rows, same shard checksums, no duplicates,
+nothing lost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 
 from alignflow.flows import tasks
 from alignflow.flows.config import GenerateFeedbackConfig
-from alignflow.schemas.store import read_dataset, read_manifest, verify_dataset, write_dataset
+from alignflow.schemas.store import MANIFEST, read_dataset, read_manifest, verify_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,21 @@ def _same_datasets(a: str | Path, b: str | Path) -> None:
     assert ma["num_rows"] == mb["num_rows"]
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     assert read_dataset(a).equals(read_dataset(b))
+
+
+def _live_members(pgid: int) -> set[int]:
+    """Processes of group ``pgid`` that have not exited (zombies waiting to be reaped left out)."""
+    members = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.add(int(entry))
+    return members
 
 
 def _wait_for_group_gone(pgid: int, timeout: float = 30.0) -> None:
@@ -99,16 +115,22 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     finished: dict[str, float] = {}
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        done = [p for p in shards.glob("samples-*") if (p / "manifest.json").exists()] if shards.exists() else []
+        done = [p for p in shards.glob("samples-*") if (p / MANIFEST).exists()] if shards.exists() else []
         if done:
             break
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
+    assert _live_members(proc.pid) - {proc.pid}, "no embedded server to check"
+    os.kill(proc.pid, signal.SIGKILL)  # the CLI alone: its embedded server must not outlive it
     proc.wait()
-    _wait_for_group_gone(proc.pid)  # the orphaned embedded server is reaped with the group
-    finished = {p.name: (p / "manifest.json").stat().st_mtime_ns
-                for p in shards.glob("samples-*") if (p / "manifest.json").exists()}
+    deadline = time.time() + 30
+    while time.time() < deadline and _live_members(proc.pid):
+        time.sleep(0.1)
+    survivors = _live_members(proc.pid)
+    _wait_for_group_gone(proc.pid)
+    assert not survivors, f"processes of the killed run still running: {survivors}"
+    finished = {p.name: (p / MANIFEST).stat().st_mtime_ns
+                for p in shards.glob("samples-*") if (p / MANIFEST).exists()}
     assert 1 <= len(finished) < n_shards, f"killed after {len(finished)} of {n_shards} shards"
     assert not (run_dir / "pairwise").exists()
 
@@ -117,7 +139,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path, tiny_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # Shards finished before the kill were skipped, not redone.
     for name, mtime in finished.items():
-        assert (shards / name / "manifest.json").stat().st_mtime_ns == mtime, name
+        assert (shards / name / MANIFEST).stat().st_mtime_ns == mtime, name
 
     for kind in ("samples", "pairwise"):
         _same_datasets(reference["samples"] if kind == "samples" else reference["dataset"], run_dir / kind)
@@ -219,4 +241,4 @@ def test_sigkill_mid_convert_then_rerun_goes_on_from_the_finished_shards(tmp_pat
     assert kept_now == kept  # finished shards were not redone (a shard is rewritten only if unfinished)
     _same_datasets(tmp_path / "reference", out)
     assert manifest["num_rows"] == reference.rows_out == 3_000_000
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"train-{i:05d}.parquet" for i in range(n_shards)]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST] + [f"train-{i:05d}.parquet" for i in range(n_shards)]

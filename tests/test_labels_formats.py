@@ -22,7 +22,7 @@ def write_jsonl(path, rows):
 def convert(tmp_path, rows, fmt, to="pairwise", name="in.jsonl", **options):
     src = write_jsonl(tmp_path / name, rows) if name.endswith(".jsonl") else _write_json(tmp_path / name, rows)
     out = tmp_path / f"out-{fmt}-{to}"
-    report = convert_labels_file(src, out, fmt, to, Options(**options))
+    report = convert_labels_file(src, out, fmt, to, Options(**options), overwrite=True)  # helpers reuse the out name
     assert report.adds_up
     return report, read_dataset(out)
 
@@ -384,7 +384,7 @@ def test_round_trip_binary_and_listwise(tmp_path):
     for ext in (".jsonl.gz", ".json", ".csv"):
         out = tmp_path / f"u-out{ext}"
         convert_labels_file(src, out, "trl-unpaired", "trl-unpaired")
-        back = convert_labels_file(out, tmp_path / f"u-back{ext[1:3]}", "trl-unpaired", "binary")
+        back = convert_labels_file(out, tmp_path / f"u-back{ext[1:3]}", "trl-unpaired", "binary", overwrite=True)
         assert back.written == 4
         assert read_dataset(tmp_path / f"u-back{ext[1:3]}").column("label").to_pylist() == [True, False, True, False]
     lw = [{"prompt": "P", "responses": ["a", "b", "c"], "scores": [3.0, 1.0, 2.0]}]

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from alignflow.schemas import DatasetError, DatasetWriter, read_dataset, read_manifest, validate, write_dataset
-from alignflow.schemas.store import iter_batches, verify_dataset
+from alignflow.schemas.store import MANIFEST, iter_batches, verify_dataset
 from tests.test_schemas import GOOD_ROWS
 
 
@@ -38,7 +38,7 @@ def test_round_trip_through_pyarrow_and_datasets(tmp_path, kind):
 def test_secrets_never_reach_the_manifest(tmp_path):
     table = pa.Table.from_pylist([GOOD_ROWS["sft"]])
     path = write_dataset(tmp_path / "d", table, "sft", {"backend": {"api_key": "sk-123", "url": "http://x"}})
-    text = (path / "manifest.json").read_text()
+    text = (path / MANIFEST).read_text()
     assert "sk-123" not in text and "http://x" in text
 
 
@@ -69,14 +69,14 @@ def test_tampered_shard_missing_manifest_and_bad_manifest_are_detected(tmp_path)
     shard.unlink()
     with pytest.raises(DatasetError, match="missing"):
         verify_dataset(path)
-    (path / "manifest.json").write_text("{not json")
+    (path / MANIFEST).write_text("{not json")
     with pytest.raises(DatasetError, match="unreadable manifest"):
         read_dataset(path)
-    (path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    (path / MANIFEST).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DatasetError, match="not an alignflow manifest"):
         read_dataset(path)
-    (path / "manifest.json").unlink()
-    with pytest.raises(DatasetError, match="no manifest.json"):
+    (path / MANIFEST).unlink()
+    with pytest.raises(DatasetError, match="no _manifest.json"):
         read_dataset(path)
     with pytest.raises(DatasetError, match="no such dataset"):
         read_dataset(tmp_path / "nowhere")
@@ -125,7 +125,7 @@ def test_write_killed_half_way_leaves_no_visible_dataset(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not target.exists()
     partial = target.with_name("killed.partial")
-    assert partial.exists() and not (partial / "manifest.json").exists()
+    assert partial.exists() and not (partial / MANIFEST).exists()
     assert DatasetWriter(target, "sft").completed_shards() == {"00000", "00001", "00002"}
 
 
@@ -153,9 +153,9 @@ def test_cli_inspect_and_validate(tmp_path):
     assert out.exit_code == 2 and "checksum mismatch" in out.output
     from alignflow.schemas.store import sha256_file
 
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / MANIFEST).read_text())
     manifest["shards"][0]["sha256"] = sha256_file(path / "train-00000.parquet")
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / MANIFEST).write_text(json.dumps(manifest))
     out = runner.invoke(app, ["validate", str(path), "--quarantine", str(tmp_path / "q")])
     assert out.exit_code == 1
     assert "row 0: chosen == rejected" in out.output

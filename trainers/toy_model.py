@@ -71,9 +71,13 @@ def make_char_tokenizer(model_max_length: int = 256):
 
 
 def make_tiny_llama(tokenizer, hidden_size: int = 96, num_layers: int = 2, num_heads: int = 4,
-                    intermediate_size: int | None = None, max_position_embeddings: int = 256,
+                    intermediate_size: int | None = None, max_position_embeddings: int = 2048,
                     seed: int = 0):
     """A freshly initialised ``LlamaForCausalLM`` sized for a 2-core CPU (~0.2 M parameters).
+
+    Its context (2048 characters) holds every judge prompt (the rubric's template alone is ~1,100
+    characters); judges fit prompts to it (``feedback.context``). Rotary positions are computed
+    on the fly, so the context size changes no weight.
 
     The input and output embeddings are tied (the vocabulary is ~100 characters, so the
     embedding is a small share of the parameters anyway). Initialisation is seeded.

@@ -126,6 +126,15 @@ class HFGenerator:
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens the model takes (prompt and generation): the config's
+        ``max_position_embeddings``, else the tokenizer's ``model_max_length`` if set."""
+        from alignflow.feedback.context import tokenizer_context
+
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else tokenizer_context(self.tokenizer)
+
     @contextlib.contextmanager
     def _inference(self):
         """Eval mode, no autograd, CPU thread setting; the model's mode is restored after."""

@@ -190,7 +190,7 @@ class OpenAIGenerator:
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
                  max_concurrency: int = 8, max_retries: int = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0, timeout: float = 120.0, top_logprobs: int = 20,
-                 request_logprobs: bool = True, tokenizer: Any = None,
+                 request_logprobs: bool = True, tokenizer: Any = None, context_length: int | None = None,
                  transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep):
         self.model = model
         self.base_url = (base_url or os.environ.get("ALIGNFLOW_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
@@ -203,6 +203,8 @@ class OpenAIGenerator:
         self.request_logprobs = request_logprobs
         self.logprobs_supported: bool | None = None  # learnt from the first answer
         self._tokenizer = tokenizer  # object or name/path (loaded on first use); its chat template renders prompts
+        self._context_option = context_length  # the user's --context-length
+        self._context: int | None | bool = False  # False: not looked up yet
         self._sleep = sleep
         self._rng = random.Random(0)
         self._lock = threading.Lock()
@@ -223,6 +225,30 @@ class OpenAIGenerator:
             named = isinstance(tok, (str, os.PathLike))
             prov["tokenizer"] = str(tok) if named else getattr(tok, "name_or_path", type(tok).__name__)
         return prov
+
+    @property
+    def context_length(self) -> int | None:
+        """The served model's context in tokens: ``max_model_len`` from ``/models`` where the
+        server reports it (vLLM does), else ``context_length=``, else the tokenizer's
+        ``model_max_length`` (with ``tokenizer=``), else None (unknown). Looked up once."""
+        if self._context is False:
+            self._context = self._served_context() or self._context_option
+            if self._context is None and self._tokenizer is not None:
+                from alignflow.feedback.context import tokenizer_context
+
+                self._context = tokenizer_context(self.tokenizer)
+        return self._context
+
+    def _served_context(self) -> int | None:
+        try:
+            resp = self._client.get("/models", timeout=10)
+            entries = resp.json().get("data") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        entries = [e for e in entries or [] if isinstance(e, dict)]
+        mine = [e for e in entries if e.get("id") == self.model] or (entries if len(entries) == 1 else [])
+        value = mine[0].get("max_model_len") if mine else None
+        return value if isinstance(value, int) and value > 0 else None
 
     def close(self) -> None:
         self._client.close()

@@ -112,6 +112,14 @@ class VLLMGenerator:
     def provenance(self) -> dict:
         return {"backend": self.name, "model": self.model_name}
 
+    @property
+    def context_length(self) -> int | None:
+        """The engine's ``max_model_len`` (prompt and generation, in tokens)."""
+        try:
+            return int(self.llm.llm_engine.model_config.max_model_len)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
     def _prompt_ids(self, messages: Messages) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)

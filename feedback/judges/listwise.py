@@ -74,6 +74,14 @@ class ListwiseJudge(LLMJudgeBase):
     def rank(self, prompts: Sequence[Messages | str], response_lists: Sequence[Sequence[str]]) -> list[list[float]]:
         """Debiased scores (one list per prompt, aligned with its responses)."""
         rng = np.random.default_rng(self.seed)
+        self.template = self.quoting(self.template)
+        fitter = self.fitter()
+        fitted = [fitter.fit(lambda pieces: self.template.messages(pieces[0], pieces[1:], rank=True),
+                             [conversation_text(p), *rs], self.rank_tokens)
+                  for p, rs in zip(prompts, response_lists)]
+        self.last_truncated = fitter.truncated
+        texts = [f[0] for f in fitted]
+        response_lists = [f[1:] for f in fitted]
         jobs = []  # (item, permutation)
         for i, responses in enumerate(response_lists):
             k = len(responses)
@@ -81,7 +89,6 @@ class ListwiseJudge(LLMJudgeBase):
                 raise ValueError(f"listwise judge: at most 9 responses per prompt (row {i} has {k})")
             for perm in permutations_for(k, self.n_permutations, rng):
                 jobs.append((i, perm))
-        texts = [conversation_text(p) for p in prompts]
         scores = [np.zeros(len(r)) for r in response_lists]
         counts = np.zeros(len(response_lists))
         if not jobs:

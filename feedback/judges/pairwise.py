@@ -57,6 +57,7 @@ class PairwiseJudgement:
     tie_band: float
     method: str  # "logprobs" or "generate"
     rationales: list[tuple[str, str]] | None = field(default=None, repr=False)
+    truncated: int = 0  # pairs whose texts were cut to fit the judge's context (feedback.context)
 
     @property
     def judge_prob(self) -> np.ndarray:
@@ -79,7 +80,8 @@ class PairwiseJudgement:
         p = self.judge_prob
         return {"pairs": int(len(p)), "method": self.method,
                 "position_consistency": self.position_consistency,
-                "ties": int(self.tie.sum()), "mean_judge_prob": float(p.mean()) if len(p) else float("nan")}
+                "ties": int(self.tie.sum()), "mean_judge_prob": float(p.mean()) if len(p) else float("nan"),
+                "truncated": self.truncated}
 
 
 class PairwiseJudge(LLMJudgeBase):
@@ -121,12 +123,19 @@ class PairwiseJudge(LLMJudgeBase):
 
     # -- both orders as one flat list: index 2*i is A-first, 2*i+1 is B-first ----------------
     def _ordered(self, prompts, responses_a, responses_b, criteria):
+        """Both orders of each pair, the texts cut to fit the judge's context (feedback.context)."""
         texts = [conversation_text(p) for p in prompts]
         crit = list(criteria) if criteria is not None else [None] * len(texts)
+        fitter = self.fitter()
+        # room for the verdict (generated when the backend has no log-probs) and a rationale
+        reserve = self.verdict_tokens + (self.cot_tokens + 64 if self.cot else 0)
+        build = self.template.cot_messages if self.cot else self.template.messages
         out = []
         for t, a, b, c in zip(texts, responses_a, responses_b, crit):
+            t, a, b = fitter.fit(lambda pieces, c=c: build(*pieces, c), (t, a, b), reserve)
             out.append((t, a, b, c))
             out.append((t, b, a, c))
+        self.last_truncated = fitter.truncated
         return out
 
     def _rationales(self, ordered) -> list[str]:
@@ -165,6 +174,7 @@ class PairwiseJudge(LLMJudgeBase):
         """Judge N pairs in both orders. ``criteria``: optional per-pair principle text."""
         if not (len(prompts) == len(responses_a) == len(responses_b)):
             raise ValueError("prompts, responses_a and responses_b must have the same length")
+        self.template = self.quoting(self.template)
         ordered = self._ordered(prompts, responses_a, responses_b, criteria)
         rationales = self._rationales(ordered) if self.cot and ordered else None
         method = "generate" if self.mode == "generate" else "logprobs"
@@ -183,7 +193,7 @@ class PairwiseJudge(LLMJudgeBase):
         p_ab = p_first[0::2]
         p_ba = 1.0 - p_first[1::2]  # with B first, P(A better) = P(second shown better)
         pairs = None if rationales is None else list(zip(rationales[0::2], rationales[1::2]))
-        return PairwiseJudgement(p_ab, p_ba, self.tie_band, method, pairs)
+        return PairwiseJudgement(p_ab, p_ba, self.tie_band, method, pairs, truncated=self.last_truncated)
 
 
 def _accepts_progress(scorer: Any) -> bool:

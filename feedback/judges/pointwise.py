@@ -63,7 +63,14 @@ class RubricJudge(LLMJudgeBase):
         return out
 
     def score(self, prompts: Sequence[Messages | str], responses: Sequence[str]) -> np.ndarray:
-        texts = [conversation_text(p) for p in prompts]
+        self.template = self.quoting(self.template)
+        fitter = self.fitter()
+        build = self.template.cot_messages if self.cot else self.template.messages
+        reserve = self.verdict_tokens + (self.cot_tokens + 64 if self.cot else 0)
+        fitted = [fitter.fit(lambda pieces: build(*pieces), (conversation_text(p), r), reserve)
+                  for p, r in zip(prompts, responses)]
+        self.last_truncated = fitter.truncated
+        texts, responses = [t for t, _ in fitted], [r for _, r in fitted]
         rationales = None
         if self.cot and texts:
             rationales = self._generate([self.template.cot_messages(t, r) for t, r in zip(texts, responses)],

@@ -526,11 +526,32 @@ def make_scorer(generator: Any, batch_size: int | None = None) -> Scorer:
 
 
 class LLMJudgeBase:
-    """What the LLM judges share: a lazily built scorer over their generator, and its provenance."""
+    """What the LLM judges share: a lazily built scorer over their generator, its provenance, the
+    control strings of its template (escaped in quoted text) and prompts fitted to its context."""
 
     generator: Any
     batch_size: int
     _scorer: "Scorer | None"
+    _markers: tuple[str, ...] | None = None
+    last_truncated: int = 0  # prompts of the last call whose texts were cut to fit the context
+
+    def quoting(self, template: Any) -> Any:
+        """``template`` with the control strings of the judge's tokenizer and template added to the
+        strings its quoting escapes (``feedback.context.control_strings``)."""
+        import dataclasses
+
+        from alignflow.feedback.context import control_strings, tokenizer_of
+
+        if self._markers is None:
+            self._markers = control_strings(tokenizer_of(self.generator))
+        merged = tuple(sorted(set(template.markers) | set(self._markers), key=lambda m: (-len(m), m)))
+        return template if merged == template.markers else dataclasses.replace(template, markers=merged)
+
+    def fitter(self) -> Any:
+        """A ``feedback.context.PromptFitter`` for this judge's model (counts what it cuts)."""
+        from alignflow.feedback.context import fitter_for
+
+        return fitter_for(self.generator, what=f"{getattr(self, 'name', 'judge')} prompt")
 
     @property
     def scorer(self) -> "Scorer":

@@ -94,7 +94,8 @@ def label_pairs(candidates: pa.Table, judge: PairwiseJudge, criteria: list[str |
         "judge_prob": pa.array(prob_chosen, pa.float64()),
         "judge_consistent": pa.array(result.consistent, pa.bool_()),
     }).filter(pa.array(keep))
-    counts = {"candidates": int(len(p)), "labelled": int(keep.sum()), "ties_dropped": int((~keep).sum())}
+    counts = {"candidates": int(len(p)), "labelled": int(keep.sum()), "ties_dropped": int((~keep).sum()),
+              "truncated_to_context": int(result.truncated)}
     return out, result, counts
 
 

@@ -142,7 +142,7 @@ def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH
 
     if Path(path).is_dir():
         if not is_dataset(path):
-            raise LabelsError(f"{path}: a folder but not an alignflow dataset (no manifest.json)")
+            raise LabelsError(f"{path}: a folder but not an alignflow dataset (no _manifest.json)")
         for batch in iter_batches(path, batch_rows):
             yield pa.Table.from_batches([batch])
         return
@@ -296,10 +296,8 @@ class _Sink:
     WRITERS = 2
 
     def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int,
-                 resume_key: str):
-        import shutil
-
-        from alignflow.schemas.store import DatasetError, DatasetWriter
+                 resume_key: str, overwrite: bool = False):
+        from alignflow.schemas.store import DatasetWriter, UnfinishedWriteOfAnotherKind
 
         self.fmt, self.kind, self.options = fmt, kind, options
         self.out = out
@@ -314,14 +312,16 @@ class _Sink:
         self.resumed_shards = 0
         if fmt.name in CANONICAL and not _looks_like_file(out):
             try:
-                self.store = DatasetWriter(out, kind, provenance, overwrite=True)
-            except DatasetError:  # an unfinished write of another kind there: not ours to go on from
-                shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-                self.store = DatasetWriter(out, kind, provenance, overwrite=True)
+                self.store = DatasetWriter(out, kind, provenance, overwrite=overwrite)
+            except UnfinishedWriteOfAnotherKind:  # not ours to go on from: start afresh
+                self.store = DatasetWriter(out, kind, provenance, overwrite=overwrite, resume=False)
             self.file = None
             self.resume_dir = self.store.partial / RESUME_DIR
             self.resumed = self._find_checkpoint()
         else:
+            if os.path.lexists(out) and (out.is_dir() or not overwrite):
+                raise LabelsError(f"{out}: already exists; refusing to replace it"
+                                  + ("" if out.is_dir() else " (pass --overwrite to replace the file)"))
             self.store = None
             self.file = FileWriter(out)
 
@@ -419,6 +419,7 @@ class _Sink:
         if self.store is not None:
             if not self.store.completed_shards():
                 self.store.abort()
+            self.store.release()
         else:
             self.file.abort()
 
@@ -440,6 +441,7 @@ def convert_labels_file(
     rows_per_shard: int = 250_000,
     flow: str = "alignflow convert",
     progress: Callable[[Report, int | None], None] | None = None,
+    overwrite: bool = False,
 ) -> Report:
     """Convert ``source`` (format ``from_format``) into ``out`` (format ``to_format``).
 
@@ -448,8 +450,12 @@ def convert_labels_file(
     encoding is taken from the extension. Returns the ``Report`` (accounting adds up).
     ``progress(report, total_rows)`` is called after each batch (``total_rows``: the input's
     row count where the file says it, Parquet and dataset folders; else None).
+
+    Nothing is destroyed unasked: ``out`` and ``quarantine_path`` must be new, empty, or (with
+    ``overwrite``) a dataset of the same kind / an export file; neither may be or hold the input
+    (``schemas.store.check_target`` / ``check_separate``).
     """
-    from alignflow.schemas.store import QUARANTINE_KIND, sha256_file, write_dataset
+    from alignflow.schemas.store import QUARANTINE_KIND, check_separate, check_target, sha256_file, write_dataset
 
     options = options or Options()
     if options.ties not in TIES:
@@ -461,6 +467,10 @@ def convert_labels_file(
     source, out = Path(source), Path(out)
     if not source.exists():
         raise LabelsError(f"{source}: no such file")
+    check_separate(out, [source])
+    if quarantine_path is not None:
+        check_separate(quarantine_path, [source, out], what="quarantine")
+        check_target(quarantine_path, QUARANTINE_KIND, overwrite)  # before any work, not after it
     report = Report(src_fmt.name, dst_fmt.name)
     file_sha = sha256_file(source) if source.is_file() else None
     provenance = {"flow": flow, "source_format": src_fmt.name, "source_file": str(source),
@@ -476,7 +486,7 @@ def convert_labels_file(
     batches = _whole(batches) if needs_whole else prefetch(batches)
     stats = cv.Stats()
     sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard,
-                 resume_key=_resume_key(provenance, source, batch_rows, rows_per_shard))
+                 resume_key=_resume_key(provenance, source, batch_rows, rows_per_shard), overwrite=overwrite)
     quarantine: list[pa.Table] = []
     offset, skip = 0, 0
     if sink.resumed is not None:  # an interrupted run's shards are kept: go on after them
@@ -550,7 +560,7 @@ def convert_labels_file(
     if quarantine_path is not None:
         qt = pa.concat_tables(quarantine) if quarantine else QUARANTINE_SCHEMA.empty_table()
         write_dataset(quarantine_path, qt, QUARANTINE_KIND,
-                      {**provenance, "flow": flow, "what": "rows refused by the conversion"}, overwrite=True)
+                      {**provenance, "flow": flow, "what": "rows refused by the conversion"}, overwrite=overwrite)
         report.quarantine_path = str(quarantine_path)
     if not report.adds_up:  # a bug, never bad input: say so loudly
         raise AssertionError(f"accounting does not add up: {report.line()}")
@@ -566,11 +576,11 @@ def _resume_key(provenance: dict, source: Path, batch_rows: int, rows_per_shard:
     import hashlib
     import json
 
-    from alignflow.schemas.store import MANIFEST, sha256_file
+    from alignflow.schemas.store import manifest_file, sha256_file
 
     ident = {k: v for k, v in provenance.items() if k != "flow"}
     if source.is_dir():
-        ident["source_manifest_sha256"] = sha256_file(source / MANIFEST)
+        ident["source_manifest_sha256"] = sha256_file(manifest_file(source))
     ident.update(batch_rows=batch_rows, rows_per_shard=rows_per_shard, resume_version=RESUME_VERSION)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 

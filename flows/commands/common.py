@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 from typing import Iterator, NoReturn
 
 import typer
@@ -28,3 +30,20 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     except (DatasetError, FileNotFoundError, ValueError, KeyError, *extra) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fail(text)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def model_argument(model: str, option: str = "--model") -> str:
+    """A ``--model`` value that is an existing folder or could be a hub id ('name' or 'org/name');
+    anything else (an absolute or relative path that is not there) is a one-line error here,
+    instead of the hub client's "Repo id must be in the form ..."."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{option} {model}: not a model folder (a file)")
+        return str(path)
+    if model.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(model):
+        raise FileNotFoundError(f"{option} {model}: no such model folder")
+    return model

@@ -11,7 +11,7 @@ from alignflow.flows.commands.common import console, fail, user_errors
 
 
 def inspect(
-    dataset: Path = typer.Argument(..., help="Dataset folder (Parquet shards + manifest.json)."),
+    dataset: Path = typer.Argument(..., help="Dataset folder (Parquet shards + _manifest.json)."),
     rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
 ) -> None:
     """Show a dataset's kind, row count, schema, provenance and a few rows."""
@@ -47,24 +47,49 @@ def _short(value, limit: int = 240) -> str:
 def validate(
     dataset: Path = typer.Argument(..., help="Dataset folder to check."),
     quarantine: Path = typer.Option(None, "--quarantine", help="Write rows that fail as a quarantine dataset here."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the --quarantine folder if it holds a quarantine dataset."),
 ) -> None:
-    """Check checksums and every row against the kind's schema; exit 1 if any row fails."""
-    from alignflow.schemas.store import QUARANTINE_KIND, read_dataset, verify_dataset, write_dataset
+    """Check shards (regular files, checksums, row counts), files the manifest does not list, and every
+    row against the kind's schema; exact duplicate rows are counted. Exit 1 if anything fails."""
+    from alignflow.schemas.store import (
+        QUARANTINE_KIND,
+        check_separate,
+        check_target,
+        read_dataset,
+        unlisted_files,
+        verify_dataset,
+        write_dataset,
+    )
+    from alignflow.schemas.validate import duplicate_rows
     from alignflow.schemas.validate import validate as validate_rows
 
     with user_errors():
+        if quarantine is not None:
+            check_separate(quarantine, [dataset], what="quarantine")
+            check_target(quarantine, QUARANTINE_KIND, overwrite)
         manifest = verify_dataset(dataset)
         if manifest["kind"] == QUARANTINE_KIND:
             fail(f"{dataset}: is a quarantine dataset; nothing to validate")
-        result = validate_rows(read_dataset(dataset, verify=False), manifest["kind"])
-    console.print(f"{dataset}: checksums ok; {result.summary()}")
+        table = read_dataset(dataset, verify=False)
+        result = validate_rows(table, manifest["kind"])
+        duplicates = int(duplicate_rows(table).sum())
+        extra = unlisted_files(dataset)
+    console.print(f"{dataset}: checksums and row counts ok; {result.summary()}; "
+                  f"{duplicates} exact duplicate rows (kept)")
+    seen_as_data = [name for name in extra if not name.startswith(("_", "."))]
+    if extra:
+        console.print(f"  {dataset}: files the manifest does not list: {', '.join(extra[:10])}"
+                      + (" (other readers take them as data)" if seen_as_data else ""))
     if result.quarantined.num_rows:
         for row in result.quarantined.slice(0, 5).to_pylist():
             console.print(f"  {dataset}: row {row['row']}: {row['reason']}")
         if quarantine is not None:
-            write_dataset(quarantine, result.quarantined, QUARANTINE_KIND,
-                          {"flow": "validate", "parent_datasets": [str(dataset)]}, overwrite=True)
+            with user_errors():
+                write_dataset(quarantine, result.quarantined, QUARANTINE_KIND,
+                              {"flow": "validate", "parent_datasets": [str(dataset)]}, overwrite=overwrite)
             console.print(f"quarantined rows written to {quarantine}")
+    if result.quarantined.num_rows or seen_as_data:
         raise typer.Exit(1)
 
 

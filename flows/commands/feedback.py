@@ -18,6 +18,8 @@ from alignflow.flows.commands.common import console, fail, user_errors
 
 BACKEND_HELP = "Generation backend: hf (transformers, in process), vllm (in-process engine), openai (any OpenAI-compatible server)."
 MODEL_HELP = "Checkpoint folder (hf, vllm) or the server's model name (openai)."
+CONTEXT_HELP = ("openai: the served model's context in tokens, where the server does not report it in /v1/models "
+                "(vLLM does); prompts are fitted to it (texts cut by a counted rule), never refused mid-run.")
 
 
 @contextlib.contextmanager
@@ -31,7 +33,7 @@ def _progress(label: str, total: int) -> Iterator:
 
 
 def _generator(backend: str, model: str, base_url: Optional[str], batch_size: int, device: Optional[str],
-               max_concurrency: int, tokenizer: Optional[str] = None):
+               max_concurrency: int, tokenizer: Optional[str] = None, context_length: Optional[int] = None):
     from alignflow.feedback.generation.registry import BACKENDS, make_generator
 
     if backend not in BACKENDS:
@@ -42,7 +44,7 @@ def _generator(backend: str, model: str, base_url: Optional[str], batch_size: in
         return make_generator("hf", model, device=device, batch_size=batch_size)
     if backend == "openai":
         return make_generator("openai", model, base_url=base_url, max_concurrency=max_concurrency,
-                              tokenizer=tokenizer or None)
+                              tokenizer=tokenizer or None, context_length=context_length)
     return make_generator("vllm", model)
 
 
@@ -66,6 +68,7 @@ def generate(
     device: Optional[str] = typer.Option(None, help="hf: cpu, cuda, ... (default: cuda if available)."),
     base_url: Optional[str] = typer.Option(None, help="openai: server URL, e.g. http://127.0.0.1:8000/v1 (key from ALIGNFLOW_API_KEY / OPENAI_API_KEY)."),
     max_concurrency: int = typer.Option(8, help="openai: requests in flight at most."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help=CONTEXT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing output dataset."),
 ) -> None:
     """Sample K responses per prompt: prompts -> samples."""
@@ -74,7 +77,7 @@ def generate(
 
     with user_errors(ImportError):
         n = read_manifest(prompts)["num_rows"]
-        gen = _generator(backend, model, base_url, batch_size, device, max_concurrency)
+        gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, context_length=context_length)
         with _progress(f"generate x{k}", n) as advance:
             path = sample_dataset(prompts, out, gen, k, _sampling(temperature, top_p, max_new_tokens, seed),
                                   batch_size=batch_size, overwrite=overwrite, progress=advance)
@@ -104,6 +107,7 @@ def judge(
                                             "Its chat template lets log-prob judging score any answer text "
                                             "through /completions echo (vLLM serve); without it only "
                                             "single-token answers are read."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help=CONTEXT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing output dataset."),
 ) -> None:
     """Label data with a judge. samples + pairwise judge -> pairwise (AI labels, position debiased);
@@ -127,7 +131,7 @@ def judge(
         table = read_dataset(dataset)
         prov = {"flow": "judge", "seed": seed, "parent_datasets": [str(dataset)]}
         judge_obj = _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, seed, batch_size,
-                                device, base_url, max_concurrency, tokenizer)
+                                device, base_url, max_concurrency, tokenizer, context_length)
         prov["judge"] = judge_obj.config()
         if judge_kind in ("pairwise", "rubric", "listwise") and hasattr(judge_obj, "generator"):
             prov["models"] = {"judge": generator_provenance(judge_obj.generator)}
@@ -145,13 +149,15 @@ def judge(
         elif judge_kind == "listwise":
             with console.status("ranking"):
                 labelled = jt.rank_samples(table, judge_obj)
-            report = {"prompts": labelled.num_rows, "method": judge_obj.last_method}
+            report = {"prompts": labelled.num_rows, "method": judge_obj.last_method,
+                      "truncated_to_context": judge_obj.last_truncated}
             path = write_dataset(out, labelled, "listwise", dict(prov, report=report), overwrite=overwrite)
         else:
             with console.status(f"scoring {table.num_rows} samples"):
                 labelled = jt.score_samples(table, judge_obj)
             r = labelled.column("reward").to_numpy()
-            report = {"samples": int(len(r)), "mean_reward": float(r.mean()) if len(r) else None}
+            report = {"samples": int(len(r)), "mean_reward": float(r.mean()) if len(r) else None,
+                      "truncated_to_context": getattr(judge_obj, "last_truncated", 0)}
             path = write_dataset(out, labelled, "samples", dict(prov, report=report), overwrite=overwrite)
     console.print(json.dumps(report, indent=1, default=str))
     console.print(f"written to {path}")
@@ -170,7 +176,7 @@ def _pairwise_report(result, pairs, metrics) -> dict:
 
 
 def _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, seed, batch_size, device,
-                base_url, max_concurrency, tokenizer=None):
+                base_url, max_concurrency, tokenizer=None, context_length=None):
     from alignflow.feedback import judges
 
     if judge_kind == "toy-task":
@@ -183,7 +189,7 @@ def _make_judge(judge_kind, backend, model, mode, cot, tie_band, permutations, s
         if not Path(model).exists():
             fail(f"{model}: no such checkpoint folder")
         return judges.RewardModelJudge(model, device=device, batch_size=batch_size)
-    gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, tokenizer)
+    gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, tokenizer, context_length)
     if judge_kind == "pairwise":
         return judges.PairwiseJudge(gen, mode=mode, cot=cot, tie_band=tie_band, batch_size=batch_size)
     if judge_kind == "rubric":
@@ -205,6 +211,7 @@ def critique(
     device: Optional[str] = typer.Option(None),
     base_url: Optional[str] = typer.Option(None, help="openai: server URL."),
     max_concurrency: int = typer.Option(8),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help=CONTEXT_HELP),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Constitutional AI critique-revision: writes critiques (trace), sft (final revisions) and
@@ -215,7 +222,7 @@ def critique(
     with user_errors(ImportError):
         const = load_constitution(constitution)
         n = read_manifest(dataset)["num_rows"]
-        gen = _generator(backend, model, base_url, batch_size, device, max_concurrency)
+        gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, context_length=context_length)
         with _progress(f"critique-revise x{rounds}", n * rounds) as advance:
             paths = critique_revise_dataset(dataset, out_dir, gen, const, rounds, seed,
                                             _sampling(temperature, 1.0, max_new_tokens, seed),

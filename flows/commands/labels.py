@@ -41,6 +41,7 @@ def convert(
     top_k: int = typer.Option(1, "--top-k", help="listwise -> binary: k best desirable, k worst undesirable."),
     style: str = typer.Option(None, "--style", help="trl exports: standard, conversational or implicit (default: by the prompts)."),
     quarantine: Path = typer.Option(None, "--quarantine", help="Write refused rows (row, reason, record) as a quarantine dataset here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT / the quarantine if they hold a dataset of the same kind (or OUT is an export file); anything else there is never replaced."),
 ) -> None:
     """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule.
 
@@ -51,7 +52,7 @@ def convert(
         report = convert_labels_file(source, out, from_format, to_format,
                                      Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
                                              threshold=threshold, top_k=top_k, style=style),
-                                     quarantine_path=quarantine, progress=show)
+                                     quarantine_path=quarantine, progress=show, overwrite=overwrite)
     console.print(report.line(), highlight=False)
     for line in report.details():
         console.print(line, highlight=False, soft_wrap=True)

@@ -18,6 +18,8 @@ from alignflow.flows.commands.common import console, fail, user_errors
 
 DEFAULT_RUNS = Path("alignflow-runs")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+ALLOW_PLUGIN_HELP = ("Let the config import this 'module:name' (a generation backend factory or a verifier); "
+                     "repeatable. Code named in a config or run folder is never imported otherwise.")
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -49,6 +51,7 @@ def run(
                                                        "(train.params.beta=0.2); repeatable."),
     output: Path = typer.Option(None, "--output", "-o", help="Run folder (an existing one is resumed)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print every field with its default and exit."),
+    allow_plugin: Optional[List[str]] = typer.Option(None, "--allow-plugin", help=ALLOW_PLUGIN_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
     """Run a flow from a YAML config; rerunning with the same --output resumes it."""
@@ -63,6 +66,7 @@ def run(
         config = load_config(name, config_file, list(overrides or []))
         if output is not None:
             config.output = str(output)
+        allow_plugins(allow_plugin)
         preflight(config)
         if hasattr(config, "output"):
             config.output = expand_output(config.output, config.name)
@@ -74,10 +78,35 @@ def run(
         _print_result(result)
 
 
+def allow_plugins(specs: Optional[List[str]]) -> None:
+    """Record the plugins the user allowed for this run (and its worker processes)."""
+    import os
+
+    from alignflow.flows.tasks import ALLOW_PLUGINS_ENV, allowed_plugins
+
+    if specs:
+        os.environ[ALLOW_PLUGINS_ENV] = ",".join(sorted(allowed_plugins() | set(specs)))
+
+
+def plugin_specs(config) -> list[tuple[str, str]]:
+    """(field, 'module:name') of every config field that names code to import."""
+    specs = []
+    generation = getattr(config, "generation", None)
+    if generation is not None and ":" in generation.backend:
+        specs.append(("generation.backend", generation.backend))
+    if getattr(config, "verifier", None):
+        specs.append(("verifier", config.verifier))
+    return specs
+
+
 def preflight(config) -> None:
-    """Fail fast, in one line, on input datasets that are not there (before Prefect starts)."""
+    """Fail fast, in one line, before Prefect starts: input datasets that are not there, code
+    named by the config that the user did not allow (--allow-plugin)."""
+    from alignflow.flows.tasks import check_plugin
     from alignflow.schemas.store import read_manifest
 
+    for field, spec in plugin_specs(config):
+        check_plugin(spec, field)
     for field in ("prompts", "dataset"):
         value = getattr(config, field, None)
         if value:
@@ -98,6 +127,7 @@ def demo(
                                         help="Share of the toy reward paid for length (0 = length-neutral)."),
     config_file: Path = typer.Option(None, "--config", "-c", help="Another config instead of flows/configs/demo.yaml."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a field: key=value."),
+    allow_plugin: Optional[List[str]] = typer.Option(None, "--allow-plugin", help=ALLOW_PLUGIN_HELP),
     fresh: bool = typer.Option(False, "--fresh", "--force",
                                help="Delete the run folder first: rebuild the toy world, rerun every step."),
     world_only: bool = typer.Option(False, "--world-only",
@@ -128,6 +158,7 @@ def demo(
         sets.append(f"toy_world.task.length_weight={length_weight}")
     with user_errors():
         config = load_config("align", config_file or DEMO_CONFIG, sets + list(overrides or []))
+        allow_plugins(allow_plugin)
         preflight(config)
         config.output = expand_output(str(output or DEFAULT_RUNS / "demo" / f"seed-{seed}"), config.name)
         run_dir = Path(config.output)

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from alignflow.flows.commands.common import console, user_errors
+from alignflow.flows.commands.common import console, model_argument, user_errors
 
 # Our defaults where TrainingArguments' would waste time on a laptop run; any option overrides.
 FAST_DEFAULTS = {
@@ -89,10 +89,15 @@ def train(
         resolve_params(loss, params)  # unknown loss / parameter -> one line, before heavy imports run
         if layout not in ("packed", "plain"):
             raise ValueError(f"--layout {layout!r}: expected packed or plain")
+        model = model_argument(model)
+        if ref_model is not None:
+            ref_model = model_argument(ref_model, "--ref-model")
         from alignflow.schemas.store import read_dataset, read_manifest
 
         manifest = read_manifest(dataset)
         kind = manifest["kind"]
+        if manifest["num_rows"] == 0:
+            raise ValueError(f"{dataset}: the dataset has no rows; nothing to train on")
         if loss == "dro":  # DRO-V trains a value network beside the policy: its own trainer
             if kind != "binary":
                 raise ValueError(f"loss 'dro' takes binary data (a reward or label per response), the dataset is {kind}")
@@ -206,6 +211,11 @@ def precompute_ref(
 ) -> None:
     """Compute reference log-probs once and store them as ref_* columns (manifest records the model)."""
     with user_errors(OSError):
+        if batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"--max-length {max_length}: must be at least 1")
+        model = model_argument(model)
         from alignflow.trainers.precompute import precompute_reference, reference_of
 
         path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length)
