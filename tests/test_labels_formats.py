@@ -41,8 +41,10 @@ def test_registry_lists_every_format_the_issue_names():
              "arena", "alpaca-eval", "graded-pairwise", "argilla", "label-studio", "trl-preference", "trl-unpaired",
              "openai-dpo", "pairwise", "listwise", "binary", "sft"}
     assert names <= set(FORMATS)
-    assert {n for n, f in FORMATS.items() if f.export} == {"hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo",
-                                                           "pairwise", "listwise", "binary", "sft"}
+    assert {n for n, f in FORMATS.items() if f.export} == {
+        "hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo", "pairwise", "listwise", "binary", "sft",
+        "llamafactory", "llamafactory-kto", "axolotl-chatml.intel", "axolotl-chatml.argilla", "axolotl-chatml.ultra",
+        "axolotl-chat_template", "sharegpt", "distilabel-ultrafeedback", "distilabel-prometheus"}
 
 
 def test_hh_rlhf_rows(tmp_path):
@@ -164,10 +166,10 @@ def test_oasst_tree_export_labels_dict_form(tmp_path):
              "labels": {"humor": {"value": 0.1, "count": 3}, "quality": {"value": 0.9, "count": 3}}},
             {"message_id": "m2", "parent_id": "m0", "role": "assistant", "text": "y", "rank": 0,
              "labels": {"quality": {"value": 0.2, "count": 1}}}]
-    report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="humor=0,quality=1")
-    assert table.num_rows == 0 and report.dropped == {  # y has no humor label: x is left alone
-        "reply without label humor+quality": 1, "single rated reply (no ranking)": 1,
-        "prompter turn without rated replies": 1}
+    with pytest.raises(LabelsError, match="nothing written") as err:  # y has no humor label: x is left alone
+        convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="humor=0,quality=1")
+    assert ("1 reply without label humor+quality; 1 single rated reply (no ranking); 1 prompter turn without rated "
+            "replies") in str(err.value)
     report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat2.jsonl", aspect="quality")
     assert table.column("responses").to_pylist() == [["x", "y"]] and table.column("scores").to_pylist() == [[0.9, 0.2]]
     assert table.column("response_labels").to_pylist()[0][1] == {"name": ["quality"], "value": [0.2], "count": [1]}
@@ -419,10 +421,11 @@ def test_file_encodings_read_the_same(tmp_path):
 def test_quarantine_dataset_and_bad_input_errors(tmp_path):
     rows = [{"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: y\n\nAssistant: b"}]
     src = write_jsonl(tmp_path / "hh.jsonl", rows)
-    report = convert_labels_file(src, tmp_path / "o", "hh-rlhf", "pairwise", quarantine_path=tmp_path / "q")
+    with pytest.raises(LabelsError, match="nothing written"):  # the quarantine is still written, to see why
+        convert_labels_file(src, tmp_path / "o", "hh-rlhf", "pairwise", quarantine_path=tmp_path / "q")
     q = read_dataset(tmp_path / "q")
     assert q.column("row").to_pylist() == [0] and json.loads(q.column("record")[0].as_py())["chosen"].endswith("a")
-    assert read_manifest(tmp_path / "q")["kind"] == "quarantine" and report.quarantined == 1
+    assert read_manifest(tmp_path / "q")["kind"] == "quarantine" and not (tmp_path / "o").exists()
     with pytest.raises(LabelsError, match=r"row 0: field 'chosen': missing"):
         convert_labels_file(write_jsonl(tmp_path / "w.jsonl", [{"a": 1}]), tmp_path / "o2", "hh-rlhf", "pairwise")
     (tmp_path / "broken.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{not json\n')

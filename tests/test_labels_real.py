@@ -28,11 +28,12 @@ def test_hh_rlhf_quarantines_divergent_and_empty(human_labels, tmp_path):
 
 
 def test_alpaca_eval_draws_are_identical_outputs(human_labels, tmp_path):
-    # preference 1:584, 2:205, 0:16; the 16 draws have identical outputs -> "chosen == rejected".
+    # preference 1:584, 2:205, 0:16; the 16 draws have identical outputs: a tie of a text with itself
+    # says nothing, so it is dropped by rule (not quarantined as an error, issue #15 item 5).
     report = convert_labels_file(human_labels / "alpaca_eval_gpt4_annotations_alpaca-7b.json", tmp_path / "a",
                                  "alpaca-eval", "pairwise")
-    assert (report.read, report.written, report.quarantined) == (805, 789, 16)
-    assert report.quarantine_reasons == {"chosen == rejected": 16}
+    assert (report.read, report.written, report.quarantined) == (805, 789, 0)
+    assert report.dropped == {"tie of two identical texts (nothing to compare)": 16}
     table = read_dataset(tmp_path / "a")
     assert table.num_rows == 789 and set(table.column("source").to_pylist()) == {"ai"}
 
@@ -53,8 +54,12 @@ def test_oasst_sibling_ranks_become_listwise(human_labels, tmp_path):
 def test_tulu_sheet_aggregates_annotators_and_reports_agreement(human_labels, tmp_path):
     report = convert_labels_file(human_labels / "tulu1_human_eval_annotations.xlsx", tmp_path / "t",
                                  "graded-pairwise", "pairwise")
-    assert (report.read, report.written, report.quarantined) == (1302, 707, 40)
-    assert report.dropped == {"blank row": 152, "tie (--ties drop)": 403}
+    # 39 ties between identical completions are dropped by rule; one item whose annotators prefer
+    # one of two identical texts is a contradiction: quarantined
+    assert (report.read, report.written, report.quarantined) == (1302, 707, 1)
+    assert report.quarantine_reasons == {"chosen == rejected": 1}
+    assert report.dropped == {"blank row": 152, "tie (--ties drop)": 403,
+                              "tie of two identical texts (nothing to compare)": 39}
     ag = report.info["agreement"]
     assert (ag["items"], ag["annotations"]) == (139, 310)
     assert ag["percent_agreement"] == pytest.approx(0.624, abs=1e-3)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignflow.feedback.labels.errors import missing_columns
+from alignflow.feedback.labels.errors import FieldTypeError, missing_columns
+from alignflow.feedback.labels.io import nontext_rows
 from alignflow.schemas.kinds import MESSAGE, MESSAGES
 from alignflow.schemas.prompts import canonical_prompt_text, to_messages_array
 from alignflow.schemas.validate import quarantine_table
@@ -20,13 +19,69 @@ def col(table: pa.Table, name: str) -> pa.Array:
 
 
 def text(table: pa.Table, name: str) -> pa.Array:
-    """A column as strings (numbers become their text; nested values become JSON)."""
+    """A column as strings: numbers, booleans and dates become their text; an object or a list
+    (a message dict, a conversation) is refused (FieldTypeError naming the row), never turned
+    into JSON text, and so is a byte string that is not UTF-8."""
     c = col(table, name)
     if pa.types.is_string(c.type):
+        marked = nontext_rows(table).get(name)
+        if marked:
+            raise FieldTypeError(name, marked[0], "expected text, got an object or a list")
         return c
-    if pa.types.is_large_string(c.type) or pa.types.is_integer(c.type) or pa.types.is_floating(c.type) or pa.types.is_null(c.type):
+    if pa.types.is_nested(c.type):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        if len(valid) == 0:
+            return pa.nulls(len(c), pa.string())
+        raise FieldTypeError(name, int(valid[0]), f"expected text, got {describe_value(c[int(valid[0])].as_py())}")
+    if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type):
+        try:
+            return c.cast(pa.string())
+        except pa.ArrowInvalid:
+            bad = next(i for i, v in enumerate(c.to_pylist()) if v is not None and not _is_utf8(v))
+            raise FieldTypeError(name, bad, "not UTF-8 text") from None
+    try:
         return c.cast(pa.string())
-    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in c.to_pylist()], pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        raise FieldTypeError(name, int(valid[0]) if len(valid) else 0, f"expected text, got {c.type}") from None
+
+
+def text_list(table: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
+    """A column of lists of texts -> (the texts, flattened; items per row). An item that is
+    not text is refused like ``text`` does, naming the row that holds it."""
+    c = col(table, name)
+    if pa.types.is_null(c.type):
+        return pa.array([], pa.string()), np.zeros(len(c), dtype=np.int64)
+    if not (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        raise FieldTypeError(name, int(valid[0]) if len(valid) else 0, f"expected a list of texts, got {c.type}")
+    lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    try:
+        flat = text(pa.table({name: pc.list_flatten(c)}), name)
+    except FieldTypeError as exc:
+        parents = pc.list_parent_indices(c).to_numpy(zero_copy_only=False)
+        raise FieldTypeError(name, int(parents[exc.row]), exc.what + " (in the list)") from None
+    return flat, lengths
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def describe_value(value) -> str:
+    """A short description of a value of the wrong type, for an error message."""
+    if isinstance(value, dict):
+        keys = [k for k, v in value.items() if v is not None] or list(value)
+        shown = ", ".join(map(str, keys[:4])) + (", ..." if len(keys) > 4 else "")
+        return f"an object {{{shown}}}" + (" (a message)" if {"from", "value"} <= set(keys) or
+                                              {"role", "content"} <= set(keys) else "")
+    if isinstance(value, list):
+        return f"a list of {len(value)}" + (f" ({describe_value(value[0])} ...)" if value else "")
+    return type(value).__name__
 
 
 def require(table: pa.Table, names: list[str], ctx) -> None:

@@ -27,7 +27,7 @@ _ROLE = "\x1f"
 def split_last_turn(text: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """(everything before the last ``Assistant:`` marker, the final answer, has-marker mask)."""
     parts = pc.split_pattern(text, ASSISTANT, max_splits=1, reverse=True)
-    n_parts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    n_parts = pc.list_value_length(parts).fill_null(0).to_numpy(zero_copy_only=False)
     ok = n_parts == 2
     prefix = pc.list_element(parts, 0)
     answer = pc.if_else(pa.array(ok), pc.list_element(_pad(parts), 1), pa.scalar(None, pa.string()))
@@ -72,7 +72,7 @@ def _mark_turns(text: pa.Array, markers: dict[str, str]) -> pa.Array:
 
 def _marked_to_messages(marked: pa.Array) -> pa.Array:
     """Text marked by ``_mark_turns`` -> ``list<struct<role, content>>`` (kernels only)."""
-    turns = pc.split_pattern(marked, _MSG)
+    turns = pc.split_pattern(pc.fill_null(marked, ""), _MSG)  # a null text is no turn (its row is refused elsewhere)
     lengths = pc.list_value_length(turns).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(turns)
     # the text before the first marker (normally empty) is not a turn
