@@ -245,7 +245,7 @@ def test_arena_json_and_one_hot_csv(tmp_path):
     report, table = convert(tmp_path, rows, "arena")
     assert pairs_of(table) == [("B1", "A1")]
     assert report.dropped == {"tie (--ties drop)": 2} and report.quarantine_reasons == {
-        "winner not model_a / model_b / tie / tie (bothbad)": 1, "conversations differ before the final answer": 1}
+        "winner not model_a / model_b / tie / tie (bothbad)": 1, "conversations differ before the final answer (--multi-turn whole keeps them)": 1}
     _, table = convert(tmp_path, rows, "arena", "binary", ties="keep")
     assert table.column("label").to_pylist() == [True, False, True, True, False, False]
     csv = tmp_path / "arena.csv"
@@ -482,13 +482,15 @@ def test_oasst_emojis_and_detoxify_are_kept_and_can_order_siblings(tmp_path):
     assert table.column("response_emojis").to_pylist() == [[rows[1]["emojis"], rows[2]["emojis"], None]]
     assert table.column("prompt_emojis").to_pylist() == [rows[0]["emojis"]]
     assert table.column("response_detoxify").to_pylist() == [[detox(0.5), detox(0.25), None]]
-    # thumbs up: C has no reactions at all (left out); A's +1 count 2 < B's 4
+    # thumbs up: A's +1 count 2 < B's 4; C got no reactions at all (emojis null), which is 0 thumbs up,
+    # as B's 0 thumbs down below (issue #15 item 5: both used to differ, C was dropped)
     report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:+1")
-    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[4.0, 2.0]]
-    assert report.dropped == {"reply without emoji:+1": 1} and report.adds_up
-    # -1 given to A only: B has reactions but no -1, which counts as 0 of them
+    assert table.column("responses").to_pylist() == [["B", "A", "C"]]
+    assert table.column("scores").to_pylist() == [[4.0, 2.0, 0.0]] and not report.dropped and report.adds_up
+    # -1 given to A only: B (other reactions) and C (none) have 0 of them
     report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:-1=-1")
-    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[0.0, -5.0]]
+    assert table.column("responses").to_pylist() == [["B", "C", "A"]]
+    assert table.column("scores").to_pylist() == [[0.0, 0.0, -5.0]]
     report, table = convert(tmp_path, rows, "oasst", "pairwise", aspect="detoxify:toxicity=-1")
     assert pairs_of(table) == [("B", "A")] and table.column("margin").to_pylist() == [0.25]
     with pytest.raises(LabelsError, match=r"--aspect mean is not meaningful for oasst.*emoji:\+1.*detoxify:toxicity"):

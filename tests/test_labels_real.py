@@ -135,13 +135,14 @@ def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labe
     assert len(responses) == 1132 and sum(d is not None for d in detox) == 1132 and sum(e is not None for e in emojis) == 986
     assert all(e == (by_text[r]["emojis"] or None) for r, e in zip(responses, emojis) if e is not None)
 
-    # --aspect emoji:+1: siblings with any reaction, ordered by thumbs up (0 when others were given)
+    # --aspect emoji:+1: siblings ordered by thumbs up; a reply nobody reacted to (emojis null, 165 of
+    # them) has 0 thumbs up, as one with other reactions only (issue #15 item 5: it used to be dropped)
     def thumbs_up(m):
         e = m["emojis"]
-        return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else None
+        return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else 0
 
     rated, tied = _sibling_groups(messages, thumbs_up)
-    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (368, 1351, 75, 251)
-    _converts_by_aspect(path, tmp_path / "e", "emoji:+1", rated, written=1100, dropped={
-        "reply without emoji:+1": 165, "single rated reply (no ranking)": 95,
-        "prompter turn without rated replies": 411, "all responses tie (--ties drop)": 251})  # 293 rows
+    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (425, 1611, 84, 298)
+    _converts_by_aspect(path, tmp_path / "e", "emoji:+1", rated, written=1313, dropped={
+        "single rated reply (no ranking)": 57, "prompter turn without rated replies": 354,
+        "all responses tie (--ties drop)": 298})  # 341 rows

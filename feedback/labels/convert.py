@@ -729,8 +729,7 @@ def _restore(state: dict, report: Report, stats: cv.Stats) -> tuple[int, int]:
 
 
 def _records_read(raw: pa.Table, parsed: Parsed) -> int:
-    """Records of a raw batch: its rows, except the oasst tree export (records = messages)."""
-    if parsed.info.get("message_trees") is not None and "message_id" not in raw.column_names:
-        total = int(parsed.table.column("_nrec").to_numpy().sum()) if parsed.table.num_rows else 0
-        return total + (parsed.quarantine.num_rows if parsed.quarantine is not None else 0) + int(sum(parsed.dropped.values()))
-    return raw.num_rows
+    """Records of a raw batch: its rows, or what the reader counted (the oasst nested exports:
+    records = messages)."""
+    records = parsed.info.pop("records", None)
+    return raw.num_rows if records is None else int(records)

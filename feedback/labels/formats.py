@@ -37,7 +37,13 @@ from alignflow.feedback.labels.columns import (
 )
 from alignflow.feedback.labels.conversions import ASPECT_PREFIX, parse_aspect
 from alignflow.feedback.labels.errors import LabelsError
-from alignflow.feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
+from alignflow.feedback.labels.text import (
+    continuation_text,
+    helpsteer_turns,
+    join_transcripts,
+    prefix_to_messages,
+    split_last_turn,
+)
 from alignflow.schemas.kinds import MESSAGES
 from alignflow.schemas.prompts import prompt_ids
 
@@ -457,11 +463,14 @@ def oasst_detoxify(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
 
 
 def _emoji_counts(emojis: pa.Array, name: str) -> np.ndarray:
-    """How many people gave emoji ``name`` per message: 0 where others were given, NaN where none. [messages]"""
+    """How many people gave emoji ``name`` per message. [messages]
+
+    Emojis are reactions anyone may give: a message without this one has 0 of it, whether it
+    got other reactions or none at all (the export leaves ``emojis`` null then)."""
     names = pc.struct_field(emojis, "name")
     flat_names = pc.list_flatten(names)
     hit = pc.fill_null(pc.equal(flat_names, name), False).to_numpy(zero_copy_only=False)
-    out = np.where(pc.list_value_length(names).fill_null(0).to_numpy(zero_copy_only=False) > 0, 0.0, np.nan)
+    out = np.zeros(len(emojis))
     parents = pc.list_parent_indices(names).to_numpy()
     out[parents[hit]] = _float(pc.list_flatten(pc.struct_field(emojis, "count")))[hit]
     return out
@@ -484,30 +493,60 @@ def _label_values(labels: pa.Array, name: str, ctx: ReadContext) -> np.ndarray:
     return out
 
 
-def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
-    """The nested tree export (one tree per line, ``prompt`` with recursive ``replies``) -> flat rows.
+OASST_FLAT = pa.schema([("message_id", pa.string()), ("parent_id", pa.string()), ("text", pa.string()),
+                        ("role", pa.string()), ("rank", pa.float64()), ("message_tree_id", pa.string()),
+                        ("labels", OASST_LABELS), ("emojis", OASST_EMOJIS), ("detoxify", pa.string())])
 
-    Trees are recursive, which no Arrow kernel walks; this is one pass over the messages.
-    Labels (``{label: {value, count}}`` there) come out as the flat rows' name/value/count lists.
+
+def flatten_oasst_trees(raw: pa.Table, ctx: ReadContext | None = None) -> pa.Table:
+    """Nested exports -> flat message rows: the tree export (one tree per line, ``prompt`` with
+    recursive ``replies``) or the message export (one message per line, its ``replies`` nested,
+    no tree wrapper; oasst-data's README, "Individual Messages").
+
+    Trees are recursive, which no Arrow kernel walks; this is one pass over the messages (their
+    depth is bounded by the JSON reader's nesting limit). Labels (``{label: {value, count}}``
+    there) come out as the flat rows' name/value/count lists. A message that is not an object,
+    or a field of the wrong type, is an error naming the line (row) and the field.
     """
+    path = ctx.path if ctx else "input"
+    offset = ctx.row_offset if ctx else 0
     rows = []
 
-    def walk(message: dict, parent: str | None, tree: str | None) -> None:
+    def walk(message, parent: str | None, tree: str | None, line: int, where: str) -> None:
+        if not isinstance(message, dict):
+            raise LabelsError(f"{path}: row {line}: field {where!r}: expected an OASST message object "
+                              f"({{message_id, text, role, replies}}), got {type(message).__name__}")
+        for key in ("message_id", "parent_id", "text", "role"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise LabelsError(f"{path}: row {line}: field {where}.{key!r}: expected text, got "
+                                  f"{type(message[key]).__name__}")
+        rank = message.get("rank")
+        try:
+            labels, emojis = _labels_record(message.get("labels")), _emojis_record(message.get("emojis"))
+        except (TypeError, ValueError) as exc:
+            raise LabelsError(f"{path}: row {line}: field {where}.labels/emojis: {exc}") from None
         rows.append({"message_id": message.get("message_id"), "parent_id": parent, "text": message.get("text"),
-                     "role": message.get("role"), "rank": message.get("rank"), "message_tree_id": tree,
-                     "labels": _labels_record(message.get("labels")), "emojis": _emojis_record(message.get("emojis")),
+                     "role": message.get("role"), "rank": rank if isinstance(rank, (int, float)) and not
+                     isinstance(rank, bool) else None, "message_tree_id": tree, "labels": labels, "emojis": emojis,
                      "detoxify": json.dumps(message["detoxify"]) if message.get("detoxify") else None})
-        for reply in message.get("replies") or []:
-            walk(reply, message.get("message_id"), tree)
+        replies = message.get("replies") or []
+        if not isinstance(replies, list):
+            raise LabelsError(f"{path}: row {line}: field {where}.replies: expected a list, got {type(replies).__name__}")
+        for reply in replies:
+            walk(reply, message.get("message_id"), tree, line, where + ".replies")
 
-    for tree in raw.to_pylist():
-        if tree.get("prompt"):
-            walk(tree["prompt"], None, tree.get("message_tree_id"))
-    return pa.Table.from_pylist(rows, schema=pa.schema([("message_id", pa.string()), ("parent_id", pa.string()),
-                                                         ("text", pa.string()), ("role", pa.string()),
-                                                         ("rank", pa.float64()), ("message_tree_id", pa.string()),
-                                                         ("labels", OASST_LABELS), ("emojis", OASST_EMOJIS),
-                                                         ("detoxify", pa.string())]))
+    trees = "message_id" not in raw.column_names
+    for i, record in enumerate(raw.to_pylist()):
+        if trees:
+            if record.get("prompt") is not None:
+                walk(record["prompt"], None, record.get("message_tree_id"), offset + i, "prompt")
+        else:
+            parent = record.get("parent_id")
+            walk(record, parent if isinstance(parent, str) else None, record.get("message_tree_id"), offset + i, "message")
+    try:
+        return pa.Table.from_pylist(rows, schema=OASST_FLAT)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise LabelsError(f"{path}: labels or emojis of an unexpected shape ({str(exc).splitlines()[0]})") from None
 
 
 def _oasst_scores(raw: pa.Table, signals: dict, assistant: np.ndarray, ctx: ReadContext):
@@ -570,12 +609,15 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     classifier scores (``response_detoxify`` / ``prompt_detoxify``).
     ``--aspect LABEL`` (or ``emoji:+1``, ``detoxify:toxicity``, or a mix ``quality=1,toxicity=-1``)
     orders siblings by those signals instead of rank: then the groups are the replies having
-    them all (``ratings`` rows, ``aspect:<name>``).
+    them all (``ratings`` rows, ``aspect:<name>``). A label or a detoxify score is missing where a
+    message lacks it; an emoji never is (a reply nobody reacted to has 0 of each).
     """
     import pandas as pd
 
-    if "prompt" in raw.column_names and "message_id" not in raw.column_names:
-        raw = flatten_oasst_trees(raw)
+    records = None
+    if ("prompt" in raw.column_names and "message_id" not in raw.column_names) or "replies" in raw.column_names:
+        raw = flatten_oasst_trees(raw, ctx)  # the tree export, or messages with their replies nested
+        records = raw.num_rows
     require(raw, OASST_COLUMNS, ctx)
     n = raw.num_rows
     q = Quarantine(raw, ctx.row_offset)
@@ -591,7 +633,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     score, rated, aspect_values, noun = _oasst_scores(raw, signals, role == "assistant", ctx)
     dropped: Counter = Counter()
     group_size = df[rated].groupby("parent").size()
-    in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= 2)
+    in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= ctx.min_responses)
     parent_ids = pd.Index(df.parent[in_group].unique())
     # walk every group's conversation up to the root, one level per step (vectorized per level)
     index_of = pd.Series(np.arange(n), index=df.id)
@@ -673,7 +715,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     dropped = +dropped
     return Parsed("listwise" if aspect_values is None else "ratings", table, q.table(), dropped,
                   info={"message_trees": int(pd.Series(raw.column("message_tree_id").to_numpy()).nunique())
-                        if "message_tree_id" in raw.column_names else None})
+                        if "message_tree_id" in raw.column_names else None, "records": records})
 
 
 # -- nectar ------------------------------------------------------------------------------------
@@ -790,9 +832,12 @@ ARENA_WINNERS = {"model_a": 1, "model_b": -1, "tie": 0, "tie (bothbad)": 0}
 
 
 def _json_lists(raw: pa.Table, names: list[str]) -> pa.Table:
-    """Columns holding JSON-encoded lists (the arena CSV) parsed by Arrow's JSON reader at once."""
+    """Columns holding JSON-encoded lists (the arena CSV) parsed by Arrow's JSON reader at once
+    (columns that are lists already, as in a JSON file, are taken as they are)."""
     import pyarrow.json as pjson
 
+    if all(pa.types.is_list(col(raw, n).type) for n in names):
+        return pa.table({f"c{i}": col(raw, n).cast(pa.list_(pa.string())) for i, n in enumerate(names)})
     parts = []
     for i, name in enumerate(names):
         value = pc.fill_null(text(raw, name), "null")
@@ -808,14 +853,16 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Chatbot Arena: ``winner`` model_a / model_b / tie / tie (bothbad) over two conversations,
     or the one-hot CSV (``winner_model_a``, ``winner_model_b``, ``winner_tie``; prompt and
     responses as JSON lists of turns). Rows whose conversations differ before the final answer
-    (multi-turn, each model saw its own earlier answers) are quarantined."""
+    (multi-turn, each model saw its own earlier answers) are quarantined; with ``--multi-turn
+    whole`` each becomes one pair of whole conversations (``whole_pairs``)."""
     q = Quarantine(raw, ctx.row_offset)
     if "winner_model_a" in raw.column_names:
         require(raw, ["prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"], ctx)
         try:
             parsed = _json_lists(raw, ["prompt", "response_a", "response_b"])
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise LabelsError(f"{ctx.path}: row ?: field 'prompt': not a JSON list of strings ({exc})") from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise LabelsError(f"{ctx.path}: row {ctx.row_offset}: field 'prompt': a batch whose prompt/response columns "
+                              f"are not JSON lists of strings ({str(exc).splitlines()[0]})") from None
         conv_a, ok_a = interleave_turns(parsed.column("c0").combine_chunks(), parsed.column("c1").combine_chunks())
         conv_b, ok_b = interleave_turns(parsed.column("c0").combine_chunks(), parsed.column("c2").combine_chunks())
         q.add(~(ok_a & ok_b), "prompt and response lists differ in length")
@@ -836,11 +883,84 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
     prefix_b, last_b, role_b, ne_b = last_and_rest(conv_b)
     q.add(~(ne_a & ne_b) | ~pc.fill_null(pc.equal(role_a, "assistant"), False).to_numpy(zero_copy_only=False),
           "conversation does not end with an assistant answer")
-    q.add(~same_messages(prefix_a, prefix_b), "conversations differ before the final answer")
+    differ = ~same_messages(prefix_a, prefix_b)
+    extra = None
+    if ctx.multi_turn == "whole" and differ.any():
+        prompt, last_a, last_b, shared_user_turns = whole_pairs(conv_a, conv_b, prefix_a, last_a, last_b, differ)
+        q.add(differ & ~shared_user_turns, "the two conversations' user turns differ")
+        prefix_a = prompt
+        extra = {"whole_conversation": pa.array(differ)}
+    else:
+        q.add(differ, "conversations differ before the final answer (--multi-turn whole keeps them)")
     chosen, rejected = _pick(grade >= 0, last_a, last_b)
     table = _pairwise(prefix_a, chosen, rejected, ctx, margin=np.abs(grade).astype(np.float64), tie=grade == 0,
-                      both_bad=both_bad)
+                      both_bad=both_bad, extra=extra)
     return _finish("pairwise", table, q)
+
+
+def whole_pairs(conv_a: pa.Array, conv_b: pa.Array, prefix: pa.Array, last_a: pa.Array, last_b: pa.Array,
+                rows: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
+    """Multi-turn battles as pairs of whole conversations (``--multi-turn whole``), at ``rows``.
+
+    The prompt is what both sides share (the turns before their first different message); each
+    response is the rest of its side's conversation as one text: its first answer, then each
+    later turn after a ``\n\nHuman:`` / ``\n\nAssistant:`` marker (the HH transcript style), so
+    the preference stays about the whole conversation. The sides must differ at an answer, not
+    at a user turn (the fourth value: False where they do not). Other rows are unchanged."""
+    conv_a, conv_b = (c.cast(MESSAGES) if c.type != MESSAGES else c for c in (conv_a, conv_b))
+    shared = common_prefix_length(conv_a, conv_b)
+    prompt = _head(conv_a, shared)
+    rest_a, rest_b = _tail(conv_a, shared), _tail(conv_b, shared)
+    first_a = pc.struct_field(pc.list_element(_pad_messages(rest_a), 0), "role")
+    first_b = pc.struct_field(pc.list_element(_pad_messages(rest_b), 0), "role")
+    at_answer = (pc.fill_null(pc.equal(first_a, "assistant"), False).to_numpy(zero_copy_only=False)
+                 & pc.fill_null(pc.equal(first_b, "assistant"), False).to_numpy(zero_copy_only=False))
+    mask = pa.array(rows)
+    return (pc.if_else(mask, prompt, prefix), pc.if_else(mask, continuation_text(rest_a), last_a),
+            pc.if_else(mask, continuation_text(rest_b), last_b), at_answer | ~rows)
+
+
+def common_prefix_length(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """Per row, how many leading messages two message lists share (role and content equal)."""
+    la = pc.list_value_length(a).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lb = pc.list_value_length(b).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    n = np.minimum(la, lb)
+    row = np.repeat(np.arange(len(n)), n)
+    pos = np.arange(int(n.sum())) - np.repeat(np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    start_a, start_b = np.concatenate([[0], np.cumsum(la)[:-1]]), np.concatenate([[0], np.cumsum(lb)[:-1]])
+    fa, fb = pc.list_flatten(a), pc.list_flatten(b)
+    ma, mb = fa.take(pa.array(start_a[row] + pos)), fb.take(pa.array(start_b[row] + pos))
+    same = (pc.fill_null(pc.equal(pc.struct_field(ma, "role"), pc.struct_field(mb, "role")), False).to_numpy(zero_copy_only=False)
+            & pc.fill_null(pc.equal(pc.struct_field(ma, "content"), pc.struct_field(mb, "content")), False)
+            .to_numpy(zero_copy_only=False))
+    first_diff = n.copy()
+    np.minimum.at(first_diff, row[~same], pos[~same])
+    return first_diff
+
+
+def _head(lists: pa.Array, k: np.ndarray) -> pa.Array:
+    """The first ``k[i]`` messages of each row."""
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    idx = np.repeat(starts, k) + np.arange(int(k.sum())) - np.repeat(np.concatenate([[0], np.cumsum(k)[:-1]]), k)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(k)]).astype(np.int32)),
+                                    pc.list_flatten(lists).take(pa.array(idx)), type=MESSAGES)
+
+
+def _tail(lists: pa.Array, k: np.ndarray) -> pa.Array:
+    """Each row's messages after its first ``k[i]``."""
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rest = np.maximum(lengths - k, 0)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) + np.minimum(k, lengths)
+    idx = np.repeat(starts, rest) + np.arange(int(rest.sum())) - np.repeat(np.concatenate([[0], np.cumsum(rest)[:-1]]), rest)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(rest)]).astype(np.int32)),
+                                    pc.list_flatten(lists).take(pa.array(idx)), type=MESSAGES)
+
+
+def _pad_messages(lists: pa.Array) -> pa.Array:
+    """Empty lists given one null message, so that element 0 exists everywhere."""
+    return pc.if_else(pc.equal(pc.list_value_length(lists).fill_null(0), 0),
+                      pa.scalar([{"role": None, "content": None}], MESSAGES), lists)
 
 
 # -- alpaca-eval -------------------------------------------------------------------------------
@@ -954,51 +1074,102 @@ PROMPT_FIELDS = ("prompt", "instruction", "input", "question", "text")
 RESPONSE_FIELDS = ("response", "completion", "output", "answer", "generation")
 
 
-def _argilla_values(cell):
-    """An Argilla question cell -> list of submitted values (v2 list, or v1 [{value, status}])."""
+def _argilla_values(cell, status=None):
+    """An Argilla question cell -> the submitted values (v2: a list, with the statuses of the
+    ``.responses.status`` column beside it; v1: ``[{user_id, value, status}]``). Drafts and
+    discarded answers are left out; an answer without a status counts."""
     if cell is None:
         return []
     if isinstance(cell, dict):
         cell = [cell]
+    if not isinstance(cell, list):
+        cell = [cell]
+    statuses = status if isinstance(status, list) and len(status) == len(cell) else [None] * len(cell)
     out = []
-    for v in cell:
+    for v, st in zip(cell, statuses):
         if isinstance(v, dict) and "value" in v and ("status" in v or "user_id" in v):
-            if v.get("status", "submitted") == "submitted":
-                out.append(v["value"])
-        else:
+            st = v.get("status", st)
+            v = v["value"]
+        if st in (None, "submitted"):
             out.append(v)
     return out
 
 
-def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
-    """Argilla exports (v2 ``<question>.responses`` columns or v1 ``[{user_id, value, status}]``).
+def _argilla_flatten(raw: pa.Table) -> pa.Table:
+    """Argilla v2's nested export (``records.to_json`` / ``to_disk``: ``fields``, ``responses``
+    {question: [{value, user_id, status}]}, ``suggestions``, ``metadata``) -> the flat columns
+    of its ``to_datasets`` export (fields as columns, ``<question>.responses`` with the statuses
+    in ``<question>.responses.status``)."""
+    rows = []
+    for rec in raw.to_pylist():
+        fields = rec.get("fields") if isinstance(rec.get("fields"), dict) else {}
+        row = {k: (v if isinstance(v, str) or v is None else json.dumps(v)) for k, v in fields.items()}
+        responses = rec.get("responses") if isinstance(rec.get("responses"), dict) else {}
+        for question, answers in responses.items():
+            answers = answers if isinstance(answers, list) else []
+            row[f"{question}.responses"] = json.dumps([a.get("value") if isinstance(a, dict) else a for a in answers])
+            row[f"{question}.responses.status"] = json.dumps([a.get("status") if isinstance(a, dict) else None
+                                                              for a in answers])
+        rows.append(row)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({n: pa.array([r.get(n) for r in rows], pa.string()) for n in names}) if names else pa.table({})
 
-    A rating question (one response field per record, several annotators: mean) gives ratings
-    grouped by prompt; a ranking question (values name response fields, ``rank`` 1 = best,
-    several annotators: mean rank) gives listwise rows. ``--aspect`` names the question.
+
+def _json_cells(c: pa.Array) -> list:
+    """Cells of a question column: Python values (JSON text, as the flattened nested export holds, decoded)."""
+    values = c.to_pylist()
+    if pa.types.is_string(c.type):
+        out = []
+        for v in values:
+            try:
+                out.append(json.loads(v) if v is not None else None)
+            except ValueError:
+                out.append(v)
+        return out
+    return values
+
+
+def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
+    """Argilla exports: v2 flat (``to_datasets``/``to_hub``: fields as columns, answers in
+    ``<question>.responses`` with ``.responses.users`` and ``.responses.status``), v2 nested
+    (``to_json``/``to_disk``: ``fields`` + ``responses``) or v1 (``[{user_id, value, status}]``).
+
+    Only submitted answers count (drafts and discarded ones are left out). A rating question
+    (one response field per record, several annotators: mean) gives ratings grouped by prompt;
+    a ranking question (values name response fields, in order best first or with ``rank`` 1 =
+    best, several annotators: mean rank) gives listwise rows. ``--aspect`` names the question.
     Nested annotator lists are unpacked in Python (one pass over the records).
     """
-
+    if "fields" in raw.column_names and "responses" in raw.column_names:
+        raw = _argilla_flatten(raw)
     prompt_col = first_present(raw, PROMPT_FIELDS)
     if prompt_col is None:
-        raise LabelsError(f"{ctx.path}: row 0: field 'prompt': missing (argilla needs one of {', '.join(PROMPT_FIELDS)})")
+        raise LabelsError(f"{ctx.path}: row 0: field 'prompt': missing (argilla needs one of {', '.join(PROMPT_FIELDS)}; "
+                          f"the file has: {', '.join(raw.column_names) or 'no columns'})")
     questions = [c for c in raw.column_names if c.endswith(".responses")]
+    # v1: a question column holds [{user_id, value, status}]
+    questions += [c for c in raw.column_names if c not in questions and pa.types.is_list(raw.schema.field(c).type)
+                  and pa.types.is_struct(raw.schema.field(c).type.value_type)
+                  and "value" in [f.name for f in raw.schema.field(c).type.value_type]]
     if ctx.aspect:
         question = ctx.aspect if ctx.aspect in raw.column_names else ctx.aspect + ".responses"
         if question not in raw.column_names:
-            raise LabelsError(f"{ctx.path}: row 0: field {ctx.aspect!r}: no such question column")
+            raise LabelsError(f"{ctx.path}: row 0: field {ctx.aspect!r}: no such question (the file's questions: "
+                              f"{', '.join(questions) or 'none'})")
     elif questions:
         question = questions[0]
     else:
-        candidates = [c for c in ("rating", "ranking", "preference", "quality") if c in raw.column_names]
-        if not candidates:
-            raise LabelsError(f"{ctx.path}: row 0: field 'rating': no question column (<question>.responses)")
-        question = candidates[0]
+        raise LabelsError(f"{ctx.path}: row 0: no question column: Argilla answers are in <question>.responses "
+                          f"columns (v2) or [{{user_id, value, status}}] lists (v1); the file has: "
+                          f"{', '.join(raw.column_names)}")
     q = Quarantine(raw, ctx.row_offset)
-    cells = [_argilla_values(c) for c in col(raw, question).to_pylist()]
+    statuses = _json_cells(col(raw, question + ".status")) if question + ".status" in raw.column_names else \
+        [None] * raw.num_rows
+    cells = [_argilla_values(c, st) for c, st in zip(_json_cells(col(raw, question)), statuses)]
     q.add(np.array([len(c) == 0 for c in cells], dtype=bool), f"no submitted answer to {question}")
     is_ranking = any(isinstance(v, (list, dict)) for c in cells for v in c)
     prompts = text(raw, prompt_col)
+    name = question.removesuffix(".responses")
     if is_ranking:
         records = raw.to_pylist()
         responses, scores = [], []
@@ -1007,26 +1178,40 @@ def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
             for answer in cell:
                 items = answer if isinstance(answer, list) else [answer]
                 for pos, item in enumerate(items):
-                    name, rank = (item.get("value"), item.get("rank", pos + 1)) if isinstance(item, dict) else (item, pos + 1)
-                    ranks.setdefault(str(name), []).append(float(rank if rank is not None else pos + 1))
+                    label, rank = (item.get("value"), item.get("rank", pos + 1)) if isinstance(item, dict) else (item, pos + 1)
+                    ranks.setdefault(str(label), []).append(_number(rank, pos + 1))
             names = [n for n in ranks if isinstance(rec.get(n), str)]
             if len(names) < len(ranks) and cell:
                 q.add(np.eye(1, len(raw), i, dtype=bool)[0], "ranking names a field that is not in the record")
             responses.append([rec[n] for n in names])
             scores.append([-float(np.mean(ranks[n])) for n in names])
         prompt = as_prompt(prompts)
-        table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
+        table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
                           "responses": pa.array(responses, pa.list_(pa.string())),
                           "scores": pa.array(scores, pa.list_(pa.float64())),
                           "_row": _rows(ctx, len(raw)), "_nrec": pa.array(np.ones(len(raw), np.int64))})
         return _finish("listwise", table, q)
     resp_col = first_present(raw, RESPONSE_FIELDS)
     if resp_col is None:
-        raise LabelsError(f"{ctx.path}: row 0: field 'response': missing (argilla rating needs one of {', '.join(RESPONSE_FIELDS)})")
-    mean = np.array([np.mean([float(v) for v in c]) if c else np.nan for c in cells])
+        raise LabelsError(f"{ctx.path}: row 0: field 'response': missing (an argilla rating question needs one of "
+                          f"{', '.join(RESPONSE_FIELDS)}; the file has: {', '.join(raw.column_names)})")
+    values = [[_number(v, np.nan) for v in c] for c in cells]
+    q.add(np.array([bool(c) and any(np.isnan(v) for v in c) for c in values], dtype=bool),
+          f"an answer to {name} is not a number")
+    mean = np.array([np.mean(c) if c else np.nan for c in values])
     table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), np.flatnonzero(~q.bad),
-                               text(raw, resp_col), mean, question.removesuffix(".responses"), ctx)
+                               text(raw, resp_col), mean, name, ctx)
     return Parsed("ratings", table, q.table())
+
+
+def _number(value, default: float) -> float:
+    """A number from JSON (int, float or numeric text); ``default`` otherwise."""
+    if isinstance(value, bool) or value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 # -- label studio ------------------------------------------------------------------------------
@@ -1307,7 +1492,9 @@ register(Format("helpsteer2", "ratings", "ratings (attribute file, 5 aspects) or
                 "strength -3..3, ties)", read_helpsteer2, streaming=False, ties=True, default_aspect="helpfulness"))
 register(Format("pku-saferlhf", "pairwise", "pairwise on --aspect helpfulness|safety; per-response safety as binary "
                 "(--aspect is_safe)", read_pku))
-register(Format("arena", "pairwise", "pairwise with ties (tie, tie (bothbad)); JSON conversations or one-hot CSV",
+register(Format("arena", "pairwise", "pairwise with ties (tie, tie (bothbad)); JSON conversations or one-hot CSV; "
+                "--multi-turn whole keeps battles whose earlier answers differ as whole-conversation pairs (later "
+                "turns inline as \\n\\nHuman:/\\n\\nAssistant:, whole_conversation = true)",
                 read_arena, ties=True))
 register(Format("alpaca-eval", "pairwise", "pairwise AI-judge; preference 1/2, draws 0 or 1.5, weighted floats",
                 read_alpaca_eval, ties=True, source="ai"))

@@ -107,3 +107,21 @@ def join_transcripts(prompt: pa.Array, response: pa.Array) -> pa.Array:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     head = pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
     return pc.binary_join_element_wise(head, pc.cast(response, pa.string()), ASSISTANT + " ")
+
+
+def continuation_text(messages: pa.Array) -> pa.Array:
+    """The rest of a conversation as one response text: the first message's content, then each
+    later turn after its marker (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), as an HH transcript
+    continues. Empty lists give null."""
+    messages = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(messages)
+    role = pc.struct_field(flat, "role")
+    marker = pc.if_else(pc.equal(role, "assistant"), ASSISTANT + " ", HUMAN + " ")
+    first = np.zeros(len(flat), dtype=bool)
+    first[np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]] = True
+    marker = pc.if_else(pa.array(first), "", marker)
+    turns = pc.binary_join_element_wise(marker, pc.fill_null(pc.struct_field(flat, "content"), ""), "")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
+    return pc.if_else(pa.array(lengths > 0), joined, pa.scalar(None, pa.string()))
