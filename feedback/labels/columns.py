@@ -64,6 +64,25 @@ def text_list(table: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
     return flat, lengths
 
 
+def item_field(lists: pa.Array, key: str, name: str) -> pa.Array:
+    """Field ``key`` of every item of a column of object lists, flattened (all null where the
+    items lack it; ``expect(..., "objects")`` has checked the items are objects)."""
+    flat = pc.list_flatten(lists)
+    if key not in [f.name for f in flat.type]:
+        return pa.nulls(len(flat))
+    return pc.struct_field(flat, key)
+
+
+def item_text(lists: pa.Array, key: str, name: str) -> pa.Array:
+    """``item_field`` as text; an item whose value is an object or a list is refused, naming its row."""
+    values = item_field(lists, key, name)
+    try:
+        return text(pa.table({f"{name}.{key}": values}), f"{name}.{key}")
+    except FieldTypeError as exc:
+        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        raise FieldTypeError(exc.field, int(parents[exc.row]), exc.what) from None
+
+
 def _is_utf8(value: bytes) -> bool:
     try:
         value.decode("utf-8")
@@ -81,13 +100,58 @@ def describe_value(value) -> str:
                                               {"role", "content"} <= set(keys) else "")
     if isinstance(value, list):
         return f"a list of {len(value)}" + (f" ({describe_value(value[0])} ...)" if value else "")
-    return type(value).__name__
+    return {str: "text", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__)
 
 
 def require(table: pa.Table, names: list[str], ctx) -> None:
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise missing_columns(ctx.path, ctx.fmt, missing, table.column_names)
+
+
+SHAPES = {  # what a reader may expect of a column -> Arrow type tests
+    "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+    or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_binary(t) or pa.types.is_temporal(t),
+    "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    or pa.types.is_string(t) or pa.types.is_large_string(t),
+    "list": lambda t: pa.types.is_list(t) or pa.types.is_large_list(t),
+    "object": pa.types.is_struct,
+    "messages": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
+    and {"role", "content"} <= {f.name for f in t.value_type},
+    "objects": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type),
+}
+SHAPE_NAMES = {"text": "text", "number": "a number", "list": "a list", "object": "an object",
+               "messages": "a list of {role, content} messages", "objects": "a list of objects"}
+
+
+def expect(table: pa.Table, shapes: dict[str, str]) -> None:
+    """Refuse columns whose values are not of the shape a reader expects (``"text"``,
+    ``"number"``, ``"list"``, ``"object"``, ``"messages"``, ``"objects"``; alternatives joined by
+    ``|``): FieldTypeError naming the first row whose value differs. An absent column passes
+    (``require`` says what is missing); so does a column of nulls only, unless its shape is a
+    list or an object that the reader needs (no ``?`` after the shape): there is nothing to read."""
+    for name, shape in shapes.items():
+        if name not in table.column_names:
+            continue
+        optional = shape.endswith("?")
+        shape = shape.rstrip("?")
+        t = table.schema.field(name).type
+        nested = [k for k in shape.split("|") if k in ("list", "object", "messages", "objects")]
+        if pa.types.is_null(t) and nested and len(nested) == len(shape.split("|")) and not optional:
+            raise FieldTypeError(name, 0, f"expected {SHAPE_NAMES[nested[0]]}, every row holds null")
+        marked = nontext_rows(table).get(name)
+        if marked:  # text in some rows, objects or lists (kept as JSON) in others: no reader takes both
+            raise FieldTypeError(name, marked[0], "a column that holds text in some rows and an object or a list in "
+                                                  "others (this one)")
+        if pa.types.is_null(t) or any(SHAPES[k](t) for k in shape.split("|")):
+            continue
+        c = col(table, name)
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        row = int(valid[0]) if len(valid) else 0
+        got = describe_value(c[row].as_py()) if len(valid) else str(t)
+        want = " or ".join(SHAPE_NAMES[k] for k in shape.split("|"))
+        raise FieldTypeError(name, row, f"expected {want}, got {got}")
 
 
 def first_present(table: pa.Table, names: tuple[str, ...]) -> str | None:
@@ -107,9 +171,33 @@ def one_message(content: pa.Array, role: str = "assistant") -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), structs, type=MESSAGES)
 
 
-def last_and_rest(messages: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
+def canonical_messages(messages: pa.Array, name: str = "messages") -> pa.Array:
+    """Message lists whose items have ``role`` and ``content`` (and maybe more fields) as
+    ``list<struct<role, content>>``; a role or content that is not text (an object, a list) is
+    refused (FieldTypeError naming the row)."""
+    if messages.type == MESSAGES:
+        return messages
+    if pa.types.is_null(messages.type):
+        return pa.nulls(len(messages), MESSAGES)
+    flat = pc.list_flatten(messages)
+    if not pa.types.is_struct(flat.type) or not {"role", "content"} <= {f.name for f in flat.type}:
+        raise FieldTypeError(name, 0, f"expected a list of {{role, content}} messages, got {messages.type}")
+    parents = pc.list_parent_indices(messages).to_numpy(zero_copy_only=False)
+    fields = []
+    for key in ("role", "content"):
+        try:
+            fields.append(text(pa.table({key: pc.struct_field(flat, key)}), key))
+        except FieldTypeError as exc:
+            raise FieldTypeError(f"{name}.{key}", int(parents[exc.row]), exc.what) from None
+    lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    out = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, fields=list(MESSAGE)), type=MESSAGES)
+    return pc.if_else(messages.is_null(), pa.scalar(None, MESSAGES), out) if messages.null_count else out
+
+
+def last_and_rest(messages: pa.Array, name: str = "messages") -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
     """Split message lists into (all but the last message, last content, last role, non-empty)."""
-    messages = messages.cast(MESSAGES) if messages.type != MESSAGES else messages
+    messages = canonical_messages(messages, name)
     lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = pc.list_flatten(messages)
     ends = np.cumsum(lengths)

@@ -590,16 +590,20 @@ def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str
     names = aspects_of(table)
     if not names:
         return table, stats
+    if not aspect and default:  # the default aspects this file has (UltraFeedback files may rate only some)
+        present = [a for a in default.split(",") if a.partition("=")[0].strip() in names]
+        default = ",".join(present) if present else None
     weights = parse_aspect(aspect, names, default)
     responses = table.column("responses").combine_chunks()
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     total = np.zeros(int(lengths.sum()))
     known = np.ones(len(total), dtype=bool)
-    for name, w in weights.items():
+    for name, w in weights.items():  # an overflow to inf is quarantined by the listwise checks
         vals = _flat(table.column(ASPECT_PREFIX + name).combine_chunks()).cast(pa.float64())
         arr = vals.to_numpy(zero_copy_only=False)
         known &= ~np.isnan(arr)
-        total += w * np.where(np.isnan(arr), 0.0, arr)  # NaN: not rated (left out below); inf stays inf
+        with np.errstate(over="ignore"):
+            total += w * np.where(np.isnan(arr), 0.0, arr)  # NaN: not rated (left out below); inf stays inf
     score = total / sum(abs(w) for w in weights.values())
     row_of = np.repeat(np.arange(table.num_rows), lengths)
     keep = np.flatnonzero(known)

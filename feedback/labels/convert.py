@@ -82,7 +82,7 @@ class Report:
     rows_out: int = 0
     tie_pairs: int = 0
     identical_pairs: int = 0
-    duplicates: int = 0  # written canonical rows that repeat an earlier one exactly (kept)
+    duplicates: int = 0  # canonical rows that repeat an earlier one (kept; see _Duplicates)
     info: dict = field(default_factory=dict)
     output: str | None = None
     quarantine_path: str | None = None
@@ -110,7 +110,7 @@ class Report:
         if self.identical_pairs:
             out.append(f"  pairs of identical texts left out: {self.identical_pairs}")
         if self.duplicates:
-            out.append(f"  exact duplicates: {self.duplicates} rows repeat an earlier row exactly (kept)")
+            out.append(f"  duplicates: {self.duplicates} rows repeat an earlier row (kept)")
         for key in ("agreement_summary", "aspect"):
             if key in self.info:
                 out.append(f"  {self.info[key]}")
@@ -128,7 +128,7 @@ class Report:
                 "dropped_by_rule": self.dropped_total, "dropped_reasons": dict(self.dropped),
                 "quarantine_reasons": dict(self.quarantine_reasons), "rows_out": self.rows_out,
                 "tie_pairs_left_out": self.tie_pairs, "identical_pairs_left_out": self.identical_pairs,
-                "exact_duplicates": self.duplicates}
+                "duplicates": self.duplicates}
 
 
 def target_kind(fmt: Format) -> str:
@@ -558,8 +558,11 @@ def convert_labels_file(
             report.info.update({k: v for k, v in parsed.info.items() if v is not None})
             kind = "listwise" if parsed.kind == "ratings" else parsed.kind
             if parsed.kind == "ratings":  # scores from the chosen aspects, before the listwise checks
-                parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect,
-                                                          min_responses)
+                try:
+                    parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect,
+                                                              min_responses)
+                except LabelsError as exc:  # an aspect the file does not have
+                    raise LabelsError(f"{source}: {exc}") from None
                 stats.merge(st)
                 report.dropped.update(st.dropped)
                 report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
@@ -650,12 +653,18 @@ def _check_field_sizes(raw: pa.Table, source: Path, offset: int, limit: int) -> 
 # what makes two canonical rows the same (extras such as per-response labels are not compared)
 DUPLICATE_KEYS = {"pairwise": ("prompt_id", "chosen", "rejected", "margin"), "listwise": ("prompt_id", "responses", "scores"),
                   "binary": ("prompt_id", "response", "label"), "sft": ("prompt_id", "response")}
+EDGE = 32  # characters of each text's beginning and end in its fingerprint
 
 
 class _Duplicates:
-    """Counts canonical rows that repeat an earlier row of the run exactly, by a 64-bit hash of
-    prompt and labels (8 bytes a row: sorted hash arrays merged like a binary counter, so the
-    whole run costs O(n log n))."""
+    """Counts canonical rows that repeat an earlier row of the run: same prompt and labels, and
+    responses of the same length with the same first and last ``EDGE`` characters.
+
+    A 64-bit hash of that fingerprint is kept per distinct row (8 bytes a row: sorted arrays
+    merged like a binary counter, O(n log n) for the run). Hashing whole texts would cost as
+    much as reading them again; two rows that differ only inside a long response are the one
+    case counted wrongly.
+    """
 
     def __init__(self):
         self.levels: list[np.ndarray] = []  # sorted unique hashes, sizes roughly halving
@@ -665,20 +674,23 @@ class _Duplicates:
 
         if table.num_rows == 0 or kind not in DUPLICATE_KEYS:
             return 0
-        h = np.zeros(table.num_rows, dtype=np.uint64)
+        parts = []
         for name in DUPLICATE_KEYS[kind]:
             c = table.column(name).combine_chunks()
             if pa.types.is_list(c.type):  # one text per row: the items joined
                 lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False)
                 offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
                 c = pc.binary_join(pa.ListArray.from_arrays(offsets, pc.list_flatten(c).cast(pa.string())), "\x1f")
-            h = h * np.uint64(1_000_003) ^ pd.util.hash_array(c.cast(pa.string()).to_numpy(zero_copy_only=False)
-                                                              .astype(object))
+            c = pc.fill_null(c.cast(pa.string()), "\x00")
+            if name != "prompt_id":  # long texts: their length and edges
+                c = pc.binary_join_element_wise(pc.binary_length(c).cast(pa.string()), pc.utf8_slice_codeunits(c, 0, EDGE),
+                                                pc.utf8_slice_codeunits(c, -EDGE), "\x1f")
+            parts.append(c)
+        key = pc.binary_join_element_wise(*parts, "\x1e")
+        h = pd.util.hash_array(key.to_numpy(zero_copy_only=False).astype(object))
         unique = np.unique(h)
         seen = np.zeros(len(unique), dtype=bool)
         for level in self.levels:
-            if not len(level):
-                continue
             at = np.minimum(np.searchsorted(level, unique), len(level) - 1)
             seen |= level[at] == unique
         if (~seen).any():

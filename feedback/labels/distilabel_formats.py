@@ -111,8 +111,7 @@ def read_distilabel_prometheus(raw: pa.Table, ctx: ReadContext) -> Parsed:
     score = _float(col(raw, f["result"]))
     q.add(np.isnan(score), f"{f['result']} not a number (the judge's answer was not parsed)")
     prompts = text(raw, f["instruction"]).to_numpy(zero_copy_only=False)
-    q.add(pc.is_null(text(raw, f["instruction"])).to_numpy(zero_copy_only=False), f"null {f['instruction']}")
-    table = _ratings_by_prompt(prompts, np.flatnonzero(~q.bad), text(raw, f["generation"]), score, "score", ctx)
+    table = _ratings_by_prompt(prompts, q, text(raw, f["generation"]), score, "score", ctx)
     return Parsed("ratings", table, q.table())
 
 

@@ -26,7 +26,11 @@ from alignflow.feedback.labels import aggregate as agg
 from alignflow.feedback.labels.columns import (
     Quarantine,
     as_prompt,
+    canonical_messages,
     col,
+    expect,
+    item_field,
+    item_text,
     first_present,
     interleave_turns,
     last_and_rest,
@@ -175,7 +179,9 @@ def _finish(kind: str, table: pa.Table, quarantine: Quarantine, raw_keep: np.nda
 
 
 def _float(c: pa.Array) -> np.ndarray:
-    """Numbers (or numeric text, "N/A" -> NaN) as float64."""
+    """Numbers (or numeric text, "N/A" -> NaN) as float64; anything else (an object, a list) is NaN."""
+    if pa.types.is_nested(c.type) or pa.types.is_binary(c.type) or pa.types.is_temporal(c.type):
+        return np.full(len(c), np.nan)
     if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
         s = pc.utf8_trim_whitespace(c)
         numeric = pc.match_substring_regex(s, r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -188,7 +194,9 @@ def _float(c: pa.Array) -> np.ndarray:
 
 
 def _bool(c: pa.Array) -> np.ndarray:
-    """Booleans from bool, 0/1 or yes/no/true/false text; unknown -> -1 (int8 array)."""
+    """Booleans from bool, 0/1 or yes/no/true/false text; unknown (an object, a list) -> -1 (int8 array)."""
+    if pa.types.is_nested(c.type) or pa.types.is_binary(c.type):
+        return np.full(len(c), -1, dtype=np.int8)
     if pa.types.is_boolean(c.type):
         return np.where(pc.is_null(c).to_numpy(zero_copy_only=False), -1,
                         pc.fill_null(c, False).to_numpy(zero_copy_only=False).astype(np.int8)).astype(np.int8)
@@ -232,11 +240,13 @@ def export_hh(table: pa.Table, options: dict) -> pa.Table:
 def read_shp(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Stanford Human Preferences: ``labels`` 1 = human_ref_A preferred; margin = log score_ratio."""
     require(raw, ["history", "human_ref_A", "human_ref_B", "labels"], ctx)
+    expect(raw, {"labels": "number", "score_ratio": "number"})
     q = Quarantine(raw, ctx.row_offset)
     label = _float(col(raw, "labels"))
     q.add(~np.isin(label, [0.0, 1.0]), "labels not 0 or 1")
     chosen, rejected = _pick(label == 1, text(raw, "human_ref_A"), text(raw, "human_ref_B"))
-    margin = np.log(_float(col(raw, "score_ratio"))) if "score_ratio" in raw.column_names else None
+    with np.errstate(divide="ignore", invalid="ignore"):  # a ratio <= 0 gives NaN: quarantined by the checks
+        margin = np.log(_float(col(raw, "score_ratio"))) if "score_ratio" in raw.column_names else None
     if margin is not None:
         margin = np.where(np.isfinite(margin), margin, np.nan)
         margin = pa.array(margin, pa.float64(), from_pandas=True)
@@ -249,6 +259,7 @@ def read_shp(raw: pa.Table, ctx: ReadContext) -> Parsed:
 def read_openai_comparisons(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """summarize-from-feedback: ``info`` (post), two ``summaries``, ``choice``; margin = confidence."""
     require(raw, ["info", "summaries", "choice"], ctx)
+    expect(raw, {"info": "object", "summaries": "objects", "choice": "number", "extra": "object?"})
     q = Quarantine(raw, ctx.row_offset)
     info = col(raw, "info")
     names = [f.name for f in info.type] if pa.types.is_struct(info.type) else []
@@ -291,6 +302,7 @@ UF_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 def read_ultrafeedback(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """UltraFeedback: per completion, ratings of four aspects ("N/A" = not rated) + overall_score."""
     require(raw, ["instruction", "completions"], ctx)
+    expect(raw, {"instruction": "text", "completions": "objects"})
     q = Quarantine(raw, ctx.row_offset)
     comps = col(raw, "completions")
     flat = pc.list_flatten(comps)
@@ -535,14 +547,18 @@ def flatten_oasst_trees(raw: pa.Table, ctx: ReadContext | None = None) -> pa.Tab
         for reply in replies:
             walk(reply, message.get("message_id"), tree, line, where + ".replies")
 
+    def _tree_id(record: dict) -> str | None:
+        tree = record.get("message_tree_id")
+        return tree if isinstance(tree, str) else None  # only used to count trees
+
     trees = "message_id" not in raw.column_names
     for i, record in enumerate(raw.to_pylist()):
         if trees:
             if record.get("prompt") is not None:
-                walk(record["prompt"], None, record.get("message_tree_id"), offset + i, "prompt")
+                walk(record["prompt"], None, _tree_id(record), offset + i, "prompt")
         else:
             parent = record.get("parent_id")
-            walk(record, parent if isinstance(parent, str) else None, record.get("message_tree_id"), offset + i, "message")
+            walk(record, parent if isinstance(parent, str) else None, _tree_id(record), offset + i, "message")
     try:
         return pa.Table.from_pylist(rows, schema=OASST_FLAT)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -670,7 +686,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     flat_idx = turn_idx[valid].astype(np.int64)
     roles = np.where(role[flat_idx] == "prompter", "user", "assistant")
     msgs = pa.StructArray.from_arrays([pa.array(roles.astype(object), pa.string()),
-                                       pa.array(df.text.to_numpy()[flat_idx], pa.string())], names=["role", "content"])
+                                       pa.array(df.text.to_numpy()[flat_idx], pa.string(), from_pandas=True)], names=["role", "content"])
     prompt = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), msgs,
                                       type=MESSAGES)
     members = np.flatnonzero(in_group)
@@ -684,7 +700,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
                                         else pa.array(values[order], pa.float64(), from_pandas=True))
 
     columns = {"prompt_id": prompt_ids(prompt), "prompt": prompt,
-               "responses": per_response(pa.array(df.text.to_numpy(), pa.string()))}
+               "responses": per_response(pa.array(df.text.to_numpy(), pa.string(), from_pandas=True))}
     if aspect_values is None:
         columns["scores"] = per_response(score)
     else:
@@ -733,15 +749,15 @@ def _hh_prompt(prompt_text: pa.Array) -> pa.Array:
 def read_nectar(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Nectar: 7 ``answers`` with ``rank`` 1 (best) .. 7; scores = -rank."""
     require(raw, ["prompt", "answers"], ctx)
+    expect(raw, {"prompt": "text", "answers": "objects"})
     q = Quarantine(raw, ctx.row_offset)
     answers = col(raw, "answers")
-    flat = pc.list_flatten(answers)
     lengths = pc.list_value_length(answers).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    rank = _float(pc.struct_field(flat, "rank"))
+    rank = _float(item_field(answers, "rank", "answers"))
     prompt = _hh_prompt(text(raw, "prompt"))
-    table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
-                      "responses": pa.ListArray.from_arrays(offsets, pc.struct_field(flat, "answer").cast(pa.string())),
+    table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
+                      "responses": pa.ListArray.from_arrays(offsets, item_text(answers, "answer", "answers")),
                       "scores": pa.ListArray.from_arrays(offsets, pa.array(-rank, pa.float64(), from_pandas=True)),
                       "_row": _rows(ctx, len(raw)), "_nrec": pa.array(np.ones(len(raw), np.int64))})
     return _finish("listwise", table, q)
@@ -858,6 +874,8 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
     q = Quarantine(raw, ctx.row_offset)
     if "winner_model_a" in raw.column_names:
         require(raw, ["prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"], ctx)
+        expect(raw, {"prompt": "text|list", "response_a": "text|list", "response_b": "text|list",
+                     "winner_model_a": "number", "winner_model_b": "number", "winner_tie": "number"})
         try:
             parsed = _json_lists(raw, ["prompt", "response_a", "response_b"])
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
@@ -873,12 +891,14 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
         both_bad = np.zeros(len(raw), dtype=bool)
     else:
         require(raw, ["winner", "conversation_a", "conversation_b"], ctx)
+        expect(raw, {"conversation_a": "messages", "conversation_b": "messages", "winner": "text"})
         conv_a, conv_b = col(raw, "conversation_a"), col(raw, "conversation_b")
         winner = text(raw, "winner").to_numpy(zero_copy_only=False)
         known = np.isin(winner, list(ARENA_WINNERS))
         q.add(~known, "winner not model_a / model_b / tie / tie (bothbad)")
         grade = np.array([ARENA_WINNERS.get(w, 0) for w in winner]) if len(winner) else np.zeros(0)
         both_bad = winner == "tie (bothbad)"
+    conv_a, conv_b = canonical_messages(conv_a, "conversation_a"), canonical_messages(conv_b, "conversation_b")
     prefix_a, last_a, role_a, ne_a = last_and_rest(conv_a)
     prefix_b, last_b, role_b, ne_b = last_and_rest(conv_b)
     q.add(~(ne_a & ne_b) | ~pc.fill_null(pc.equal(role_a, "assistant"), False).to_numpy(zero_copy_only=False),
@@ -970,6 +990,7 @@ def read_alpaca_eval(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """AlpacaEval annotations: ``preference`` 1 = output_1, 2 = output_2, 0 or 1.5 = draw; floats
     in [1, 2] (weighted annotators) give margin = 2 |p - 1.5|."""
     require(raw, ["instruction", "output_1", "output_2", "preference"], ctx)
+    expect(raw, {"preference": "number"})
     q = Quarantine(raw, ctx.row_offset)
     p = _float(text(raw, "preference") if not pa.types.is_floating(col(raw, "preference").type) and
                not pa.types.is_integer(col(raw, "preference").type) else col(raw, "preference"))
@@ -977,7 +998,8 @@ def read_alpaca_eval(raw: pa.Table, ctx: ReadContext) -> Parsed:
     q.add(~valid, "preference not 0, 1, 2 or in [1, 2]")
     tie = (p == 0) | (p == 1.5)
     chosen, rejected = _pick(p <= 1.5, text(raw, "output_1"), text(raw, "output_2"))
-    margin = np.where(tie, 0.0, 2 * np.abs(p - 1.5))
+    with np.errstate(over="ignore", invalid="ignore"):  # preferences out of range are quarantined above
+        margin = np.where(tie, 0.0, 2 * np.abs(p - 1.5))
     table = _pairwise(as_prompt(text(raw, "instruction")), chosen, rejected, ctx, margin=margin, tie=tie)
     return _finish("pairwise", table, q)
 
@@ -1199,8 +1221,7 @@ def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
     q.add(np.array([bool(c) and any(np.isnan(v) for v in c) for c in values], dtype=bool),
           f"an answer to {name} is not a number")
     mean = np.array([np.mean(c) if c else np.nan for c in values])
-    table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), np.flatnonzero(~q.bad),
-                               text(raw, resp_col), mean, name, ctx)
+    table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), q, text(raw, resp_col), mean, name, ctx)
     return Parsed("ratings", table, q.table())
 
 
@@ -1218,33 +1239,46 @@ def _number(value, default: float) -> float:
 
 
 def _ls_results(task: dict) -> list[list[dict]]:
-    """Per annotation (not cancelled), its result items."""
+    """Per annotation (not cancelled), its result items (values of other types are skipped)."""
     out = []
-    for ann in task.get("annotations") or task.get("completions") or []:
+    annotations = task.get("annotations") or task.get("completions") or []
+    for ann in annotations if isinstance(annotations, list) else []:
         if isinstance(ann, dict) and not ann.get("was_cancelled"):
-            out.append([r for r in ann.get("result") or [] if isinstance(r, dict)])
+            result = ann.get("result")
+            out.append([r for r in result if isinstance(r, dict)] if isinstance(result, list) else [])
     return out
+
+
+def _texts(values: list, field: str, q: Quarantine) -> pa.Array:
+    """Python values (from records read in Python) as strings; a row holding something else
+    (a number, an object) is quarantined, its value left null."""
+    ok = np.array([v is None or isinstance(v, str) for v in values], dtype=bool)
+    q.add(~ok, f"{field} is not text")
+    return pa.array([v if good else None for v, good in zip(values, ok)], pa.string())
 
 
 def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Label Studio JSON export: tasks with ``data`` and ``annotations``; result types
     ``pairwise`` (selected left/right; several annotators: majority, a split vote is a tie),
     ``rating`` (mean over annotators; grouped by prompt into ratings) and ``ranker``
-    (``data.items`` ordered per annotator; mean position)."""
+    (``data.items`` ordered per annotator; mean position). Tasks are read in Python (one pass);
+    a task whose values are of the wrong type is quarantined."""
 
     require(raw, ["data", "annotations"] if "annotations" in raw.column_names or "completions" not in raw.column_names
             else ["data", "completions"], ctx)
-    tasks = raw.to_pylist()
+    tasks = [t if isinstance(t.get("data"), dict) else {**t, "data": {}} for t in raw.to_pylist()]
     q = Quarantine(raw, ctx.row_offset)
+    q.add(np.array([not isinstance(t.get("data"), dict) for t in raw.select(["data"]).to_pylist()], dtype=bool),
+          "data is not an object")
     kinds = {r.get("type") for t in tasks for a in _ls_results(t) for r in a}
     if "pairwise" in kinds:
         prompts, chosen, rejected, grades, bad = [], [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
+            data = t["data"]
             votes = [1 if r["value"].get("selected") == "left" else -1 for a in _ls_results(t) for r in a
                      if r.get("type") == "pairwise" and isinstance(r.get("value"), dict)]
             names = next((r.get("to_name") for a in _ls_results(t) for r in a if r.get("type") == "pairwise"), None)
-            keys = names if isinstance(names, list) and all(k in data for k in names) else \
+            keys = names if isinstance(names, list) and all(isinstance(k, str) and k in data for k in names) else \
                 [k for k in data if k not in PROMPT_FIELDS and isinstance(data[k], str)][:2]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             bad.append(not votes or len(keys) != 2 or pkey is None)
@@ -1256,32 +1290,32 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
             grades.append(g)
         q.add(np.array(bad, dtype=bool), "no pairwise vote, or not a prompt and two texts in data")
         g = np.array(grades)
-        table = _pairwise(as_prompt(pa.array(prompts, pa.string())), pa.array(chosen, pa.string()),
-                          pa.array(rejected, pa.string()), ctx, margin=np.abs(g), tie=g == 0)
+        table = _pairwise(as_prompt(_texts(prompts, "data.prompt", q)), _texts(chosen, "data.<left>", q),
+                          _texts(rejected, "data.<right>", q), ctx, margin=np.abs(g), tie=g == 0)
         return _finish("pairwise", table, q)
     if "ranker" in kinds:
         prompts, responses, scores, bad = [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
+            data = t["data"]
             items = {str(it.get("id")): it.get("body") or it.get("text") or it.get("html") or it.get("title")
-                     for it in data.get("items") or [] if isinstance(it, dict)}
+                     for it in (data.get("items") if isinstance(data.get("items"), list) else []) if isinstance(it, dict)}
             ranks: dict[str, list[int]] = {}
             for a in _ls_results(t):
                 for r in a:
-                    if r.get("type") != "ranker":
+                    if r.get("type") != "ranker" or not isinstance(r.get("value"), dict):
                         continue
-                    ranker = (r.get("value") or {}).get("ranker")
+                    ranker = r["value"].get("ranker")
                     order = ranker if isinstance(ranker, list) else next(iter(ranker.values()), []) if isinstance(ranker, dict) else []
-                    for pos, item_id in enumerate(order):
+                    for pos, item_id in enumerate(order if isinstance(order, list) else []):
                         ranks.setdefault(str(item_id), []).append(pos)
-            names = [n for n in ranks if n in items]
+            names = [n for n in ranks if isinstance(items.get(n), str)]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             bad.append(len(names) < 2 or pkey is None)
             prompts.append(data.get(pkey) if pkey else None)
             responses.append([items[n] for n in names])
             scores.append([-float(np.mean(ranks[n])) for n in names])
         q.add(np.array(bad, dtype=bool), "no ranking of two or more data.items")
-        prompt = as_prompt(pa.array(prompts, pa.string()))
+        prompt = as_prompt(_texts(prompts, "data.prompt", q))
         table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
                           "responses": pa.array(responses, pa.list_(pa.string())),
                           "scores": pa.array(scores, pa.list_(pa.float64())),
@@ -1290,18 +1324,19 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
     if "rating" in kinds:
         prompts, responses, ratings, bad = [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
-            values = [r["value"].get("rating") for a in _ls_results(t) for r in a
+            data = t["data"]
+            values = [_number(r["value"].get("rating"), np.nan) for a in _ls_results(t) for r in a
                       if r.get("type") == "rating" and isinstance(r.get("value"), dict)]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             rkey = next((k for k in RESPONSE_FIELDS if k in data), None)
-            bad.append(not values or pkey is None or rkey is None)
+            bad.append(not values or any(np.isnan(values)) or pkey is None or rkey is None)
             prompts.append(data.get(pkey) if pkey else None)
             responses.append(data.get(rkey) if rkey else None)
             ratings.append(float(np.mean(values)) if values else np.nan)
-        q.add(np.array(bad, dtype=bool), "no rating, or no prompt and response in data")
-        table = _ratings_by_prompt(np.array(prompts, dtype=object), np.flatnonzero(~q.bad),
-                                   pa.array(responses, pa.string()), np.array(ratings, dtype=np.float64), "rating", ctx)
+        q.add(np.array(bad, dtype=bool), "no numeric rating, or no prompt and response in data")
+        prompt_text = _texts(prompts, "data.prompt", q).to_numpy(zero_copy_only=False)
+        table = _ratings_by_prompt(prompt_text, q, _texts(responses, "data.response", q),
+                                   np.array(ratings, dtype=np.float64), "rating", ctx)
         return Parsed("ratings", table, q.table())
     raise LabelsError(f"{ctx.path}: row 0: field 'annotations': no pairwise, rating or ranker results")
 
@@ -1313,28 +1348,31 @@ def _is_messages(c: pa.Array) -> bool:
     return pa.types.is_list(c.type) and pa.types.is_struct(c.type.value_type)
 
 
-def _response_of(c: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _response_of(raw: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
     """A completion column (string or assistant message list) -> text of its last message."""
+    c = col(raw, name)
     if _is_messages(c):
-        _, content, _, ne = last_and_rest(c)
+        _, content, _, ne = last_and_rest(c, name)
         return content, ne
-    return c.cast(pa.string()), np.ones(len(c), dtype=bool)
+    return text(raw, name), np.ones(len(c), dtype=bool)
 
 
 def read_trl_preference(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """TRL preference rows: standard (strings) or conversational (message lists), with an
     explicit ``prompt`` or an implicit one (the shared beginning of chosen and rejected)."""
     require(raw, ["chosen", "rejected"], ctx)
+    expect(raw, {"prompt": "text|messages", "chosen": "text|messages", "rejected": "text|messages", "margin": "number"})
     q = Quarantine(raw, ctx.row_offset)
     chosen_c, rejected_c = col(raw, "chosen"), col(raw, "rejected")
     if "prompt" in raw.column_names:
-        prompt = as_prompt(col(raw, "prompt") if _is_messages(col(raw, "prompt")) else text(raw, "prompt"))
-        chosen, ok_c = _response_of(chosen_c)
-        rejected, ok_r = _response_of(rejected_c)
+        prompt = canonical_messages(col(raw, "prompt"), "prompt") if _is_messages(col(raw, "prompt")) \
+            else as_prompt(text(raw, "prompt"))
+        chosen, ok_c = _response_of(raw, "chosen")
+        rejected, ok_r = _response_of(raw, "rejected")
         q.add(~(ok_c & ok_r), "empty chosen or rejected message list")
     elif _is_messages(chosen_c):
-        prefix_c, chosen, _, ok_c = last_and_rest(chosen_c)
-        prefix_r, rejected, _, ok_r = last_and_rest(rejected_c)
+        prefix_c, chosen, _, ok_c = last_and_rest(chosen_c, "chosen")
+        prefix_r, rejected, _, ok_r = last_and_rest(rejected_c, "rejected")
         q.add(~(ok_c & ok_r), "empty chosen or rejected message list")
         q.add(~same_messages(prefix_c, prefix_r), "implicit prompt: chosen and rejected differ before the last message")
         prompt = prefix_c
@@ -1405,9 +1443,11 @@ def _concat_lists(a: pa.Array, b: pa.Array) -> pa.Array:
 def read_trl_unpaired(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """TRL unpaired preference (KTO): prompt, completion, label (bool); standard or conversational."""
     require(raw, ["prompt", "completion", "label"], ctx)
+    expect(raw, {"prompt": "text|messages", "completion": "text|messages", "label": "number"})
     q = Quarantine(raw, ctx.row_offset)
-    prompt = as_prompt(col(raw, "prompt") if _is_messages(col(raw, "prompt")) else text(raw, "prompt"))
-    response, ok = _response_of(col(raw, "completion"))
+    prompt = canonical_messages(col(raw, "prompt"), "prompt") if _is_messages(col(raw, "prompt")) \
+        else as_prompt(text(raw, "prompt"))
+    response, ok = _response_of(raw, "completion")
     label = _bool(col(raw, "label"))
     q.add(~ok, "empty completion message list")
     q.add(label < 0, "label not true/false")
@@ -1433,15 +1473,16 @@ def read_openai_dpo(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """OpenAI preference fine-tuning JSONL: ``input.messages``, ``preferred_output``,
     ``non_preferred_output`` (each a list holding one assistant message)."""
     require(raw, ["input", "preferred_output", "non_preferred_output"], ctx)
+    expect(raw, {"input": "object", "preferred_output": "messages", "non_preferred_output": "messages"})
     q = Quarantine(raw, ctx.row_offset)
     inp = col(raw, "input")
     if not pa.types.is_struct(inp.type) or "messages" not in [f.name for f in inp.type]:
         raise LabelsError(f"{ctx.path}: row 0: field 'input.messages': missing")
-    messages = pc.struct_field(inp, "messages")
-    prompt = pa.array([[{"role": m.get("role"), "content": m.get("content")} for m in (ms or [])]
-                       for ms in messages.to_pylist()], MESSAGES) if messages.type != MESSAGES else messages
-    chosen, ok_c = _response_of(col(raw, "preferred_output"))
-    rejected, ok_r = _response_of(col(raw, "non_preferred_output"))
+    messages = pa.table({"input.messages": pc.struct_field(inp, "messages")})
+    expect(messages, {"input.messages": "messages"})
+    prompt = canonical_messages(messages.column(0).combine_chunks(), "input.messages")
+    chosen, ok_c = _response_of(raw, "preferred_output")
+    rejected, ok_r = _response_of(raw, "non_preferred_output")
     q.add(~(ok_c & ok_r), "empty preferred_output or non_preferred_output")
     return _finish("pairwise", _pairwise(prompt, chosen, rejected, ctx), q)
 
@@ -1518,14 +1559,17 @@ for _kind, _holds in (("pairwise", "canonical pairwise (chosen, rejected, margin
 CANONICAL = ("pairwise", "listwise", "binary", "sft")
 
 
-def _ratings_by_prompt(prompts: np.ndarray, keep: np.ndarray, responses: pa.Array, ratings: np.ndarray,
+def _ratings_by_prompt(prompts: np.ndarray, q: Quarantine, responses: pa.Array, ratings: np.ndarray,
                        aspect: str, ctx) -> pa.Table:
-    """Rows rating one response each (kept rows ``keep``) grouped into one ratings row per prompt.
+    """Rows rating one response each (those ``q`` keeps; a null prompt is quarantined) grouped
+    into one ratings row per prompt.
 
     Responses keep their input order within a prompt; ``_row`` is each group's first input row.
     """
     import pandas as pd
 
+    q.add(pd.isna(prompts), "null prompt")
+    keep = np.flatnonzero(~q.bad)
     codes, uniques = pd.factorize(prompts[keep])
     order = keep[np.argsort(codes, kind="stable")]
     sizes = np.bincount(codes, minlength=len(uniques))

@@ -28,8 +28,7 @@ from alignflow.feedback.labels.limits import (
     MAX_FIELD_BYTES,
     MAX_JSON_DEPTH,
     RECORD_FIELDS,
-    GuardedJsonLines,
-    check_record,
+    LineBlocks,
     json_depth,
     mib,
     record_limit,
@@ -202,6 +201,29 @@ def _csv_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
                 emitted += part.num_rows
 
 
+def _utf8_valid(table: pa.Table, path: Path, first_row: int) -> pa.Table:
+    """Arrow's JSON reader keeps bytes that are not UTF-8 inside strings; later kernels fail on them.
+    Validated once here (Arrow's full validation); the first bad row and field are named."""
+    try:
+        table.validate(full=True)
+        return table
+    except pa.ArrowInvalid:
+        pass
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        for i in range(len(column)):
+            try:
+                column.slice(i, 1).validate(full=True)
+            except pa.ArrowInvalid:
+                raise LabelsError(f"{path}: row {first_row + i}: field {name!r}: not UTF-8 text") from None
+    raise LabelsError(f"{path}: rows {first_row}-{first_row + table.num_rows - 1}: not valid data")
+
+
 def _utf8_checked(table: pa.Table, path: Path, first_row: int) -> pa.Table:
     """Arrow reads CSV cells that are not UTF-8 as binary: name the first such row and field."""
     for name in table.column_names:
@@ -216,67 +238,44 @@ def _utf8_checked(table: pa.Table, path: Path, first_row: int) -> pa.Table:
     return table
 
 
-def _open_bytes(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
 def _jsonl_batches(path: Path, batch_rows: int, max_field_bytes: int = MAX_FIELD_BYTES) -> Iterator[pa.Table]:
-    """JSON lines, streamed: Arrow's reader block by block; Python's json where Arrow gives up.
+    """JSON lines, streamed in blocks of whole lines: each block is checked (``limits.LineBlocks``:
+    no line too long or nested too deep reaches a parser), then parsed by Arrow's reader, or by
+    Python's json where Arrow gives up on it (a column that changes type within the block).
 
-    Arrow infers types from the first block; label files often have a field that is null for
-    thousands of rows and then a string (or a struct whose keys vary). When a block does not
-    fit, the remaining lines are parsed with ``json`` in chunks of ``batch_rows`` (each chunk
-    gets its own Arrow types; the readers take any). Arrow reads through ``GuardedJsonLines``,
-    which refuses too deep or too long lines before Arrow parses them.
+    Each block gets its own Arrow types (a field null for thousands of rows and then a string,
+    or a struct whose keys vary, is common in label files); the readers take any.
     """
     import pyarrow.json as pjson
 
-    done = 0
-    try:
-        raw = pa.input_stream(str(path), compression="gzip" if path.name.lower().endswith(".gz") else None)
-        stream = pa.PythonFile(GuardedJsonLines(raw, path, max_field_bytes), mode="r")
-        with pjson.open_json(stream, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES)) as reader:
-            for batch in reader:
-                for table in _slices(pa.Table.from_batches([batch]), batch_rows):
-                    yield table
-                    done += table.num_rows
-        return
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        pass
-    rows: list = []
-    seen = 0
-    limit = record_limit(max_field_bytes)
-    with _open_bytes(path) as fh:
-        number = 0
-        while True:
-            raw_line = fh.readline(limit + 2)  # bounded: an endless line is refused, not read whole
-            if not raw_line:
-                break
-            number += 1
-            if not raw_line.strip():
-                continue
-            seen += 1
-            if seen <= done:  # already yielded by Arrow's reader
-                continue
-            check_record(raw_line, path, seen - 1, max_field_bytes)
+    stream = pa.input_stream(str(path), compression="gzip" if path.name.lower().endswith(".gz") else None)
+    with stream:
+        for block, first_row, first_line in LineBlocks(stream, path, max_field_bytes, BLOCK_BYTES):
             try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise LabelsError(f"{path}: row {seen - 1}: line {number} is not UTF-8 text (byte {exc.start + 1} of the "
-                                  f"line: {raw_line[exc.start:exc.start + 1]!r})") from None
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LabelsError(f"{path}: row {seen - 1}: line {number} is not JSON ({exc.msg})") from None
-            except RecursionError:
-                raise LabelsError(f"{path}: row {seen - 1}: line {number} is nested too deeply") from None
-            if len(rows) >= batch_rows:
-                yield _from_records(rows, path, seen - len(rows))
-                rows = []
-    if rows or not done:
-        yield _from_records(rows, path, seen - len(rows))
+                table = pjson.read_json(pa.BufferReader(block), read_options=pjson.ReadOptions(block_size=len(block) + 1))
+                table = _utf8_valid(table, path, first_row)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                table = _from_records(_parse_lines(block, path, first_row, first_line), path, first_row)
+            yield from _slices(table, batch_rows)
+
+
+def _parse_lines(block: bytes, path: Path, first_row: int, first_line: int) -> list:
+    """Python's json over a block of lines (already within the limits), naming a bad row and line."""
+    rows = []
+    for number, line in enumerate(bytes(block).split(b"\n"), start=first_line):
+        if not line.strip():
+            continue
+        row = first_row + len(rows)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LabelsError(f"{path}: row {row}: line {number} is not UTF-8 text (byte {exc.start + 1} of the "
+                              f"line: {line[exc.start:exc.start + 1]!r})") from None
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise LabelsError(f"{path}: row {row}: line {number} is not JSON ({exc.msg})") from None
+    return rows
 
 
 class _JsonSyntaxError(ValueError):
@@ -295,18 +294,26 @@ class _JsonWindow:
 
     The window holds the undecoded rest of the text read so far and grows only while a single
     value does not fit, so memory is bounded by ``chunk_chars`` plus the largest value (one
-    row), not by the file. Line numbers (for errors only) are counted when asked for.
+    row), not by the file. Line numbers (for errors only) are counted when asked for. Bytes are
+    decoded here (an incremental UTF-8 decoder): at bytes that are not UTF-8 the text before
+    them is still decoded, and the error is raised when the value being read needs more, so it
+    names the row that holds them.
     """
 
     _NOT_SPACE = re.compile(r"[^ \t\n\r]")  # JSON's four whitespace characters only
     _ITEM_END = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")  # what follows an array item
 
     def __init__(self, path: Path, fh, chunk_chars: int, max_field_bytes: int = MAX_FIELD_BYTES):
-        self.path, self.fh, self.chunk_chars = path, fh, chunk_chars
+        import codecs
+
+        self.path, self.fh, self.chunk_chars = path, fh, chunk_chars  # fh: a binary file
         self.max_field_bytes = max_field_bytes
         self.buf, self.pos, self.eof = "", 0, False
         self.dropped = 0  # characters of the file before buf[0]
         self.decoder = json.JSONDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.started = False
+        self.bad: bytes | None = None  # the first byte that is not UTF-8, once met
 
     def read_more(self, at_least: int = 0) -> bool:
         """Drop the consumed text and append the next chunk; False at the end of the file."""
@@ -315,11 +322,21 @@ class _JsonWindow:
         if self.pos:
             self.dropped += self.pos
             self.buf, self.pos = self.buf[self.pos:], 0
+        if self.bad is not None:
+            raise self.error(f"not UTF-8 text (byte {self.bad!r})", len(self.buf), syntax=False)
+        raw = self.fh.read(max(self.chunk_chars, at_least))
+        if not self.started:
+            self.started = True
+            if raw.startswith(b"\xef\xbb\xbf"):  # a byte order mark
+                raw = raw[3:]
         try:
-            data = self.fh.read(max(self.chunk_chars, at_least))
+            data = self.utf8.decode(raw, final=not raw)
         except UnicodeDecodeError as exc:
-            raise self.error(f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r})", len(self.buf)) from None
+            self.bad = exc.object[exc.start:exc.start + 1]
+            data = exc.object[:exc.start].decode("utf-8")
         if not data:
+            if self.bad is not None:
+                raise self.error(f"not UTF-8 text (byte {self.bad!r})", len(self.buf), syntax=False)
             self.eof = True
             return False
         self.buf += data
@@ -367,7 +384,8 @@ class _JsonWindow:
             try:
                 obj, end = self.decoder.raw_decode(self.buf, self.pos)
             except RecursionError:
-                raise self.error(f"nested deeper than {MAX_JSON_DEPTH} levels", syntax=False) from None
+                raise self.error(f"JSON nested more levels deep than Python's parser takes (the limit is "
+                                 f"{MAX_JSON_DEPTH})", syntax=False) from None
             except json.JSONDecodeError as exc:
                 message, at = exc.msg, self.dropped + exc.pos  # in file characters: the window moves
                 if self._NOT_SPACE.match(self.buf, self.pos) is None and self.peek():
@@ -424,7 +442,7 @@ def _json_array_batches(path: Path, batch_rows: int, max_field_bytes: int = MAX_
     """A ``.json`` document, streamed: an array of objects, or an object holding one array
     (``{"data": [...]}``), decoded one row at a time (``json.JSONDecoder.raw_decode`` over a
     sliding window) and yielded every ``batch_rows`` rows."""
-    with open(path, encoding="utf-8-sig") as fh:
+    with open(path, "rb") as fh:
         doc = _JsonWindow(path, fh, JSON_CHUNK_CHARS, max_field_bytes)
         first = doc.peek()
         if first == "[":

@@ -16,8 +16,6 @@ is scanned exactly (brackets inside strings do not count).
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -73,72 +71,77 @@ def check_record(text: bytes | str, path, row: int, max_field_bytes: int) -> Non
             raise LabelsError(f"{path}: row {row}: JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
 
 
-class GuardedJsonLines(io.RawIOBase):
-    """A byte stream of JSON lines that refuses, before handing them on, lines nested deeper than
-    ``MAX_JSON_DEPTH`` or longer than the record limit (so Arrow's reader never parses them).
+class LineBlocks:
+    """Blocks of whole JSON lines from a byte stream, none holding a line longer than the record
+    limit or nested deeper than ``MAX_JSON_DEPTH`` (LabelsError naming the row instead).
 
-    Each chunk is checked with a few NumPy passes: bytes per line and ``[``/``{`` per line; only
-    a suspicious line is scanned exactly. A line cut by the chunk end is kept (up to the record
-    limit) and checked when it is complete.
+    Iterates ``(block, first row, first line)``: about ``block_bytes`` each, cut after a newline
+    (rows: non-blank lines; lines counted from 1). Each block
+    is checked with a few NumPy passes (bytes and ``[``/``{`` per line); only a line with more
+    than ``MAX_JSON_DEPTH`` of those is scanned exactly. A line longer than a block is gathered
+    (in chunks) until it ends, or refused once it passes the limit.
     """
 
-    def __init__(self, raw, path, max_field_bytes: int):
-        super().__init__()
-        self.raw, self.path = raw, path
-        self.limit = record_limit(max_field_bytes)
+    def __init__(self, stream, path, max_field_bytes: int, block_bytes: int):
+        self.stream, self.path, self.block_bytes = stream, path, block_bytes
         self.max_field_bytes = max_field_bytes
-        self.tail = b""  # the unfinished last line so far (its bytes, while under the limit)
-        self.tail_len = 0
-        self.tail_opens = 0
-        self.rows = 0  # non-empty lines before the current one
+        self.limit = record_limit(max_field_bytes)
 
-    def readable(self) -> bool:
-        return True
+    def __iter__(self):
+        pending: list[bytes] = []  # the unfinished last line so far
+        pending_len = 0
+        row, line = 0, 1
+        while True:
+            data = self.stream.read(self.block_bytes)
+            if not data:
+                break
+            cut = data.rfind(b"\n")
+            if cut < 0:  # a line longer than a block: gather it
+                pending.append(data)
+                pending_len += len(data)
+                if pending_len > self.limit:
+                    raise self._too_long(row)
+                continue
+            view = memoryview(data)  # slices of a view copy nothing
+            block = b"".join([*pending, view[: cut + 1]]) if pending else view[: cut + 1]
+            rest = bytes(view[cut + 1:])
+            pending, pending_len = [rest] if rest else [], len(rest)
+            rows, lines = self._check(block, row)
+            yield block, row, line
+            row, line = row + rows, line + lines
+        if pending_len:
+            block = memoryview(b"".join(pending))
+            self._check(block, row)
+            yield block, row, line
 
-    def readinto(self, buffer) -> int:
-        data = self.raw.read(len(buffer))
-        if not data:
-            if self.tail_len:
-                self._check_line(self.tail, self.tail_len, self.tail_opens, self.rows)
-                self.tail, self.tail_len, self.tail_opens = b"", 0, 0
-            return 0
-        data = bytes(data)
-        self._check(data)
-        buffer[: len(data)] = data
-        return len(data)
+    def _too_long(self, row: int) -> LabelsError:
+        return LabelsError(f"{self.path}: row {row}: a record of over {mib(self.limit)} (the limit is "
+                           f"{RECORD_FIELDS} x --max-field-mb {self.max_field_bytes / (1 << 20):g})")
 
-    def _check(self, data: bytes) -> None:
-        b = np.frombuffer(data, dtype=np.uint8)
-        ends = np.flatnonzero(b == _NEWLINE)
-        cum = np.concatenate([[0], np.cumsum(np.isin(b, _OPEN), dtype=np.int64)])
-        if len(ends) == 0:
-            self._grow_tail(data, int(cum[-1]))
-            return
+    def _check(self, block: memoryview, first_row: int) -> tuple[int, int]:
+        """Refuse a line of ``block`` over the limits; returns the block's rows (non-blank lines) and lines."""
+        b = np.frombuffer(block, dtype=np.uint8)
+        mark = b == _NEWLINE  # NumPy releases the GIL: this runs beside the conversion (a prefetch thread)
+        mark |= b == _OPEN[0]
+        mark |= b == _OPEN[1]
+        at = np.flatnonzero(mark)  # sparse in text: one pass finds newlines and opens
+        newline = b[at] == _NEWLINE
+        ends, opens = at[newline], at[~newline]
+        if len(ends) == 0 or ends[-1] != len(b) - 1:
+            ends = np.append(ends, len(b))
         starts = np.concatenate([[0], ends[:-1] + 1])
         lengths = ends - starts
-        counts = cum[ends] - cum[starts]
-        lengths[0] += self.tail_len  # the line cut by the previous chunk ends here
-        counts[0] += self.tail_opens
-        nonblank = lengths > 0
+        counts = np.searchsorted(opens, ends) - np.searchsorted(opens, starts)
+        blank = lengths <= 1  # empty, or a lone carriage return
+        if (lengths > 1).any() and (lengths[lengths > 1] < 64).any():  # short lines: look for whitespace-only ones
+            for i in np.flatnonzero((lengths > 1) & (lengths < 64)):
+                blank[i] = not bytes(block[starts[i]:ends[i]]).strip()
         for i in np.flatnonzero((lengths > self.limit) | (counts > MAX_JSON_DEPTH)):
-            line = (self.tail if i == 0 else b"") + data[starts[i]:ends[i]]
-            self._check_line(line, int(lengths[i]), int(counts[i]), self.rows + int(nonblank[:i].sum()))
-        self.rows += int(nonblank.sum())
-        self.tail, self.tail_len, self.tail_opens = b"", 0, 0
-        self._grow_tail(data[ends[-1] + 1:], int(cum[-1] - cum[ends[-1] + 1]))
-
-    def _grow_tail(self, data: bytes, opens: int) -> None:
-        self.tail_len += len(data)
-        self.tail_opens += opens
-        self._check_line(b"", self.tail_len, 0, self.rows)  # too long already: no need to wait for its end
-        self.tail += data
-
-    def _check_line(self, line: bytes, length: int, opens: int, row: int) -> None:
-        if length > self.limit:
-            raise LabelsError(f"{self.path}: row {row}: a record of over {mib(self.limit)} (the limit is "
-                              f"{RECORD_FIELDS} x --max-field-mb {self.max_field_bytes / (1 << 20):g})")
-        if opens > MAX_JSON_DEPTH:
-            check_record(line, self.path, row, self.max_field_bytes)
+            row = first_row + int((~blank[:i]).sum())
+            if lengths[i] > self.limit:
+                raise self._too_long(row)
+            check_record(bytes(block[starts[i]:ends[i]]), self.path, row, self.max_field_bytes)
+        return int((~blank).sum()), len(ends)
 
 
 def oversized_rows(table: pa.Table, max_field_bytes: int) -> tuple[np.ndarray, list[str]]:
@@ -147,8 +150,10 @@ def oversized_rows(table: pa.Table, max_field_bytes: int) -> tuple[np.ndarray, l
     fields = np.full(table.num_rows, "", dtype=object)
     for name in table.column_names:
         column = table.column(name)
-        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        rows = _oversized(column, max_field_bytes)
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        starts = np.cumsum([0] + [len(c) for c in chunks])
+        found = [_oversized(c, max_field_bytes) + start for c, start in zip(chunks, starts)]
+        rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         if rows.size:
             new = rows[~bad[rows]]
             fields[new] = name
@@ -160,7 +165,7 @@ def _oversized(array: pa.Array, limit: int) -> np.ndarray:
     """Top-level positions of ``array`` holding a string or binary value longer than ``limit``."""
     t = array.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        if len(array) == 0 or (pc.max(pc.binary_length(array)).as_py() or 0) <= limit:
+        if len(array) == 0 or array.buffers()[2] is None or array.buffers()[2].size <= limit:  # all of it is smaller
             return np.zeros(0, dtype=np.int64)
         return np.flatnonzero(pc.fill_null(pc.greater(pc.binary_length(array), limit), False).to_numpy(zero_copy_only=False))
     if pa.types.is_list(t) or pa.types.is_large_list(t):

@@ -114,7 +114,7 @@ def _single(raw: pa.Table, name: str, shape: Shape, q: Quarantine) -> tuple[pa.A
 
 def _mapped_roles(roles: pa.Array, shape: Shape, q: Quarantine, rows: np.ndarray, field: str) -> pa.Array:
     """Role names -> canonical roles; a row with a name the shape does not know is quarantined."""
-    roles = roles.cast(pa.string())
+    roles = text(pa.table({field + ".role": roles}), field + ".role")
     keys = pa.array(list(shape.roles), pa.string())
     index = pc.index_in(roles, value_set=keys)
     mapped = pa.array(list(shape.roles.values()), pa.string()).take(index)
@@ -145,8 +145,11 @@ def messages_of(raw: pa.Table, name: str, shape: Shape, q: Quarantine) -> pa.Arr
                                       f"(they have {', '.join(names)}); name them with --fields")
     flat = pc.list_flatten(c)
     parents = pc.list_parent_indices(c).to_numpy(zero_copy_only=False)
-    role = _mapped_roles(pc.struct_field(flat, shape.role_key), shape, q, parents, name)
-    content, other = _content_text(pc.struct_field(flat, shape.content_key), name)
+    try:  # the helpers see the messages of all rows flattened: name the row that holds the bad one
+        role = _mapped_roles(pc.struct_field(flat, shape.role_key), shape, q, parents, name)
+        content, other = _content_text(pc.struct_field(flat, shape.content_key), name)
+    except FieldTypeError as exc:
+        raise FieldTypeError(exc.field, int(parents[exc.row]), exc.what) from None
     if other.any():
         bad = np.zeros(len(c), dtype=bool)
         bad[parents[other]] = True
