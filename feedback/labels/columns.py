@@ -110,7 +110,7 @@ def require(table: pa.Table, names: list[str], ctx) -> None:
         raise missing_columns(ctx.path, ctx.fmt, missing, table.column_names)
 
 
-SHAPES = {  # what a reader may expect of a column -> Arrow type tests
+VALUE_SHAPES = {  # what a reader may expect of a column's values -> Arrow type tests
     "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
     or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_binary(t) or pa.types.is_temporal(t),
     "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
@@ -144,7 +144,7 @@ def expect(table: pa.Table, shapes: dict[str, str]) -> None:
         if marked:  # text in some rows, objects or lists (kept as JSON) in others: no reader takes both
             raise FieldTypeError(name, marked[0], "a column that holds text in some rows and an object or a list in "
                                                   "others (this one)")
-        if pa.types.is_null(t) or any(SHAPES[k](t) for k in shape.split("|")):
+        if pa.types.is_null(t) or any(VALUE_SHAPES[k](t) for k in shape.split("|")):
             continue
         c = col(table, name)
         valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignflow.feedback.labels.columns import Quarantine, as_prompt, col, text, text_list
+from alignflow.feedback.labels.columns import Quarantine, as_prompt, col, require, text, text_list
 from alignflow.feedback.labels.conversions import ASPECT_PREFIX
-from alignflow.feedback.labels.errors import LabelsError, missing_columns
+from alignflow.feedback.labels.errors import LabelsError
 from alignflow.feedback.labels.formats import (
     Format,
     Parsed,
@@ -44,16 +44,11 @@ def _names(ctx: ReadContext, fmt: Format) -> dict[str, str]:
     return {name: ctx.fields.get(name, name) for name in fmt.fields}
 
 
-def _require(raw: pa.Table, names: list[str], ctx: ReadContext) -> None:
-    missing = [n for n in names if n not in raw.column_names]
-    if missing:
-        raise missing_columns(ctx.path, ctx.fmt, missing, raw.column_names)
-
 
 def read_distilabel_ultrafeedback(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """``instruction``, ``generations`` [K] and ``ratings`` [K] -> ratings (aspect ``rating``)."""
     f = _names(ctx, ULTRAFEEDBACK)
-    _require(raw, [f["instruction"], f["generations"], f["ratings"]], ctx)
+    require(raw, [f["instruction"], f["generations"], f["ratings"]], ctx)
     q = Quarantine(raw, ctx.row_offset)
     generations, g_len = text_list(raw, f["generations"])
     ratings = col(raw, f["ratings"])
@@ -95,7 +90,7 @@ def read_distilabel_prometheus(raw: pa.Table, ctx: ReadContext) -> Parsed:
     f = _names(ctx, PROMETHEUS)
     q = Quarantine(raw, ctx.row_offset)
     if f["generations"] in raw.column_names:
-        _require(raw, [f["instruction"], f["result"]], ctx)
+        require(raw, [f["instruction"], f["result"]], ctx)
         generations, n = text_list(raw, f["generations"])
         pair = n == 2
         q.add(~pair, f"{f['generations']} is not a list of two")
@@ -107,7 +102,7 @@ def read_distilabel_prometheus(raw: pa.Table, ctx: ReadContext) -> Parsed:
         a_wins = pa.array(result == "A")
         chosen, rejected = pc.if_else(a_wins, first, second), pc.if_else(a_wins, second, first)
         return _finish("pairwise", _pairwise(as_prompt(text(raw, f["instruction"])), chosen, rejected, ctx), q)
-    _require(raw, [f["instruction"], f["generation"], f["result"]], ctx)
+    require(raw, [f["instruction"], f["generation"], f["result"]], ctx)
     score = _float(col(raw, f["result"]))
     q.add(np.isnan(score), f"{f['result']} not a number (the judge's answer was not parsed)")
     prompts = text(raw, f["instruction"]).to_numpy(zero_copy_only=False)

@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignflow.feedback.labels.columns import Quarantine, col, one_message, same_messages, text
-from alignflow.feedback.labels.errors import FieldTypeError, LabelsError, missing_columns
+from alignflow.feedback.labels.columns import Quarantine, col, one_message, require, same_messages, text
+from alignflow.feedback.labels.errors import FieldTypeError, LabelsError
 from alignflow.feedback.labels.formats import (
     Format,
     Parsed,
@@ -226,11 +226,6 @@ def _fields(ctx: ReadContext, fmt: Format, defaults: dict[str, str]) -> dict[str
     return {**defaults, **ctx.fields}
 
 
-def _require(raw: pa.Table, names: list[str], ctx: ReadContext) -> None:
-    missing = [n for n in names if n not in raw.column_names]
-    if missing:
-        raise missing_columns(ctx.path, ctx.fmt, missing, raw.column_names)
-
 
 def _check_answers(q: Quarantine, prompt: pa.Array) -> None:
     """The answers reply to the prompt's last turn: it must be the user's (or a tool result)."""
@@ -270,7 +265,7 @@ def read_llamafactory(raw: pa.Table, ctx: ReadContext) -> Parsed:
     messages = f.get("messages") or next((c for c in ("conversations", "messages") if c in raw.column_names), None)
     chosen_name, rejected_name = f.get("chosen", "chosen"), f.get("rejected", "rejected")
     if messages is not None and messages in raw.column_names:
-        _require(raw, [chosen_name, rejected_name], ctx)
+        require(raw, [chosen_name, rejected_name], ctx)
         shape = _lf_shape(f, col(raw, messages).type)
         prompt = _with_system(raw, f.get("system", "system"), messages_of(raw, messages, shape, q))
         _check_answers(q, prompt)
@@ -278,7 +273,7 @@ def read_llamafactory(raw: pa.Table, ctx: ReadContext) -> Parsed:
         rejected = _answer(raw, rejected_name, shape, q, None)
         return _finish("pairwise", _pairwise(prompt, chosen, rejected, ctx), q)
     prompt = _lf_alpaca_prompt(raw, ctx, f, q)
-    _require(raw, [chosen_name, rejected_name], ctx)
+    require(raw, [chosen_name, rejected_name], ctx)
     chosen, rejected = text(raw, chosen_name), text(raw, rejected_name)
     return _finish("pairwise", _pairwise(prompt, chosen, rejected, ctx), q)
 
@@ -286,7 +281,7 @@ def read_llamafactory(raw: pa.Table, ctx: ReadContext) -> Parsed:
 def _lf_alpaca_prompt(raw: pa.Table, ctx: ReadContext, f: dict[str, str], q: Quarantine) -> pa.Array:
     """``history`` turns, then ``instruction\\ninput`` (each only when not empty), after ``system``."""
     prompt_name, query_name = f.get("prompt", "instruction"), f.get("query", "input")
-    _require(raw, [prompt_name], ctx)
+    require(raw, [prompt_name], ctx)
     parts = [pc.fill_null(text(raw, n), "") for n in (prompt_name, query_name) if n in raw.column_names]
     if len(parts) == 2:
         both = pc.and_(pc.greater(pc.utf8_length(parts[0]), 0), pc.greater(pc.utf8_length(parts[1]), 0))
@@ -327,7 +322,7 @@ def _history_turns(raw: pa.Table, name: str, q: Quarantine) -> pa.Array:
 
 def _read_lf_v1(raw: pa.Table, ctx: ReadContext, q: Quarantine) -> Parsed:
     """v1 pairs: two whole conversations sharing all but the last (assistant) message."""
-    _require(raw, ["chosen_messages", "rejected_messages"], ctx)
+    require(raw, ["chosen_messages", "rejected_messages"], ctx)
     shape = Shape("role", "content", {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"})
     prompt_c, role_c, chosen, has_c = _last(messages_of(raw, "chosen_messages", shape, q))
     prompt_r, role_r, rejected, has_r = _last(messages_of(raw, "rejected_messages", shape, q))
@@ -346,7 +341,7 @@ def read_llamafactory_kto(raw: pa.Table, ctx: ReadContext) -> Parsed:
     tag = f.get("kto_tag") or next((c for c in ("label", "kto_tag") if c in raw.column_names), "label")
     messages = f.get("messages") or next((c for c in ("messages", "conversations") if c in raw.column_names), None)
     if messages is not None and messages in raw.column_names:
-        _require(raw, [tag], ctx)
+        require(raw, [tag], ctx)
         shape = _lf_shape(f, col(raw, messages).type)
         conv = _with_system(raw, f.get("system", "system"), messages_of(raw, messages, shape, q))
         prompt, role, response, has = _last(conv)
@@ -354,7 +349,7 @@ def read_llamafactory_kto(raw: pa.Table, ctx: ReadContext) -> Parsed:
         q.add(~_is(role, "assistant"), f"{messages} does not end with an assistant message")
     else:
         response_name = f.get("response", "output")
-        _require(raw, [response_name, tag], ctx)
+        require(raw, [response_name, tag], ctx)
         prompt = _lf_alpaca_prompt(raw, ctx, f, q)
         response = text(raw, response_name)
     label = _bool(col(raw, tag))
@@ -452,7 +447,7 @@ def export_llamafactory_kto(table: pa.Table, options: dict) -> pa.Table:
 
 def _axolotl_chatml(prompt_field: str, chosen_field: str, rejected_field: str, lists: bool = False):
     def read(raw: pa.Table, ctx: ReadContext) -> Parsed:
-        _require(raw, [prompt_field, chosen_field, rejected_field], ctx)
+        require(raw, [prompt_field, chosen_field, rejected_field], ctx)
         q = Quarantine(raw, ctx.row_offset)
         prompt = _with_system(raw, "system", one_message(text(raw, prompt_field), role="user"))
         shape = Shape("role", "content", {"user": "user", "assistant": "assistant", "system": "system"})
@@ -496,7 +491,7 @@ def read_axolotl_chat_template(raw: pa.Table, ctx: ReadContext) -> Parsed:
     f = _fields(ctx, FORMATS_AXOLOTL_CT, {})
     messages, chosen_name, rejected_name = (f.get("field_messages", "messages"), f.get("field_chosen", "chosen"),
                                             f.get("field_rejected", "rejected"))
-    _require(raw, [messages, chosen_name, rejected_name], ctx)
+    require(raw, [messages, chosen_name, rejected_name], ctx)
     roles: dict[str, str] = {}
     for target in ("user", "assistant", "system", "tool"):
         for source in f.get(f"roles.{target}", target).split("|"):
@@ -532,7 +527,7 @@ def read_sharegpt(raw: pa.Table, ctx: ReadContext) -> Parsed:
     messages = f.get("messages") or next((c for c in ("conversations", "messages", "conversation")
                                           if c in raw.column_names), "conversations")
     chosen_name, rejected_name = f.get("chosen", "chosen"), f.get("rejected", "rejected")
-    _require(raw, [messages, chosen_name, rejected_name], ctx)
+    require(raw, [messages, chosen_name, rejected_name], ctx)
     names = _struct_names(col(raw, messages).type.value_type) if pa.types.is_list(col(raw, messages).type) else []
     keys = ("from", "value") if "from" in names else ("role", "content")
     shape = Shape(f.get("role_tag", keys[0]), f.get("content_tag", keys[1]), SHAREGPT_ROLES)
