@@ -37,6 +37,7 @@ from alignflow.feedback.labels.limits import (
 BATCH_ROWS = 65_536
 BLOCK_BYTES = 1 << 24  # Arrow's JSON / CSV readers parse (and infer types) block by block
 JSON_CHUNK_CHARS = 1 << 20  # text the .json array reader reads at a time
+PARSE_CHUNK_BYTES = 1 << 20  # Arrow's JSON reader parses a block of lines in chunks of this size, in parallel
 READ_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".xlsx")
 WRITE_ENCODINGS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
@@ -251,11 +252,18 @@ def _jsonl_batches(path: Path, batch_rows: int, max_field_bytes: int = MAX_FIELD
     stream = pa.input_stream(str(path), compression="gzip" if path.name.lower().endswith(".gz") else None)
     with stream:
         for block, first_row, first_line in LineBlocks(stream, path, max_field_bytes, BLOCK_BYTES):
-            try:
-                table = pjson.read_json(pa.BufferReader(block), read_options=pjson.ReadOptions(block_size=len(block) + 1))
-                table = _utf8_valid(table, path, first_row)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            table = None
+            # chunks of 1 MiB are parsed on several threads; a line longer than a chunk needs the block as one
+            for chunk in (PARSE_CHUNK_BYTES, len(block) + 1):
+                try:
+                    table = pjson.read_json(pa.BufferReader(block), read_options=pjson.ReadOptions(block_size=chunk))
+                    break
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    continue
+            if table is None:  # Arrow gives up on the block (a column changes type): Python's json
                 table = _from_records(_parse_lines(block, path, first_row, first_line), path, first_row)
+            else:
+                table = _utf8_valid(table, path, first_row)
             yield from _slices(table, batch_rows)
 
 
