@@ -65,7 +65,8 @@ def convert_labels(source: str, out: str | None = None, from_format: str = "pair
                    strategy: str = "all-pairs", ties: str = "drop", aspect: str | None = None,
                    aggregate: str = "majority", threshold: float | None = None, top_k: int = 1,
                    style: str | None = None, quarantine: str | None = None, output: str | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   fields: str | None = None, multi_turn: str = "quarantine",
+                   max_field_mb: float = 16.0, overwrite: bool = False) -> dict[str, Any]:
     """Convert a label file between formats and kinds; returns the accounting and output facts.
 
     ``out`` defaults to ``<output>/<to_format>`` (``output`` is the run folder when run from a
@@ -77,7 +78,8 @@ def convert_labels(source: str, out: str | None = None, from_format: str = "pair
         out = str(Path(output) / to_format)
     facts = check_source(source, from_format, to_format)
     options = {"strategy": strategy, "ties": ties, "aspect": aspect, "aggregate": aggregate,
-               "threshold": threshold, "top_k": top_k, "style": style}
+               "threshold": threshold, "top_k": top_k, "style": style, "fields": fields, "multi_turn": multi_turn,
+               "max_field_mb": max_field_mb}
     result = convert(source, out, from_format, to_format, options, quarantine, overwrite)
     result["verify"] = verify_output(result["output"])
     result["source_sha256"] = facts["sha256"]

@@ -180,9 +180,37 @@ def _oversize(col: pa.Array, limit: int) -> np.ndarray:
     return np.zeros(len(col), dtype=bool)
 
 
-def validate(table: pa.Table, kind: str, *, max_field_bytes: int = MAX_FIELD_BYTES) -> Validation:
+def _inf_in_list(col: pa.Array) -> np.ndarray:
+    flat = pc.list_flatten(col)
+    rows = np.zeros(len(col), dtype=bool)
+    if len(flat):
+        inf = pc.fill_null(pc.is_inf(flat), False).to_numpy(zero_copy_only=False)
+        rows[pc.list_parent_indices(col).to_numpy()[inf]] = True
+    return rows
+
+
+def _range_overflows(col: pa.Array) -> np.ndarray:
+    """Rows whose finite scores are so far apart that their difference (a margin) is infinite."""
+    flat = pc.fill_null(pc.list_flatten(col), 0.0).to_numpy(zero_copy_only=False)
+    rows = np.zeros(len(col), dtype=bool)
+    finite = np.isfinite(flat)
+    if not len(flat) or np.abs(flat[finite]).max(initial=0.0) < np.finfo(np.float64).max / 2:
+        return rows  # no two values can be further apart than float64 holds
+    parents = pc.list_parent_indices(col).to_numpy()[finite]
+    hi, lo = np.full(len(col), -np.inf), np.full(len(col), np.inf)
+    np.maximum.at(hi, parents, flat[finite])
+    np.minimum.at(lo, parents, flat[finite])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isinf(hi - lo) & (hi > lo)
+
+
+def validate(table: pa.Table, kind: str, min_responses: int = 2, *,
+             max_field_bytes: int = MAX_FIELD_BYTES) -> Validation:
     """Conform ``table`` to ``kind``: valid rows (schema order, extras kept) and quarantined rows.
 
+    Numbers must be finite: an infinite margin or score, or listwise scores so far apart that a
+    margin between them overflows float64 (1e308 and -1e308), is quarantined with its reason.
+    ``min_responses``: listwise rows need this many responses (1 where each is labelled alone).
     A row with a text field larger than ``max_field_bytes`` is quarantined: no model context holds
     it, and every later stage would copy it around."""
     schema = schema_for(kind)
@@ -218,12 +246,18 @@ def validate(table: pa.Table, kind: str, *, max_field_bytes: int = MAX_FIELD_BYT
     if kind == "pairwise":
         reasons.add(pc.equal(columns["chosen"], columns["rejected"]), "chosen == rejected")
         reasons.add(pc.is_nan(columns["margin"]), "NaN margin")
+        reasons.add(pc.is_inf(columns["margin"]), "infinite margin")
     elif kind == "listwise":
         n_resp = pc.list_value_length(columns["responses"])
         n_scores = pc.list_value_length(columns["scores"])
         reasons.add(pc.not_equal(n_resp, n_scores), "responses and scores differ in length")
-        reasons.add(pc.less(n_resp, 2), "fewer than two responses")
+        if min_responses > 1:
+            reasons.add(pc.less(n_resp, min_responses), "fewer than two responses")
+        else:
+            reasons.add(pc.less(n_resp, 1), "no responses")
         reasons.add(_has_nan_in_list(columns["scores"]), "NaN score")
+        reasons.add(_inf_in_list(columns["scores"]), "infinite score")
+        reasons.add(_range_overflows(columns["scores"]), "scores too far apart: a margin between them overflows float64")
         _check_list_of_text(columns["responses"], "responses", reasons)
     elif kind == "samples":
         reasons.add(pc.is_nan(columns["logp"]), "NaN logp")

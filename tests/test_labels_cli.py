@@ -26,13 +26,14 @@ def test_convert_prints_accounting_and_writes_provenance(human_labels, tmp_path)
                                  "--from", "alpaca-eval", "--to", "listwise", "--ties", "keep",
                                  "--quarantine", str(tmp_path / "q")], terminal_width=200)
     assert result.exit_code == 0, result.output
-    # 805 rows; 16 draws of identical outputs quarantined; pairs grouped by prompt (805 prompts)
-    assert "read 805 = written 789 + quarantined 16 + dropped-by-rule 0 (records); 789 listwise rows out" in result.output
+    # 805 rows; 16 draws of identical outputs are dropped by rule (not errors), even with --ties keep
+    assert "read 805 = written 789 + quarantined 0 + dropped-by-rule 16 (records); 789 listwise rows out" in result.output
+    assert "dropped-by-rule 16: tie of two identical texts (nothing to compare)" in result.output
     manifest = read_manifest(out)
     prov = manifest["provenance"]
     assert prov["source_format"] == "alpaca-eval" and prov["options"]["ties"] == "keep"
     assert prov["source_sha256"] == "d44ea50f1a81f6ae6a95e8ac1dd08b7eca82cc0a9058a2923b1c70cec1e9eaa5"
-    assert read_dataset(tmp_path / "q").num_rows == 16
+    assert read_dataset(tmp_path / "q").num_rows == 0
 
 
 @pytest.mark.parametrize("args,message", [

@@ -41,8 +41,10 @@ def test_registry_lists_every_format_the_issue_names():
              "arena", "alpaca-eval", "graded-pairwise", "argilla", "label-studio", "trl-preference", "trl-unpaired",
              "openai-dpo", "pairwise", "listwise", "binary", "sft"}
     assert names <= set(FORMATS)
-    assert {n for n, f in FORMATS.items() if f.export} == {"hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo",
-                                                           "pairwise", "listwise", "binary", "sft"}
+    assert {n for n, f in FORMATS.items() if f.export} == {
+        "hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo", "pairwise", "listwise", "binary", "sft",
+        "llamafactory", "llamafactory-kto", "axolotl-chatml.intel", "axolotl-chatml.argilla", "axolotl-chatml.ultra",
+        "axolotl-chat_template", "sharegpt", "distilabel-ultrafeedback", "distilabel-prometheus"}
 
 
 def test_hh_rlhf_rows(tmp_path):
@@ -164,10 +166,10 @@ def test_oasst_tree_export_labels_dict_form(tmp_path):
              "labels": {"humor": {"value": 0.1, "count": 3}, "quality": {"value": 0.9, "count": 3}}},
             {"message_id": "m2", "parent_id": "m0", "role": "assistant", "text": "y", "rank": 0,
              "labels": {"quality": {"value": 0.2, "count": 1}}}]
-    report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="humor=0,quality=1")
-    assert table.num_rows == 0 and report.dropped == {  # y has no humor label: x is left alone
-        "reply without label humor+quality": 1, "single rated reply (no ranking)": 1,
-        "prompter turn without rated replies": 1}
+    with pytest.raises(LabelsError, match="nothing written") as err:  # y has no humor label: x is left alone
+        convert(tmp_path, flat, "oasst", "listwise", name="flat.jsonl", aspect="humor=0,quality=1")
+    assert ("1 reply without label humor+quality; 1 single rated reply (no ranking); 1 prompter turn without rated "
+            "replies") in str(err.value)
     report, table = convert(tmp_path, flat, "oasst", "listwise", name="flat2.jsonl", aspect="quality")
     assert table.column("responses").to_pylist() == [["x", "y"]] and table.column("scores").to_pylist() == [[0.9, 0.2]]
     assert table.column("response_labels").to_pylist()[0][1] == {"name": ["quality"], "value": [0.2], "count": [1]}
@@ -243,7 +245,7 @@ def test_arena_json_and_one_hot_csv(tmp_path):
     report, table = convert(tmp_path, rows, "arena")
     assert pairs_of(table) == [("B1", "A1")]
     assert report.dropped == {"tie (--ties drop)": 2} and report.quarantine_reasons == {
-        "winner not model_a / model_b / tie / tie (bothbad)": 1, "conversations differ before the final answer": 1}
+        "winner not model_a / model_b / tie / tie (bothbad)": 1, "conversations differ before the final answer (--multi-turn whole keeps them)": 1}
     _, table = convert(tmp_path, rows, "arena", "binary", ties="keep")
     assert table.column("label").to_pylist() == [True, False, True, True, False, False]
     csv = tmp_path / "arena.csv"
@@ -419,10 +421,11 @@ def test_file_encodings_read_the_same(tmp_path):
 def test_quarantine_dataset_and_bad_input_errors(tmp_path):
     rows = [{"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: y\n\nAssistant: b"}]
     src = write_jsonl(tmp_path / "hh.jsonl", rows)
-    report = convert_labels_file(src, tmp_path / "o", "hh-rlhf", "pairwise", quarantine_path=tmp_path / "q")
+    with pytest.raises(LabelsError, match="nothing written"):  # the quarantine is still written, to see why
+        convert_labels_file(src, tmp_path / "o", "hh-rlhf", "pairwise", quarantine_path=tmp_path / "q")
     q = read_dataset(tmp_path / "q")
     assert q.column("row").to_pylist() == [0] and json.loads(q.column("record")[0].as_py())["chosen"].endswith("a")
-    assert read_manifest(tmp_path / "q")["kind"] == "quarantine" and report.quarantined == 1
+    assert read_manifest(tmp_path / "q")["kind"] == "quarantine" and not (tmp_path / "o").exists()
     with pytest.raises(LabelsError, match=r"row 0: field 'chosen': missing"):
         convert_labels_file(write_jsonl(tmp_path / "w.jsonl", [{"a": 1}]), tmp_path / "o2", "hh-rlhf", "pairwise")
     (tmp_path / "broken.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{not json\n')
@@ -479,13 +482,15 @@ def test_oasst_emojis_and_detoxify_are_kept_and_can_order_siblings(tmp_path):
     assert table.column("response_emojis").to_pylist() == [[rows[1]["emojis"], rows[2]["emojis"], None]]
     assert table.column("prompt_emojis").to_pylist() == [rows[0]["emojis"]]
     assert table.column("response_detoxify").to_pylist() == [[detox(0.5), detox(0.25), None]]
-    # thumbs up: C has no reactions at all (left out); A's +1 count 2 < B's 4
+    # thumbs up: A's +1 count 2 < B's 4; C got no reactions at all (emojis null), which is 0 thumbs up,
+    # as B's 0 thumbs down below (issue #15 item 5: both used to differ, C was dropped)
     report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:+1")
-    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[4.0, 2.0]]
-    assert report.dropped == {"reply without emoji:+1": 1} and report.adds_up
-    # -1 given to A only: B has reactions but no -1, which counts as 0 of them
+    assert table.column("responses").to_pylist() == [["B", "A", "C"]]
+    assert table.column("scores").to_pylist() == [[4.0, 2.0, 0.0]] and not report.dropped and report.adds_up
+    # -1 given to A only: B (other reactions) and C (none) have 0 of them
     report, table = convert(tmp_path, rows, "oasst", "listwise", aspect="emoji:-1=-1")
-    assert table.column("responses").to_pylist() == [["B", "A"]] and table.column("scores").to_pylist() == [[0.0, -5.0]]
+    assert table.column("responses").to_pylist() == [["B", "C", "A"]]
+    assert table.column("scores").to_pylist() == [[0.0, 0.0, -5.0]]
     report, table = convert(tmp_path, rows, "oasst", "pairwise", aspect="detoxify:toxicity=-1")
     assert pairs_of(table) == [("B", "A")] and table.column("margin").to_pylist() == [0.25]
     with pytest.raises(LabelsError, match=r"--aspect mean is not meaningful for oasst.*emoji:\+1.*detoxify:toxicity"):

@@ -28,11 +28,12 @@ def test_hh_rlhf_quarantines_divergent_and_empty(human_labels, tmp_path):
 
 
 def test_alpaca_eval_draws_are_identical_outputs(human_labels, tmp_path):
-    # preference 1:584, 2:205, 0:16; the 16 draws have identical outputs -> "chosen == rejected".
+    # preference 1:584, 2:205, 0:16; the 16 draws have identical outputs: a tie of a text with itself
+    # says nothing, so it is dropped by rule (not quarantined as an error, issue #15 item 5).
     report = convert_labels_file(human_labels / "alpaca_eval_gpt4_annotations_alpaca-7b.json", tmp_path / "a",
                                  "alpaca-eval", "pairwise")
-    assert (report.read, report.written, report.quarantined) == (805, 789, 16)
-    assert report.quarantine_reasons == {"chosen == rejected": 16}
+    assert (report.read, report.written, report.quarantined) == (805, 789, 0)
+    assert report.dropped == {"tie of two identical texts (nothing to compare)": 16}
     table = read_dataset(tmp_path / "a")
     assert table.num_rows == 789 and set(table.column("source").to_pylist()) == {"ai"}
 
@@ -53,8 +54,12 @@ def test_oasst_sibling_ranks_become_listwise(human_labels, tmp_path):
 def test_tulu_sheet_aggregates_annotators_and_reports_agreement(human_labels, tmp_path):
     report = convert_labels_file(human_labels / "tulu1_human_eval_annotations.xlsx", tmp_path / "t",
                                  "graded-pairwise", "pairwise")
-    assert (report.read, report.written, report.quarantined) == (1302, 707, 40)
-    assert report.dropped == {"blank row": 152, "tie (--ties drop)": 403}
+    # 39 ties between identical completions are dropped by rule; one item whose annotators prefer
+    # one of two identical texts is a contradiction: quarantined
+    assert (report.read, report.written, report.quarantined) == (1302, 707, 1)
+    assert report.quarantine_reasons == {"chosen == rejected": 1}
+    assert report.dropped == {"blank row": 152, "tie (--ties drop)": 403,
+                              "tie of two identical texts (nothing to compare)": 39}
     ag = report.info["agreement"]
     assert (ag["items"], ag["annotations"]) == (139, 310)
     assert ag["percent_agreement"] == pytest.approx(0.624, abs=1e-3)
@@ -130,13 +135,14 @@ def test_oasst_emojis_and_detoxify_kept_and_thumbs_up_orders_siblings(human_labe
     assert len(responses) == 1132 and sum(d is not None for d in detox) == 1132 and sum(e is not None for e in emojis) == 986
     assert all(e == (by_text[r]["emojis"] or None) for r, e in zip(responses, emojis) if e is not None)
 
-    # --aspect emoji:+1: siblings with any reaction, ordered by thumbs up (0 when others were given)
+    # --aspect emoji:+1: siblings ordered by thumbs up; a reply nobody reacted to (emojis null, 165 of
+    # them) has 0 thumbs up, as one with other reactions only (issue #15 item 5: it used to be dropped)
     def thumbs_up(m):
         e = m["emojis"]
-        return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else None
+        return dict(zip(e["name"], e["count"])).get("+1", 0) if e and e["name"] else 0
 
     rated, tied = _sibling_groups(messages, thumbs_up)
-    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (368, 1351, 75, 251)
-    _converts_by_aspect(path, tmp_path / "e", "emoji:+1", rated, written=1100, dropped={
-        "reply without emoji:+1": 165, "single rated reply (no ranking)": 95,
-        "prompter turn without rated replies": 411, "all responses tie (--ties drop)": 251})  # 293 rows
+    assert (len(rated), sum(len(g) + 1 for g in rated), len(tied), sum(len(g) + 1 for g in tied)) == (425, 1611, 84, 298)
+    _converts_by_aspect(path, tmp_path / "e", "emoji:+1", rated, written=1313, dropped={
+        "single rated reply (no ranking)": 57, "prompter turn without rated replies": 354,
+        "all responses tie (--ties drop)": 298})  # 341 rows

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignflow.feedback.labels.errors import missing_columns
+from alignflow.feedback.labels.errors import FieldTypeError, missing_columns
+from alignflow.feedback.labels.io import nontext_rows
 from alignflow.schemas.kinds import MESSAGE, MESSAGES
 from alignflow.schemas.prompts import canonical_prompt_text, to_messages_array
 from alignflow.schemas.validate import quarantine_table
@@ -20,19 +19,139 @@ def col(table: pa.Table, name: str) -> pa.Array:
 
 
 def text(table: pa.Table, name: str) -> pa.Array:
-    """A column as strings (numbers become their text; nested values become JSON)."""
+    """A column as strings: numbers, booleans and dates become their text; an object or a list
+    (a message dict, a conversation) is refused (FieldTypeError naming the row), never turned
+    into JSON text, and so is a byte string that is not UTF-8."""
     c = col(table, name)
     if pa.types.is_string(c.type):
+        marked = nontext_rows(table).get(name)
+        if marked:
+            raise FieldTypeError(name, marked[0], "expected text, got an object or a list")
         return c
-    if pa.types.is_large_string(c.type) or pa.types.is_integer(c.type) or pa.types.is_floating(c.type) or pa.types.is_null(c.type):
+    if pa.types.is_nested(c.type):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        if len(valid) == 0:
+            return pa.nulls(len(c), pa.string())
+        raise FieldTypeError(name, int(valid[0]), f"expected text, got {describe_value(c[int(valid[0])].as_py())}")
+    if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type):
+        try:
+            return c.cast(pa.string())
+        except pa.ArrowInvalid:
+            bad = next(i for i, v in enumerate(c.to_pylist()) if v is not None and not _is_utf8(v))
+            raise FieldTypeError(name, bad, "not UTF-8 text") from None
+    try:
         return c.cast(pa.string())
-    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in c.to_pylist()], pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        raise FieldTypeError(name, int(valid[0]) if len(valid) else 0, f"expected text, got {c.type}") from None
+
+
+def text_list(table: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
+    """A column of lists of texts -> (the texts, flattened; items per row). An item that is
+    not text is refused like ``text`` does, naming the row that holds it."""
+    c = col(table, name)
+    if pa.types.is_null(c.type):
+        return pa.array([], pa.string()), np.zeros(len(c), dtype=np.int64)
+    if not (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)):
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        raise FieldTypeError(name, int(valid[0]) if len(valid) else 0, f"expected a list of texts, got {c.type}")
+    lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    try:
+        flat = text(pa.table({name: pc.list_flatten(c)}), name)
+    except FieldTypeError as exc:
+        parents = pc.list_parent_indices(c).to_numpy(zero_copy_only=False)
+        raise FieldTypeError(name, int(parents[exc.row]), exc.what + " (in the list)") from None
+    return flat, lengths
+
+
+def item_field(lists: pa.Array, key: str, name: str) -> pa.Array:
+    """Field ``key`` of every item of a column of object lists, flattened (all null where the
+    items lack it; ``expect(..., "objects")`` has checked the items are objects)."""
+    flat = pc.list_flatten(lists)
+    if key not in [f.name for f in flat.type]:
+        return pa.nulls(len(flat))
+    return pc.struct_field(flat, key)
+
+
+def item_text(lists: pa.Array, key: str, name: str) -> pa.Array:
+    """``item_field`` as text; an item whose value is an object or a list is refused, naming its row."""
+    values = item_field(lists, key, name)
+    try:
+        return text(pa.table({f"{name}.{key}": values}), f"{name}.{key}")
+    except FieldTypeError as exc:
+        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        raise FieldTypeError(exc.field, int(parents[exc.row]), exc.what) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def describe_value(value) -> str:
+    """A short description of a value of the wrong type, for an error message."""
+    if isinstance(value, dict):
+        keys = [k for k, v in value.items() if v is not None] or list(value)
+        shown = ", ".join(map(str, keys[:4])) + (", ..." if len(keys) > 4 else "")
+        return f"an object {{{shown}}}" + (" (a message)" if {"from", "value"} <= set(keys) or
+                                              {"role", "content"} <= set(keys) else "")
+    if isinstance(value, list):
+        return f"a list of {len(value)}" + (f" ({describe_value(value[0])} ...)" if value else "")
+    return {str: "text", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__)
 
 
 def require(table: pa.Table, names: list[str], ctx) -> None:
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise missing_columns(ctx.path, ctx.fmt, missing, table.column_names)
+
+
+VALUE_SHAPES = {  # what a reader may expect of a column's values -> Arrow type tests
+    "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+    or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_binary(t) or pa.types.is_temporal(t),
+    "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    or pa.types.is_string(t) or pa.types.is_large_string(t),
+    "list": lambda t: pa.types.is_list(t) or pa.types.is_large_list(t),
+    "object": pa.types.is_struct,
+    "messages": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
+    and {"role", "content"} <= {f.name for f in t.value_type},
+    "objects": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type),
+}
+SHAPE_NAMES = {"text": "text", "number": "a number", "list": "a list", "object": "an object",
+               "messages": "a list of {role, content} messages", "objects": "a list of objects"}
+
+
+def expect(table: pa.Table, shapes: dict[str, str]) -> None:
+    """Refuse columns whose values are not of the shape a reader expects (``"text"``,
+    ``"number"``, ``"list"``, ``"object"``, ``"messages"``, ``"objects"``; alternatives joined by
+    ``|``): FieldTypeError naming the first row whose value differs. An absent column passes
+    (``require`` says what is missing); so does a column of nulls only, unless its shape is a
+    list or an object that the reader needs (no ``?`` after the shape): there is nothing to read."""
+    for name, shape in shapes.items():
+        if name not in table.column_names:
+            continue
+        optional = shape.endswith("?")
+        shape = shape.rstrip("?")
+        t = table.schema.field(name).type
+        nested = [k for k in shape.split("|") if k in ("list", "object", "messages", "objects")]
+        if pa.types.is_null(t) and nested and len(nested) == len(shape.split("|")) and not optional:
+            raise FieldTypeError(name, 0, f"expected {SHAPE_NAMES[nested[0]]}, every row holds null")
+        marked = nontext_rows(table).get(name)
+        if marked:  # text in some rows, objects or lists (kept as JSON) in others: no reader takes both
+            raise FieldTypeError(name, marked[0], "a column that holds text in some rows and an object or a list in "
+                                                  "others (this one)")
+        if pa.types.is_null(t) or any(VALUE_SHAPES[k](t) for k in shape.split("|")):
+            continue
+        c = col(table, name)
+        valid = np.flatnonzero(c.is_valid().to_numpy(zero_copy_only=False))
+        row = int(valid[0]) if len(valid) else 0
+        got = describe_value(c[row].as_py()) if len(valid) else str(t)
+        want = " or ".join(SHAPE_NAMES[k] for k in shape.split("|"))
+        raise FieldTypeError(name, row, f"expected {want}, got {got}")
 
 
 def first_present(table: pa.Table, names: tuple[str, ...]) -> str | None:
@@ -52,9 +171,33 @@ def one_message(content: pa.Array, role: str = "assistant") -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), structs, type=MESSAGES)
 
 
-def last_and_rest(messages: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
+def canonical_messages(messages: pa.Array, name: str = "messages") -> pa.Array:
+    """Message lists whose items have ``role`` and ``content`` (and maybe more fields) as
+    ``list<struct<role, content>>``; a role or content that is not text (an object, a list) is
+    refused (FieldTypeError naming the row)."""
+    if messages.type == MESSAGES:
+        return messages
+    if pa.types.is_null(messages.type):
+        return pa.nulls(len(messages), MESSAGES)
+    flat = pc.list_flatten(messages)
+    if not pa.types.is_struct(flat.type) or not {"role", "content"} <= {f.name for f in flat.type}:
+        raise FieldTypeError(name, 0, f"expected a list of {{role, content}} messages, got {messages.type}")
+    parents = pc.list_parent_indices(messages).to_numpy(zero_copy_only=False)
+    fields = []
+    for key in ("role", "content"):
+        try:
+            fields.append(text(pa.table({key: pc.struct_field(flat, key)}), key))
+        except FieldTypeError as exc:
+            raise FieldTypeError(f"{name}.{key}", int(parents[exc.row]), exc.what) from None
+    lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    out = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, fields=list(MESSAGE)), type=MESSAGES)
+    return pc.if_else(messages.is_null(), pa.scalar(None, MESSAGES), out) if messages.null_count else out
+
+
+def last_and_rest(messages: pa.Array, name: str = "messages") -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
     """Split message lists into (all but the last message, last content, last role, non-empty)."""
-    messages = messages.cast(MESSAGES) if messages.type != MESSAGES else messages
+    messages = canonical_messages(messages, name)
     lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = pc.list_flatten(messages)
     ends = np.cumsum(lengths)

@@ -197,7 +197,7 @@ def listwise_to_pairwise(table: pa.Table, strategy: str = "all-pairs", source: s
         "chosen": chosen,
         "rejected": rejected,
         "margin": pa.array(margin, pa.float64()),
-        "source": pa.repeat(source, len(row)) if len(row) else pa.array([], pa.string()),
+        "source": pa.nulls(len(row), pa.string()) if source is None or not len(row) else pa.repeat(source, len(row)),
     }
     # which input rows reached the output, without a bookkeeping column per pair
     key = "_cid" if "_cid" in table.column_names else "_row"
@@ -576,28 +576,34 @@ def aspects_of(table: pa.Table) -> list[str]:
     return [c[len(ASPECT_PREFIX):] for c in table.column_names if c.startswith(ASPECT_PREFIX)]
 
 
-def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str | None = None) -> tuple[pa.Table, Stats]:
+def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str | None = None,
+                        min_responses: int = 2) -> tuple[pa.Table, Stats]:
     """Per-aspect ratings (columns ``aspect:<name>``, lists aligned with ``responses``) -> scores.
 
     ``scores`` = sum_a w_a * rating_a / sum_a |w_a| over the chosen aspects: a negative weight
     prefers low ratings (e.g. ``quality=1,toxicity=-1``). A response lacking a used rating (``N/A``)
     is left out of its row (``stats.extra['unrated_responses']``); a row left with fewer than
-    two rated responses is dropped by rule.
+    ``min_responses`` (2; 1 where each response is labelled on its own) rated responses is
+    dropped by rule.
     """
     stats = Stats()
     names = aspects_of(table)
     if not names:
         return table, stats
+    if not aspect and default:  # the default aspects this file has (UltraFeedback files may rate only some)
+        present = [a for a in default.split(",") if a.partition("=")[0].strip() in names]
+        default = ",".join(present) if present else None
     weights = parse_aspect(aspect, names, default)
     responses = table.column("responses").combine_chunks()
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     total = np.zeros(int(lengths.sum()))
     known = np.ones(len(total), dtype=bool)
-    for name, w in weights.items():
+    for name, w in weights.items():  # an overflow to inf is quarantined by the listwise checks
         vals = _flat(table.column(ASPECT_PREFIX + name).combine_chunks()).cast(pa.float64())
         arr = vals.to_numpy(zero_copy_only=False)
         known &= ~np.isnan(arr)
-        total += w * np.nan_to_num(arr)
+        with np.errstate(over="ignore"):
+            total += w * np.where(np.isnan(arr), 0.0, arr)  # NaN: not rated (left out below); inf stays inf
     score = total / sum(abs(w) for w in weights.values())
     row_of = np.repeat(np.arange(table.num_rows), lengths)
     keep = np.flatnonzero(known)
@@ -607,6 +613,7 @@ def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str
     out = table.drop_columns([ASPECT_PREFIX + n for n in names] + ["responses"] + (["scores"] if "scores" in table.column_names else []))
     out = out.append_column("responses", pa.ListArray.from_arrays(offsets, _flat(responses).take(pa.array(keep))))
     out = out.append_column("scores", pa.ListArray.from_arrays(offsets, pa.array(score[keep], pa.float64())))
-    out = _drop_rows(out, new_len < 2, "fewer than two rated responses", stats)
+    out = _drop_rows(out, new_len < min_responses, "fewer than two rated responses" if min_responses > 1
+                     else "no rated response", stats)
     stats.extra["aspect"] = ",".join(f"{k}={v:g}" for k, v in weights.items())
     return out, stats

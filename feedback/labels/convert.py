@@ -23,11 +23,13 @@ import pyarrow.compute as pc
 
 from alignflow.feedback.labels import conversions as cv
 from alignflow.feedback.labels.errors import LabelsError
-from alignflow.feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format
+from alignflow.feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format, read_batch
 from alignflow.feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
+from alignflow.feedback.labels.limits import MAX_FIELD_BYTES, mib, oversized_rows
 from alignflow.schemas.validate import QUARANTINE_SCHEMA, validate
 
 TIES = ("drop", "keep")
+MULTI_TURN = ("quarantine", "whole")
 INTERNAL_COLUMNS = ("_row", "_nrec", "_cid", "tie", "both_bad")
 
 
@@ -40,9 +42,30 @@ class Options:
     threshold: float | None = None
     top_k: int = 1
     style: str | None = None
+    fields: dict[str, str] | str | None = None  # the source format's own field options (--fields k=v,...)
+    multi_turn: str = "quarantine"  # arena battles whose earlier turns differ: quarantine or keep whole
+    max_field_mb: float = MAX_FIELD_BYTES / (1 << 20)  # one text value at most (a record: 4 times that)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+    def field_map(self) -> dict[str, str]:
+        """``--fields`` as a dict (``"a=b,c=d"`` or a dict)."""
+        if not self.fields:
+            return {}
+        if isinstance(self.fields, dict):
+            return dict(self.fields)
+        out = {}
+        for part in self.fields.split(","):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise LabelsError(f"--fields {self.fields!r}: expected name=value pairs separated by commas")
+            out[key.strip()] = value.strip()
+        return out
+
+    @property
+    def max_field_bytes(self) -> int:
+        return int(self.max_field_mb * (1 << 20))
 
 
 @dataclass
@@ -59,6 +82,7 @@ class Report:
     rows_out: int = 0
     tie_pairs: int = 0
     identical_pairs: int = 0
+    duplicates: int = 0  # canonical rows that repeat an earlier one (kept; see _Duplicates)
     info: dict = field(default_factory=dict)
     output: str | None = None
     quarantine_path: str | None = None
@@ -85,6 +109,8 @@ class Report:
             out.append(f"  tie pairs left out (a pair cannot hold a tie): {self.tie_pairs}")
         if self.identical_pairs:
             out.append(f"  pairs of identical texts left out: {self.identical_pairs}")
+        if self.duplicates:
+            out.append(f"  duplicates: {self.duplicates} rows repeat an earlier row (kept)")
         for key in ("agreement_summary", "aspect"):
             if key in self.info:
                 out.append(f"  {self.info[key]}")
@@ -101,7 +127,8 @@ class Report:
         return {"read": self.read, "written": self.written, "quarantined": self.quarantined,
                 "dropped_by_rule": self.dropped_total, "dropped_reasons": dict(self.dropped),
                 "quarantine_reasons": dict(self.quarantine_reasons), "rows_out": self.rows_out,
-                "tie_pairs_left_out": self.tie_pairs, "identical_pairs_left_out": self.identical_pairs}
+                "tie_pairs_left_out": self.tie_pairs, "identical_pairs_left_out": self.identical_pairs,
+                "duplicates": self.duplicates}
 
 
 def target_kind(fmt: Format) -> str:
@@ -110,7 +137,7 @@ def target_kind(fmt: Format) -> str:
     if fmt.export is None:
         raise LabelsError(f"format {fmt.name!r} is import-only; export formats: "
                           f"{', '.join(n for n, f in _formats().items() if f.export)}")
-    return fmt.kind
+    return "listwise" if fmt.kind == "ratings" else fmt.kind
 
 
 def known_rows(path: str | os.PathLike) -> int | None:
@@ -136,7 +163,8 @@ def _formats():
     return FORMATS
 
 
-def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH_ROWS,
+                   max_field_bytes: int = MAX_FIELD_BYTES) -> Iterator[pa.Table]:
     """Raw batches of the input: a store dataset folder (canonical kinds) or a file."""
     from alignflow.schemas.store import is_dataset, iter_batches
 
@@ -146,7 +174,7 @@ def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH
         for batch in iter_batches(path, batch_rows):
             yield pa.Table.from_batches([batch])
         return
-    yield from iter_file_batches(path, batch_rows)
+    yield from iter_file_batches(path, batch_rows, max_field_bytes)
 
 
 def prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]:
@@ -207,8 +235,10 @@ def _tie_mask(table: pa.Table) -> np.ndarray:
     return pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False)
 
 
-def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple[pa.Table, cv.Stats]:
-    """Canonical rows of kind ``src`` -> ``dst`` (rows keep ``_row`` / ``_nrec``)."""
+def convert_kind(table: pa.Table, src: str, dst: str, options: Options,
+                 source: str | None = None) -> tuple[pa.Table, cv.Stats]:
+    """Canonical rows of kind ``src`` -> ``dst`` (rows keep ``_row`` / ``_nrec``); pairs made from
+    lists get ``source`` (who gave the labels; None: unknown)."""
     if src == dst == "pairwise":
         stats = cv.Stats()
         tie = _tie_mask(table)
@@ -231,7 +261,7 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple
     if src == dst:
         return table, cv.Stats()
     if src == "listwise" and dst == "pairwise":
-        return cv.listwise_to_pairwise(table, options.strategy)
+        return cv.listwise_to_pairwise(table, options.strategy, source=source)
     if src == "pairwise" and dst == "listwise":
         return cv.pairwise_to_listwise(table, options.ties)
     if src == "pairwise" and dst == "binary":
@@ -244,15 +274,26 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple
                       f"pairwise->listwise|binary|sft, binary->sft)")
 
 
-def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table]) -> pa.Table:
-    """Run the canonical checks; quarantined rows are reported by their source row numbers."""
+def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table], min_responses: int = 2) -> pa.Table:
+    """Run the canonical checks; quarantined rows are reported by their source row numbers.
+
+    A tie between two identical texts (alpaca-eval's draws of equal outputs) says nothing: it is
+    dropped by rule, not quarantined as an error (a chosen equal to its rejected without a tie is).
+    """
     if parsed.quarantine is not None and parsed.quarantine.num_rows:
         quarantine.append(parsed.quarantine)
         report.quarantined += parsed.quarantine.num_rows
         for r in parsed.quarantine.column("reason").to_pylist():
             report.quarantine_reasons[r] += 1
     kind = "listwise" if parsed.kind == "ratings" else parsed.kind
-    result = validate(parsed.table, kind)
+    table = parsed.table
+    if kind == "pairwise" and "tie" in table.column_names and table.num_rows:
+        same = pc.fill_null(pc.and_(pc.equal(table.column("chosen"), table.column("rejected")), table.column("tie")),
+                            False).to_numpy(zero_copy_only=False)
+        if same.any():
+            report.dropped["tie of two identical texts (nothing to compare)"] += int(table.column("_nrec").to_numpy()[same].sum())
+            table = parsed.table = table.filter(pa.array(~same))
+    result = validate(table, kind, min_responses=min_responses)
     if result.quarantined.num_rows:
         idx = result.quarantined.column("row").to_numpy()
         src_rows = parsed.table.column("_row").to_numpy()[idx]
@@ -455,14 +496,22 @@ def convert_labels_file(
     ``overwrite``) a dataset of the same kind / an export file; neither may be or hold the input
     (``schemas.store.check_target`` / ``check_separate``).
     """
-    from alignflow.schemas.store import QUARANTINE_KIND, check_separate, check_target, sha256_file, write_dataset
+    from alignflow.schemas.store import QUARANTINE_KIND, check_separate, check_target, sha256_file
 
     options = options or Options()
     if options.ties not in TIES:
         raise LabelsError(f"unknown --ties {options.ties!r}; use drop or keep")
     if options.strategy not in cv.STRATEGIES:
         raise LabelsError(f"unknown --strategy {options.strategy!r}; known: {', '.join(cv.STRATEGIES)}")
+    if options.multi_turn not in MULTI_TURN:
+        raise LabelsError(f"unknown --multi-turn {options.multi_turn!r}; use {' or '.join(MULTI_TURN)}")
+    if not options.max_field_mb > 0:
+        raise LabelsError(f"--max-field-mb must be positive (got {options.max_field_mb})")
+    fields = options.field_map()
     src_fmt, dst_fmt = get_format(from_format), get_format(to_format)
+    if fields and not src_fmt.fields:
+        raise LabelsError(f"--fields: format {src_fmt.name} takes none (formats with field options: "
+                          f"{', '.join(n for n, f in _formats().items() if f.fields)})")
     kind_out = target_kind(dst_fmt)
     source, out = Path(source), Path(out)
     if not source.exists():
@@ -481,13 +530,17 @@ def convert_labels_file(
         provenance["parent_datasets"] = [str(source)]
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
     needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
-    batches = source_batches(source, src_fmt, batch_rows)
+    batches = source_batches(source, src_fmt, batch_rows, options.max_field_bytes)
     total_rows = known_rows(source) if progress is not None else None
     batches = _whole(batches) if needs_whole else prefetch(batches)
     stats = cv.Stats()
     sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard,
                  resume_key=_resume_key(provenance, source, batch_rows, rows_per_shard), overwrite=overwrite)
     quarantine: list[pa.Table] = []
+    duplicates = _Duplicates()
+    # a threshold labels each response on its own: a prompt with one rated response still counts
+    min_responses = 1 if kind_out == "binary" and options.threshold is not None else 2
+    seen = None  # the last raw batch, for an error that says what the file holds
     offset, skip = 0, 0
     if sink.resumed is not None:  # an interrupted run's shards are kept: go on after them
         skip, offset = _restore(sink.resumed, report, stats)
@@ -504,23 +557,31 @@ def convert_labels_file(
         for index, raw in enumerate(batches):
             if index < skip:  # converted before the interruption
                 continue
-            ctx = ReadContext(str(source), src_fmt.name, offset, options.aspect, options.aggregate)
-            parsed = src_fmt.read(raw, ctx)
+            seen = raw
+            _check_field_sizes(raw, source, offset, options.max_field_bytes)
+            ctx = ReadContext(str(source), src_fmt.name, offset, options.aspect, options.aggregate, fields,
+                              options.multi_turn, min_responses)
+            parsed = read_batch(src_fmt, raw, ctx)
             offset += raw.num_rows
             report.read += _records_read(raw, parsed)
             report.dropped.update(parsed.dropped)
             report.info.update({k: v for k, v in parsed.info.items() if v is not None})
             kind = "listwise" if parsed.kind == "ratings" else parsed.kind
             if parsed.kind == "ratings":  # scores from the chosen aspects, before the listwise checks
-                parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect)
+                try:
+                    parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect,
+                                                              min_responses)
+                except LabelsError as exc:  # an aspect the file does not have
+                    raise LabelsError(f"{source}: {exc}") from None
                 stats.merge(st)
                 report.dropped.update(st.dropped)
                 report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
-            table = _validated(parsed, report, quarantine)
+            table = _validated(parsed, report, quarantine, min_responses)
+            report.duplicates += duplicates.add(table, kind)
             canon_ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
             table = table.append_column("_cid", canon_ids)
             canon_nrec = table.column("_nrec").to_numpy()
-            converted, st = convert_kind(table, kind, kind_out, options)
+            converted, st = convert_kind(table, kind, kind_out, options, source=src_fmt.source)
             stats.merge(st)
             if st.contributed is not None:
                 produced = pc.is_in(canon_ids, value_set=pa.array(st.contributed)).to_numpy(zero_copy_only=False)
@@ -547,6 +608,10 @@ def convert_labels_file(
                  **{k: v for k, v in report.info.items() if k in ("agreement", "aspect", "copeland_disagreements")}}
         if "intransitive_prompts" in report.info:
             extra["intransitive_prompts"] = report.info["intransitive_prompts"][:1000]
+        if report.rows_out == 0:  # a run that writes nothing is an error, never a success
+            if quarantine_path is not None:
+                _write_quarantine(quarantine_path, quarantine, provenance, flow, report, overwrite)
+            raise LabelsError(_nothing_written(source, src_fmt, kind_out, report, seen))
         report.output = str(sink.close(extra))
     except BaseException:
         if sink is not None:
@@ -558,13 +623,93 @@ def convert_labels_file(
         side = out.with_name(out.name + ".manifest.json")
         side.write_text(json.dumps({"provenance": provenance, **extra}, indent=2, default=str))
     if quarantine_path is not None:
-        qt = pa.concat_tables(quarantine) if quarantine else QUARANTINE_SCHEMA.empty_table()
-        write_dataset(quarantine_path, qt, QUARANTINE_KIND,
-                      {**provenance, "flow": flow, "what": "rows refused by the conversion"}, overwrite=overwrite)
-        report.quarantine_path = str(quarantine_path)
+        _write_quarantine(quarantine_path, quarantine, provenance, flow, report, overwrite)
     if not report.adds_up:  # a bug, never bad input: say so loudly
         raise AssertionError(f"accounting does not add up: {report.line()}")
     return report
+
+
+def _write_quarantine(path, quarantine: list[pa.Table], provenance: dict, flow: str, report: Report,
+                      overwrite: bool) -> None:
+    from alignflow.schemas.store import QUARANTINE_KIND, write_dataset
+
+    qt = pa.concat_tables(quarantine) if quarantine else QUARANTINE_SCHEMA.empty_table()
+    write_dataset(path, qt, QUARANTINE_KIND, {**provenance, "flow": flow, "what": "rows refused by the conversion"},
+                  overwrite=overwrite)
+    report.quarantine_path = str(path)
+
+
+def _nothing_written(source: Path, fmt: Format, kind_out: str, report: Report, raw: pa.Table | None) -> str:
+    """Why a conversion produced no row, what the file holds, and the format its shape suggests."""
+    from alignflow.feedback.labels.shapes import columns_seen, hint
+
+    if report.read == 0:
+        why = "the file holds no records"
+    else:
+        reasons = [f"{n} {r}" for r, n in (report.quarantine_reasons + report.dropped).most_common(3)]
+        why = f"all {report.read} records were refused (" + "; ".join(reasons) + ")" if reasons else \
+            f"none of {report.read} records gave a {kind_out} row"
+    return (f"{source}: nothing written as {fmt.name} -> {kind_out}: {why}; columns seen: {columns_seen(raw)}"
+            f"{hint(raw, fmt.name)}")
+
+
+def _check_field_sizes(raw: pa.Table, source: Path, offset: int, limit: int) -> None:
+    bad, fields = oversized_rows(raw, limit)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LabelsError(f"{source}: row {offset + row}: field {fields[row]!r}: a value over {mib(limit)} "
+                          f"(the limit per field; raise it with --max-field-mb)")
+
+
+# what makes two canonical rows the same (extras such as per-response labels are not compared)
+DUPLICATE_KEYS = {"pairwise": ("prompt_id", "chosen", "rejected", "margin"), "listwise": ("prompt_id", "responses", "scores"),
+                  "binary": ("prompt_id", "response", "label"), "sft": ("prompt_id", "response")}
+EDGE = 32  # characters of each text's beginning and end in its fingerprint
+
+
+class _Duplicates:
+    """Counts canonical rows that repeat an earlier row of the run: same prompt and labels, and
+    responses of the same length with the same first and last ``EDGE`` characters.
+
+    A 64-bit hash of that fingerprint is kept per distinct row (8 bytes a row: sorted arrays
+    merged like a binary counter, O(n log n) for the run). Hashing whole texts would cost as
+    much as reading them again; two rows that differ only inside a long response are the one
+    case counted wrongly.
+    """
+
+    def __init__(self):
+        self.levels: list[np.ndarray] = []  # sorted unique hashes, sizes roughly halving
+
+    def add(self, table: pa.Table, kind: str) -> int:
+        import pandas as pd
+
+        if table.num_rows == 0 or kind not in DUPLICATE_KEYS:
+            return 0
+        parts = []
+        for name in DUPLICATE_KEYS[kind]:
+            c = table.column(name).combine_chunks()
+            if pa.types.is_list(c.type):  # one text per row: the items joined
+                lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False)
+                offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+                c = pc.binary_join(pa.ListArray.from_arrays(offsets, pc.list_flatten(c).cast(pa.string())), "\x1f")
+            c = pc.fill_null(c.cast(pa.string()), "\x00")
+            if name != "prompt_id":  # long texts: their length and edges
+                c = pc.binary_join_element_wise(pc.binary_length(c).cast(pa.string()), pc.utf8_slice_codeunits(c, 0, EDGE),
+                                                pc.utf8_slice_codeunits(c, -EDGE), "\x1f")
+            parts.append(c)
+        key = pc.binary_join_element_wise(*parts, "\x1e")
+        h = pd.util.hash_array(key.to_numpy(zero_copy_only=False).astype(object))
+        unique = np.unique(h)
+        seen = np.zeros(len(unique), dtype=bool)
+        for level in self.levels:
+            at = np.minimum(np.searchsorted(level, unique), len(level) - 1)
+            seen |= level[at] == unique
+        if (~seen).any():
+            self.levels.append(unique[~seen])
+        while len(self.levels) > 1 and len(self.levels[-1]) >= len(self.levels[-2]):
+            top = self.levels.pop()
+            self.levels[-1] = np.union1d(self.levels[-1], top)
+        return int(len(h) - (~seen).sum())
 
 
 RESUME_VERSION = 1  # bump when what a checkpoint holds, or how batches map to shards, changes
@@ -607,8 +752,7 @@ def _restore(state: dict, report: Report, stats: cv.Stats) -> tuple[int, int]:
 
 
 def _records_read(raw: pa.Table, parsed: Parsed) -> int:
-    """Records of a raw batch: its rows, except the oasst tree export (records = messages)."""
-    if parsed.info.get("message_trees") is not None and "message_id" not in raw.column_names:
-        total = int(parsed.table.column("_nrec").to_numpy().sum()) if parsed.table.num_rows else 0
-        return total + (parsed.quarantine.num_rows if parsed.quarantine is not None else 0) + int(sum(parsed.dropped.values()))
-    return raw.num_rows
+    """Records of a raw batch: its rows, or what the reader counted (the oasst nested exports:
+    records = messages)."""
+    records = parsed.info.pop("records", None)
+    return raw.num_rows if records is None else int(records)

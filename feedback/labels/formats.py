@@ -26,9 +26,13 @@ from alignflow.feedback.labels import aggregate as agg
 from alignflow.feedback.labels.columns import (
     Quarantine,
     as_prompt,
+    canonical_messages,
     col,
+    expect,
     first_present,
     interleave_turns,
+    item_field,
+    item_text,
     last_and_rest,
     one_message,
     require,
@@ -37,7 +41,13 @@ from alignflow.feedback.labels.columns import (
 )
 from alignflow.feedback.labels.conversions import ASPECT_PREFIX, parse_aspect
 from alignflow.feedback.labels.errors import LabelsError
-from alignflow.feedback.labels.text import helpsteer_turns, join_transcripts, prefix_to_messages, split_last_turn
+from alignflow.feedback.labels.text import (
+    continuation_text,
+    helpsteer_turns,
+    join_transcripts,
+    prefix_to_messages,
+    split_last_turn,
+)
 from alignflow.schemas.kinds import MESSAGES
 from alignflow.schemas.prompts import prompt_ids
 
@@ -49,6 +59,9 @@ class ReadContext:
     row_offset: int = 0
     aspect: str | None = None
     aggregate: str = "majority"
+    fields: dict[str, str] = field(default_factory=dict)  # --fields: the format's own field options
+    multi_turn: str = "quarantine"  # arena battles whose earlier turns differ: quarantine | whole
+    min_responses: int = 2  # a ratings/listwise group needs this many (1 when each response is labelled alone)
 
 
 @dataclass
@@ -70,6 +83,9 @@ class Format:
     streaming: bool = True
     ties: bool = False  # can the format hold a tie
     default_aspect: str | None = None
+    # who gave the labels, for pairs this format's rows become (None: the file does not say)
+    source: str | None = "human"
+    fields: tuple[str, ...] = ()  # the options --fields takes (names of the format's own settings)
 
     @property
     def export_kind(self) -> str | None:
@@ -91,6 +107,27 @@ def get_format(name: str) -> Format:
         raise LabelsError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}") from None
 
 
+def read_batch(fmt: Format, raw: pa.Table, ctx: ReadContext) -> Parsed:
+    """``fmt.read`` with every failure as one line naming file, row and field, and a hint when
+    the file's shape is that of another format (``shapes.guess``)."""
+    from alignflow.feedback.labels.errors import FieldTypeError
+    from alignflow.feedback.labels.shapes import hint
+
+    try:
+        return fmt.read(raw, ctx)
+    except FieldTypeError as exc:
+        raise LabelsError(f"{ctx.path}: row {ctx.row_offset + exc.row}: field {exc.field!r}: {exc.what}"
+                          f"{hint(raw, ctx.fmt)}") from None
+    except LabelsError as exc:
+        raise LabelsError(f"{exc}{hint(raw, ctx.fmt, str(exc))}") from None
+    except (pa.ArrowException, TypeError, KeyError, IndexError, AttributeError, ValueError, RecursionError) as exc:
+        # a shape the reader does not expect (a bug to fix where a test finds one): one line, not a traceback
+        last = ctx.row_offset + max(raw.num_rows - 1, 0)
+        text_ = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LabelsError(f"{ctx.path}: rows {ctx.row_offset}-{last}: cannot be read as {fmt.name} "
+                          f"({type(exc).__name__}: {text_[:200]}){hint(raw, ctx.fmt)}") from None
+
+
 # -- building canonical tables -----------------------------------------------------------------
 
 
@@ -98,17 +135,23 @@ def _rows(ctx: ReadContext, n: int) -> pa.Array:
     return pa.array(np.arange(ctx.row_offset, ctx.row_offset + n, dtype=np.int64))
 
 
+_FORMAT_SOURCE = object()
+
+
 def _pairwise(prompt: pa.Array, chosen: pa.Array, rejected: pa.Array, ctx: ReadContext, *, margin=None,
-              tie=None, both_bad=None, source: str = "human", extra: dict | None = None, rows=None,
+              tie=None, both_bad=None, source=_FORMAT_SOURCE, extra: dict | None = None, rows=None,
               nrec=None) -> pa.Table:
+    """Canonical pairwise rows; ``source`` defaults to the format's (None: unknown, left null)."""
     n = len(prompt)
+    if source is _FORMAT_SOURCE:
+        source = FORMATS[ctx.fmt].source if ctx.fmt in FORMATS else None
     cols = {
         "prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))),
         "prompt": prompt,
         "chosen": chosen.cast(pa.string()),
         "rejected": rejected.cast(pa.string()),
         "margin": pa.nulls(n, pa.float64()) if margin is None else pa.array(margin, pa.float64()) if isinstance(margin, np.ndarray) else margin.cast(pa.float64()),
-        "source": pa.array(np.full(n, source, dtype=object), pa.string()) if n else pa.array([], pa.string()),
+        "source": pa.nulls(n, pa.string()) if source is None else pa.array(np.full(n, source, dtype=object), pa.string()),
         "_row": _rows(ctx, n) if rows is None else pa.array(rows, pa.int64()),
         "_nrec": pa.array(np.ones(n, dtype=np.int64)) if nrec is None else pa.array(nrec, pa.int64()),
     }
@@ -136,7 +179,9 @@ def _finish(kind: str, table: pa.Table, quarantine: Quarantine, raw_keep: np.nda
 
 
 def _float(c: pa.Array) -> np.ndarray:
-    """Numbers (or numeric text, "N/A" -> NaN) as float64."""
+    """Numbers (or numeric text, "N/A" -> NaN) as float64; anything else (an object, a list) is NaN."""
+    if pa.types.is_nested(c.type) or pa.types.is_binary(c.type) or pa.types.is_temporal(c.type):
+        return np.full(len(c), np.nan)
     if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
         s = pc.utf8_trim_whitespace(c)
         numeric = pc.match_substring_regex(s, r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -149,7 +194,9 @@ def _float(c: pa.Array) -> np.ndarray:
 
 
 def _bool(c: pa.Array) -> np.ndarray:
-    """Booleans from bool, 0/1 or yes/no/true/false text; unknown -> -1 (int8 array)."""
+    """Booleans from bool, 0/1 or yes/no/true/false text; unknown (an object, a list) -> -1 (int8 array)."""
+    if pa.types.is_nested(c.type) or pa.types.is_binary(c.type):
+        return np.full(len(c), -1, dtype=np.int8)
     if pa.types.is_boolean(c.type):
         return np.where(pc.is_null(c).to_numpy(zero_copy_only=False), -1,
                         pc.fill_null(c, False).to_numpy(zero_copy_only=False).astype(np.int8)).astype(np.int8)
@@ -170,8 +217,10 @@ def read_hh(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """
     require(raw, ["chosen", "rejected"], ctx)
     q = Quarantine(raw, ctx.row_offset)
-    c_prefix, c_answer, c_ok = split_last_turn(text(raw, "chosen"))
-    r_prefix, r_answer, r_ok = split_last_turn(text(raw, "rejected"))
+    chosen, rejected = text(raw, "chosen"), text(raw, "rejected")
+    q.add(pc.or_(pc.is_null(chosen), pc.is_null(rejected)), "null chosen or rejected")
+    c_prefix, c_answer, c_ok = split_last_turn(chosen)
+    r_prefix, r_answer, r_ok = split_last_turn(rejected)
     q.add(~(c_ok & r_ok), "no Assistant turn in a transcript")
     q.add(~pc.fill_null(pc.equal(c_prefix, r_prefix), False).to_numpy(zero_copy_only=False),
           "transcripts diverge before the last assistant turn")
@@ -191,11 +240,13 @@ def export_hh(table: pa.Table, options: dict) -> pa.Table:
 def read_shp(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Stanford Human Preferences: ``labels`` 1 = human_ref_A preferred; margin = log score_ratio."""
     require(raw, ["history", "human_ref_A", "human_ref_B", "labels"], ctx)
+    expect(raw, {"labels": "number", "score_ratio": "number"})
     q = Quarantine(raw, ctx.row_offset)
     label = _float(col(raw, "labels"))
     q.add(~np.isin(label, [0.0, 1.0]), "labels not 0 or 1")
     chosen, rejected = _pick(label == 1, text(raw, "human_ref_A"), text(raw, "human_ref_B"))
-    margin = np.log(_float(col(raw, "score_ratio"))) if "score_ratio" in raw.column_names else None
+    with np.errstate(divide="ignore", invalid="ignore"):  # a ratio <= 0 gives NaN: quarantined by the checks
+        margin = np.log(_float(col(raw, "score_ratio"))) if "score_ratio" in raw.column_names else None
     if margin is not None:
         margin = np.where(np.isfinite(margin), margin, np.nan)
         margin = pa.array(margin, pa.float64(), from_pandas=True)
@@ -208,6 +259,7 @@ def read_shp(raw: pa.Table, ctx: ReadContext) -> Parsed:
 def read_openai_comparisons(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """summarize-from-feedback: ``info`` (post), two ``summaries``, ``choice``; margin = confidence."""
     require(raw, ["info", "summaries", "choice"], ctx)
+    expect(raw, {"info": "object", "summaries": "objects", "choice": "number", "extra": "object?"})
     q = Quarantine(raw, ctx.row_offset)
     info = col(raw, "info")
     names = [f.name for f in info.type] if pa.types.is_struct(info.type) else []
@@ -250,6 +302,7 @@ UF_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 def read_ultrafeedback(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """UltraFeedback: per completion, ratings of four aspects ("N/A" = not rated) + overall_score."""
     require(raw, ["instruction", "completions"], ctx)
+    expect(raw, {"instruction": "text", "completions": "objects"})
     q = Quarantine(raw, ctx.row_offset)
     comps = col(raw, "completions")
     flat = pc.list_flatten(comps)
@@ -422,11 +475,14 @@ def oasst_detoxify(raw: pa.Table, ctx: ReadContext) -> pa.Array | None:
 
 
 def _emoji_counts(emojis: pa.Array, name: str) -> np.ndarray:
-    """How many people gave emoji ``name`` per message: 0 where others were given, NaN where none. [messages]"""
+    """How many people gave emoji ``name`` per message. [messages]
+
+    Emojis are reactions anyone may give: a message without this one has 0 of it, whether it
+    got other reactions or none at all (the export leaves ``emojis`` null then)."""
     names = pc.struct_field(emojis, "name")
     flat_names = pc.list_flatten(names)
     hit = pc.fill_null(pc.equal(flat_names, name), False).to_numpy(zero_copy_only=False)
-    out = np.where(pc.list_value_length(names).fill_null(0).to_numpy(zero_copy_only=False) > 0, 0.0, np.nan)
+    out = np.zeros(len(emojis))
     parents = pc.list_parent_indices(names).to_numpy()
     out[parents[hit]] = _float(pc.list_flatten(pc.struct_field(emojis, "count")))[hit]
     return out
@@ -449,30 +505,64 @@ def _label_values(labels: pa.Array, name: str, ctx: ReadContext) -> np.ndarray:
     return out
 
 
-def flatten_oasst_trees(raw: pa.Table) -> pa.Table:
-    """The nested tree export (one tree per line, ``prompt`` with recursive ``replies``) -> flat rows.
+OASST_FLAT = pa.schema([("message_id", pa.string()), ("parent_id", pa.string()), ("text", pa.string()),
+                        ("role", pa.string()), ("rank", pa.float64()), ("message_tree_id", pa.string()),
+                        ("labels", OASST_LABELS), ("emojis", OASST_EMOJIS), ("detoxify", pa.string())])
 
-    Trees are recursive, which no Arrow kernel walks; this is one pass over the messages.
-    Labels (``{label: {value, count}}`` there) come out as the flat rows' name/value/count lists.
+
+def flatten_oasst_trees(raw: pa.Table, ctx: ReadContext | None = None) -> pa.Table:
+    """Nested exports -> flat message rows: the tree export (one tree per line, ``prompt`` with
+    recursive ``replies``) or the message export (one message per line, its ``replies`` nested,
+    no tree wrapper; oasst-data's README, "Individual Messages").
+
+    Trees are recursive, which no Arrow kernel walks; this is one pass over the messages (their
+    depth is bounded by the JSON reader's nesting limit). Labels (``{label: {value, count}}``
+    there) come out as the flat rows' name/value/count lists. A message that is not an object,
+    or a field of the wrong type, is an error naming the line (row) and the field.
     """
+    path = ctx.path if ctx else "input"
+    offset = ctx.row_offset if ctx else 0
     rows = []
 
-    def walk(message: dict, parent: str | None, tree: str | None) -> None:
+    def walk(message, parent: str | None, tree: str | None, line: int, where: str) -> None:
+        if not isinstance(message, dict):
+            raise LabelsError(f"{path}: row {line}: field {where!r}: expected an OASST message object "
+                              f"({{message_id, text, role, replies}}), got {type(message).__name__}")
+        for key in ("message_id", "parent_id", "text", "role"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise LabelsError(f"{path}: row {line}: field {where}.{key!r}: expected text, got "
+                                  f"{type(message[key]).__name__}")
+        rank = message.get("rank")
+        try:
+            labels, emojis = _labels_record(message.get("labels")), _emojis_record(message.get("emojis"))
+        except (TypeError, ValueError) as exc:
+            raise LabelsError(f"{path}: row {line}: field {where}.labels/emojis: {exc}") from None
         rows.append({"message_id": message.get("message_id"), "parent_id": parent, "text": message.get("text"),
-                     "role": message.get("role"), "rank": message.get("rank"), "message_tree_id": tree,
-                     "labels": _labels_record(message.get("labels")), "emojis": _emojis_record(message.get("emojis")),
+                     "role": message.get("role"), "rank": rank if isinstance(rank, (int, float)) and not
+                     isinstance(rank, bool) else None, "message_tree_id": tree, "labels": labels, "emojis": emojis,
                      "detoxify": json.dumps(message["detoxify"]) if message.get("detoxify") else None})
-        for reply in message.get("replies") or []:
-            walk(reply, message.get("message_id"), tree)
+        replies = message.get("replies") or []
+        if not isinstance(replies, list):
+            raise LabelsError(f"{path}: row {line}: field {where}.replies: expected a list, got {type(replies).__name__}")
+        for reply in replies:
+            walk(reply, message.get("message_id"), tree, line, where + ".replies")
 
-    for tree in raw.to_pylist():
-        if tree.get("prompt"):
-            walk(tree["prompt"], None, tree.get("message_tree_id"))
-    return pa.Table.from_pylist(rows, schema=pa.schema([("message_id", pa.string()), ("parent_id", pa.string()),
-                                                         ("text", pa.string()), ("role", pa.string()),
-                                                         ("rank", pa.float64()), ("message_tree_id", pa.string()),
-                                                         ("labels", OASST_LABELS), ("emojis", OASST_EMOJIS),
-                                                         ("detoxify", pa.string())]))
+    def _tree_id(record: dict) -> str | None:
+        tree = record.get("message_tree_id")
+        return tree if isinstance(tree, str) else None  # only used to count trees
+
+    trees = "message_id" not in raw.column_names
+    for i, record in enumerate(raw.to_pylist()):
+        if trees:
+            if record.get("prompt") is not None:
+                walk(record["prompt"], None, _tree_id(record), offset + i, "prompt")
+        else:
+            parent = record.get("parent_id")
+            walk(record, parent if isinstance(parent, str) else None, _tree_id(record), offset + i, "message")
+    try:
+        return pa.Table.from_pylist(rows, schema=OASST_FLAT)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise LabelsError(f"{path}: labels or emojis of an unexpected shape ({str(exc).splitlines()[0]})") from None
 
 
 def _oasst_scores(raw: pa.Table, signals: dict, assistant: np.ndarray, ctx: ReadContext):
@@ -515,7 +605,7 @@ def _oasst_scores(raw: pa.Table, signals: dict, assistant: np.ndarray, ctx: Read
         return _label_values(labels, name, ctx)
 
     values = {a: values_of(a) for a in weights}
-    total = sum(w * np.nan_to_num(values[a]) for a, w in weights.items())
+    total = sum(w * np.where(np.isnan(values[a]), 0.0, values[a]) for a, w in weights.items())
     known = np.logical_and.reduce([~np.isnan(v) for v in values.values()])
     return total / sum(abs(w) for w in weights.values()), assistant & known, values, "rated"
 
@@ -535,12 +625,15 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     classifier scores (``response_detoxify`` / ``prompt_detoxify``).
     ``--aspect LABEL`` (or ``emoji:+1``, ``detoxify:toxicity``, or a mix ``quality=1,toxicity=-1``)
     orders siblings by those signals instead of rank: then the groups are the replies having
-    them all (``ratings`` rows, ``aspect:<name>``).
+    them all (``ratings`` rows, ``aspect:<name>``). A label or a detoxify score is missing where a
+    message lacks it; an emoji never is (a reply nobody reacted to has 0 of each).
     """
     import pandas as pd
 
-    if "prompt" in raw.column_names and "message_id" not in raw.column_names:
-        raw = flatten_oasst_trees(raw)
+    records = None
+    if ("prompt" in raw.column_names and "message_id" not in raw.column_names) or "replies" in raw.column_names:
+        raw = flatten_oasst_trees(raw, ctx)  # the tree export, or messages with their replies nested
+        records = raw.num_rows
     require(raw, OASST_COLUMNS, ctx)
     n = raw.num_rows
     q = Quarantine(raw, ctx.row_offset)
@@ -556,7 +649,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     score, rated, aspect_values, noun = _oasst_scores(raw, signals, role == "assistant", ctx)
     dropped: Counter = Counter()
     group_size = df[rated].groupby("parent").size()
-    in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= 2)
+    in_group = rated & (df.parent.map(group_size).fillna(0).to_numpy() >= ctx.min_responses)
     parent_ids = pd.Index(df.parent[in_group].unique())
     # walk every group's conversation up to the root, one level per step (vectorized per level)
     index_of = pd.Series(np.arange(n), index=df.id)
@@ -593,7 +686,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     flat_idx = turn_idx[valid].astype(np.int64)
     roles = np.where(role[flat_idx] == "prompter", "user", "assistant")
     msgs = pa.StructArray.from_arrays([pa.array(roles.astype(object), pa.string()),
-                                       pa.array(df.text.to_numpy()[flat_idx], pa.string())], names=["role", "content"])
+                                       pa.array(df.text.to_numpy()[flat_idx], pa.string(), from_pandas=True)], names=["role", "content"])
     prompt = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), msgs,
                                       type=MESSAGES)
     members = np.flatnonzero(in_group)
@@ -607,7 +700,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
                                         else pa.array(values[order], pa.float64(), from_pandas=True))
 
     columns = {"prompt_id": prompt_ids(prompt), "prompt": prompt,
-               "responses": per_response(pa.array(df.text.to_numpy(), pa.string()))}
+               "responses": per_response(pa.array(df.text.to_numpy(), pa.string(), from_pandas=True))}
     if aspect_values is None:
         columns["scores"] = per_response(score)
     else:
@@ -638,7 +731,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     dropped = +dropped
     return Parsed("listwise" if aspect_values is None else "ratings", table, q.table(), dropped,
                   info={"message_trees": int(pd.Series(raw.column("message_tree_id").to_numpy()).nunique())
-                        if "message_tree_id" in raw.column_names else None})
+                        if "message_tree_id" in raw.column_names else None, "records": records})
 
 
 # -- nectar ------------------------------------------------------------------------------------
@@ -656,15 +749,15 @@ def _hh_prompt(prompt_text: pa.Array) -> pa.Array:
 def read_nectar(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Nectar: 7 ``answers`` with ``rank`` 1 (best) .. 7; scores = -rank."""
     require(raw, ["prompt", "answers"], ctx)
+    expect(raw, {"prompt": "text", "answers": "objects"})
     q = Quarantine(raw, ctx.row_offset)
     answers = col(raw, "answers")
-    flat = pc.list_flatten(answers)
     lengths = pc.list_value_length(answers).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    rank = _float(pc.struct_field(flat, "rank"))
+    rank = _float(item_field(answers, "rank", "answers"))
     prompt = _hh_prompt(text(raw, "prompt"))
-    table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
-                      "responses": pa.ListArray.from_arrays(offsets, pc.struct_field(flat, "answer").cast(pa.string())),
+    table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
+                      "responses": pa.ListArray.from_arrays(offsets, item_text(answers, "answer", "answers")),
                       "scores": pa.ListArray.from_arrays(offsets, pa.array(-rank, pa.float64(), from_pandas=True)),
                       "_row": _rows(ctx, len(raw)), "_nrec": pa.array(np.ones(len(raw), np.int64))})
     return _finish("listwise", table, q)
@@ -755,9 +848,12 @@ ARENA_WINNERS = {"model_a": 1, "model_b": -1, "tie": 0, "tie (bothbad)": 0}
 
 
 def _json_lists(raw: pa.Table, names: list[str]) -> pa.Table:
-    """Columns holding JSON-encoded lists (the arena CSV) parsed by Arrow's JSON reader at once."""
+    """Columns holding JSON-encoded lists (the arena CSV) parsed by Arrow's JSON reader at once
+    (columns that are lists already, as in a JSON file, are taken as they are)."""
     import pyarrow.json as pjson
 
+    if all(pa.types.is_list(col(raw, n).type) for n in names):
+        return pa.table({f"c{i}": col(raw, n).cast(pa.list_(pa.string())) for i, n in enumerate(names)})
     parts = []
     for i, name in enumerate(names):
         value = pc.fill_null(text(raw, name), "null")
@@ -773,14 +869,18 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Chatbot Arena: ``winner`` model_a / model_b / tie / tie (bothbad) over two conversations,
     or the one-hot CSV (``winner_model_a``, ``winner_model_b``, ``winner_tie``; prompt and
     responses as JSON lists of turns). Rows whose conversations differ before the final answer
-    (multi-turn, each model saw its own earlier answers) are quarantined."""
+    (multi-turn, each model saw its own earlier answers) are quarantined; with ``--multi-turn
+    whole`` each becomes one pair of whole conversations (``whole_pairs``)."""
     q = Quarantine(raw, ctx.row_offset)
     if "winner_model_a" in raw.column_names:
         require(raw, ["prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"], ctx)
+        expect(raw, {"prompt": "text|list", "response_a": "text|list", "response_b": "text|list",
+                     "winner_model_a": "number", "winner_model_b": "number", "winner_tie": "number"})
         try:
             parsed = _json_lists(raw, ["prompt", "response_a", "response_b"])
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise LabelsError(f"{ctx.path}: row ?: field 'prompt': not a JSON list of strings ({exc})") from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise LabelsError(f"{ctx.path}: row {ctx.row_offset}: field 'prompt': a batch whose prompt/response columns "
+                              f"are not JSON lists of strings ({str(exc).splitlines()[0]})") from None
         conv_a, ok_a = interleave_turns(parsed.column("c0").combine_chunks(), parsed.column("c1").combine_chunks())
         conv_b, ok_b = interleave_turns(parsed.column("c0").combine_chunks(), parsed.column("c2").combine_chunks())
         q.add(~(ok_a & ok_b), "prompt and response lists differ in length")
@@ -791,21 +891,96 @@ def read_arena(raw: pa.Table, ctx: ReadContext) -> Parsed:
         both_bad = np.zeros(len(raw), dtype=bool)
     else:
         require(raw, ["winner", "conversation_a", "conversation_b"], ctx)
+        expect(raw, {"conversation_a": "messages", "conversation_b": "messages", "winner": "text"})
         conv_a, conv_b = col(raw, "conversation_a"), col(raw, "conversation_b")
         winner = text(raw, "winner").to_numpy(zero_copy_only=False)
         known = np.isin(winner, list(ARENA_WINNERS))
         q.add(~known, "winner not model_a / model_b / tie / tie (bothbad)")
         grade = np.array([ARENA_WINNERS.get(w, 0) for w in winner]) if len(winner) else np.zeros(0)
         both_bad = winner == "tie (bothbad)"
+    conv_a, conv_b = canonical_messages(conv_a, "conversation_a"), canonical_messages(conv_b, "conversation_b")
     prefix_a, last_a, role_a, ne_a = last_and_rest(conv_a)
     prefix_b, last_b, role_b, ne_b = last_and_rest(conv_b)
     q.add(~(ne_a & ne_b) | ~pc.fill_null(pc.equal(role_a, "assistant"), False).to_numpy(zero_copy_only=False),
           "conversation does not end with an assistant answer")
-    q.add(~same_messages(prefix_a, prefix_b), "conversations differ before the final answer")
+    differ = ~same_messages(prefix_a, prefix_b)
+    extra = None
+    if ctx.multi_turn == "whole" and differ.any():
+        prompt, last_a, last_b, shared_user_turns = whole_pairs(conv_a, conv_b, prefix_a, last_a, last_b, differ)
+        q.add(differ & ~shared_user_turns, "the two conversations' user turns differ")
+        prefix_a = prompt
+        extra = {"whole_conversation": pa.array(differ)}
+    else:
+        q.add(differ, "conversations differ before the final answer (--multi-turn whole keeps them)")
     chosen, rejected = _pick(grade >= 0, last_a, last_b)
     table = _pairwise(prefix_a, chosen, rejected, ctx, margin=np.abs(grade).astype(np.float64), tie=grade == 0,
-                      both_bad=both_bad)
+                      both_bad=both_bad, extra=extra)
     return _finish("pairwise", table, q)
+
+
+def whole_pairs(conv_a: pa.Array, conv_b: pa.Array, prefix: pa.Array, last_a: pa.Array, last_b: pa.Array,
+                rows: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
+    """Multi-turn battles as pairs of whole conversations (``--multi-turn whole``), at ``rows``.
+
+    The prompt is what both sides share (the turns before their first different message); each
+    response is the rest of its side's conversation as one text: its first answer, then each
+    later turn after a ``\n\nHuman:`` / ``\n\nAssistant:`` marker (the HH transcript style), so
+    the preference stays about the whole conversation. The sides must differ at an answer, not
+    at a user turn (the fourth value: False where they do not). Other rows are unchanged."""
+    conv_a, conv_b = (c.cast(MESSAGES) if c.type != MESSAGES else c for c in (conv_a, conv_b))
+    shared = common_prefix_length(conv_a, conv_b)
+    prompt = _head(conv_a, shared)
+    rest_a, rest_b = _tail(conv_a, shared), _tail(conv_b, shared)
+    first_a = pc.struct_field(pc.list_element(_pad_messages(rest_a), 0), "role")
+    first_b = pc.struct_field(pc.list_element(_pad_messages(rest_b), 0), "role")
+    at_answer = (pc.fill_null(pc.equal(first_a, "assistant"), False).to_numpy(zero_copy_only=False)
+                 & pc.fill_null(pc.equal(first_b, "assistant"), False).to_numpy(zero_copy_only=False))
+    mask = pa.array(rows)
+    return (pc.if_else(mask, prompt, prefix), pc.if_else(mask, continuation_text(rest_a), last_a),
+            pc.if_else(mask, continuation_text(rest_b), last_b), at_answer | ~rows)
+
+
+def common_prefix_length(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """Per row, how many leading messages two message lists share (role and content equal)."""
+    la = pc.list_value_length(a).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lb = pc.list_value_length(b).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    n = np.minimum(la, lb)
+    row = np.repeat(np.arange(len(n)), n)
+    pos = np.arange(int(n.sum())) - np.repeat(np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    start_a, start_b = np.concatenate([[0], np.cumsum(la)[:-1]]), np.concatenate([[0], np.cumsum(lb)[:-1]])
+    fa, fb = pc.list_flatten(a), pc.list_flatten(b)
+    ma, mb = fa.take(pa.array(start_a[row] + pos)), fb.take(pa.array(start_b[row] + pos))
+    same = (pc.fill_null(pc.equal(pc.struct_field(ma, "role"), pc.struct_field(mb, "role")), False).to_numpy(zero_copy_only=False)
+            & pc.fill_null(pc.equal(pc.struct_field(ma, "content"), pc.struct_field(mb, "content")), False)
+            .to_numpy(zero_copy_only=False))
+    first_diff = n.copy()
+    np.minimum.at(first_diff, row[~same], pos[~same])
+    return first_diff
+
+
+def _head(lists: pa.Array, k: np.ndarray) -> pa.Array:
+    """The first ``k[i]`` messages of each row."""
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    idx = np.repeat(starts, k) + np.arange(int(k.sum())) - np.repeat(np.concatenate([[0], np.cumsum(k)[:-1]]), k)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(k)]).astype(np.int32)),
+                                    pc.list_flatten(lists).take(pa.array(idx)), type=MESSAGES)
+
+
+def _tail(lists: pa.Array, k: np.ndarray) -> pa.Array:
+    """Each row's messages after its first ``k[i]``."""
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rest = np.maximum(lengths - k, 0)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) + np.minimum(k, lengths)
+    idx = np.repeat(starts, rest) + np.arange(int(rest.sum())) - np.repeat(np.concatenate([[0], np.cumsum(rest)[:-1]]), rest)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(rest)]).astype(np.int32)),
+                                    pc.list_flatten(lists).take(pa.array(idx)), type=MESSAGES)
+
+
+def _pad_messages(lists: pa.Array) -> pa.Array:
+    """Empty lists given one null message, so that element 0 exists everywhere."""
+    return pc.if_else(pc.equal(pc.list_value_length(lists).fill_null(0), 0),
+                      pa.scalar([{"role": None, "content": None}], MESSAGES), lists)
 
 
 # -- alpaca-eval -------------------------------------------------------------------------------
@@ -815,6 +990,7 @@ def read_alpaca_eval(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """AlpacaEval annotations: ``preference`` 1 = output_1, 2 = output_2, 0 or 1.5 = draw; floats
     in [1, 2] (weighted annotators) give margin = 2 |p - 1.5|."""
     require(raw, ["instruction", "output_1", "output_2", "preference"], ctx)
+    expect(raw, {"preference": "number"})
     q = Quarantine(raw, ctx.row_offset)
     p = _float(text(raw, "preference") if not pa.types.is_floating(col(raw, "preference").type) and
                not pa.types.is_integer(col(raw, "preference").type) else col(raw, "preference"))
@@ -822,8 +998,9 @@ def read_alpaca_eval(raw: pa.Table, ctx: ReadContext) -> Parsed:
     q.add(~valid, "preference not 0, 1, 2 or in [1, 2]")
     tie = (p == 0) | (p == 1.5)
     chosen, rejected = _pick(p <= 1.5, text(raw, "output_1"), text(raw, "output_2"))
-    margin = np.where(tie, 0.0, 2 * np.abs(p - 1.5))
-    table = _pairwise(as_prompt(text(raw, "instruction")), chosen, rejected, ctx, margin=margin, tie=tie, source="ai")
+    with np.errstate(over="ignore", invalid="ignore"):  # preferences out of range are quarantined above
+        margin = np.where(tie, 0.0, 2 * np.abs(p - 1.5))
+    table = _pairwise(as_prompt(text(raw, "instruction")), chosen, rejected, ctx, margin=margin, tie=tie)
     return _finish("pairwise", table, q)
 
 
@@ -919,51 +1096,102 @@ PROMPT_FIELDS = ("prompt", "instruction", "input", "question", "text")
 RESPONSE_FIELDS = ("response", "completion", "output", "answer", "generation")
 
 
-def _argilla_values(cell):
-    """An Argilla question cell -> list of submitted values (v2 list, or v1 [{value, status}])."""
+def _argilla_values(cell, status=None):
+    """An Argilla question cell -> the submitted values (v2: a list, with the statuses of the
+    ``.responses.status`` column beside it; v1: ``[{user_id, value, status}]``). Drafts and
+    discarded answers are left out; an answer without a status counts."""
     if cell is None:
         return []
     if isinstance(cell, dict):
         cell = [cell]
+    if not isinstance(cell, list):
+        cell = [cell]
+    statuses = status if isinstance(status, list) and len(status) == len(cell) else [None] * len(cell)
     out = []
-    for v in cell:
+    for v, st in zip(cell, statuses):
         if isinstance(v, dict) and "value" in v and ("status" in v or "user_id" in v):
-            if v.get("status", "submitted") == "submitted":
-                out.append(v["value"])
-        else:
+            st = v.get("status", st)
+            v = v["value"]
+        if st in (None, "submitted"):
             out.append(v)
     return out
 
 
-def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
-    """Argilla exports (v2 ``<question>.responses`` columns or v1 ``[{user_id, value, status}]``).
+def _argilla_flatten(raw: pa.Table) -> pa.Table:
+    """Argilla v2's nested export (``records.to_json`` / ``to_disk``: ``fields``, ``responses``
+    {question: [{value, user_id, status}]}, ``suggestions``, ``metadata``) -> the flat columns
+    of its ``to_datasets`` export (fields as columns, ``<question>.responses`` with the statuses
+    in ``<question>.responses.status``)."""
+    rows = []
+    for rec in raw.to_pylist():
+        fields = rec.get("fields") if isinstance(rec.get("fields"), dict) else {}
+        row = {k: (v if isinstance(v, str) or v is None else json.dumps(v)) for k, v in fields.items()}
+        responses = rec.get("responses") if isinstance(rec.get("responses"), dict) else {}
+        for question, answers in responses.items():
+            answers = answers if isinstance(answers, list) else []
+            row[f"{question}.responses"] = json.dumps([a.get("value") if isinstance(a, dict) else a for a in answers])
+            row[f"{question}.responses.status"] = json.dumps([a.get("status") if isinstance(a, dict) else None
+                                                              for a in answers])
+        rows.append(row)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({n: pa.array([r.get(n) for r in rows], pa.string()) for n in names}) if names else pa.table({})
 
-    A rating question (one response field per record, several annotators: mean) gives ratings
-    grouped by prompt; a ranking question (values name response fields, ``rank`` 1 = best,
-    several annotators: mean rank) gives listwise rows. ``--aspect`` names the question.
+
+def _json_cells(c: pa.Array) -> list:
+    """Cells of a question column: Python values (JSON text, as the flattened nested export holds, decoded)."""
+    values = c.to_pylist()
+    if pa.types.is_string(c.type):
+        out = []
+        for v in values:
+            try:
+                out.append(json.loads(v) if v is not None else None)
+            except ValueError:
+                out.append(v)
+        return out
+    return values
+
+
+def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
+    """Argilla exports: v2 flat (``to_datasets``/``to_hub``: fields as columns, answers in
+    ``<question>.responses`` with ``.responses.users`` and ``.responses.status``), v2 nested
+    (``to_json``/``to_disk``: ``fields`` + ``responses``) or v1 (``[{user_id, value, status}]``).
+
+    Only submitted answers count (drafts and discarded ones are left out). A rating question
+    (one response field per record, several annotators: mean) gives ratings grouped by prompt;
+    a ranking question (values name response fields, in order best first or with ``rank`` 1 =
+    best, several annotators: mean rank) gives listwise rows. ``--aspect`` names the question.
     Nested annotator lists are unpacked in Python (one pass over the records).
     """
-
+    if "fields" in raw.column_names and "responses" in raw.column_names:
+        raw = _argilla_flatten(raw)
     prompt_col = first_present(raw, PROMPT_FIELDS)
     if prompt_col is None:
-        raise LabelsError(f"{ctx.path}: row 0: field 'prompt': missing (argilla needs one of {', '.join(PROMPT_FIELDS)})")
+        raise LabelsError(f"{ctx.path}: row 0: field 'prompt': missing (argilla needs one of {', '.join(PROMPT_FIELDS)}; "
+                          f"the file has: {', '.join(raw.column_names) or 'no columns'})")
     questions = [c for c in raw.column_names if c.endswith(".responses")]
+    # v1: a question column holds [{user_id, value, status}]
+    questions += [c for c in raw.column_names if c not in questions and pa.types.is_list(raw.schema.field(c).type)
+                  and pa.types.is_struct(raw.schema.field(c).type.value_type)
+                  and "value" in [f.name for f in raw.schema.field(c).type.value_type]]
     if ctx.aspect:
         question = ctx.aspect if ctx.aspect in raw.column_names else ctx.aspect + ".responses"
         if question not in raw.column_names:
-            raise LabelsError(f"{ctx.path}: row 0: field {ctx.aspect!r}: no such question column")
+            raise LabelsError(f"{ctx.path}: row 0: field {ctx.aspect!r}: no such question (the file's questions: "
+                              f"{', '.join(questions) or 'none'})")
     elif questions:
         question = questions[0]
     else:
-        candidates = [c for c in ("rating", "ranking", "preference", "quality") if c in raw.column_names]
-        if not candidates:
-            raise LabelsError(f"{ctx.path}: row 0: field 'rating': no question column (<question>.responses)")
-        question = candidates[0]
+        raise LabelsError(f"{ctx.path}: row 0: no question column: Argilla answers are in <question>.responses "
+                          f"columns (v2) or [{{user_id, value, status}}] lists (v1); the file has: "
+                          f"{', '.join(raw.column_names)}")
     q = Quarantine(raw, ctx.row_offset)
-    cells = [_argilla_values(c) for c in col(raw, question).to_pylist()]
+    statuses = _json_cells(col(raw, question + ".status")) if question + ".status" in raw.column_names else \
+        [None] * raw.num_rows
+    cells = [_argilla_values(c, st) for c, st in zip(_json_cells(col(raw, question)), statuses)]
     q.add(np.array([len(c) == 0 for c in cells], dtype=bool), f"no submitted answer to {question}")
     is_ranking = any(isinstance(v, (list, dict)) for c in cells for v in c)
     prompts = text(raw, prompt_col)
+    name = question.removesuffix(".responses")
     if is_ranking:
         records = raw.to_pylist()
         responses, scores = [], []
@@ -972,59 +1200,85 @@ def read_argilla(raw: pa.Table, ctx: ReadContext) -> Parsed:
             for answer in cell:
                 items = answer if isinstance(answer, list) else [answer]
                 for pos, item in enumerate(items):
-                    name, rank = (item.get("value"), item.get("rank", pos + 1)) if isinstance(item, dict) else (item, pos + 1)
-                    ranks.setdefault(str(name), []).append(float(rank if rank is not None else pos + 1))
+                    label, rank = (item.get("value"), item.get("rank", pos + 1)) if isinstance(item, dict) else (item, pos + 1)
+                    ranks.setdefault(str(label), []).append(_number(rank, pos + 1))
             names = [n for n in ranks if isinstance(rec.get(n), str)]
             if len(names) < len(ranks) and cell:
                 q.add(np.eye(1, len(raw), i, dtype=bool)[0], "ranking names a field that is not in the record")
             responses.append([rec[n] for n in names])
             scores.append([-float(np.mean(ranks[n])) for n in names])
         prompt = as_prompt(prompts)
-        table = pa.table({"prompt_id": prompt_ids(prompt), "prompt": prompt,
+        table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
                           "responses": pa.array(responses, pa.list_(pa.string())),
                           "scores": pa.array(scores, pa.list_(pa.float64())),
                           "_row": _rows(ctx, len(raw)), "_nrec": pa.array(np.ones(len(raw), np.int64))})
         return _finish("listwise", table, q)
     resp_col = first_present(raw, RESPONSE_FIELDS)
     if resp_col is None:
-        raise LabelsError(f"{ctx.path}: row 0: field 'response': missing (argilla rating needs one of {', '.join(RESPONSE_FIELDS)})")
-    mean = np.array([np.mean([float(v) for v in c]) if c else np.nan for c in cells])
-    table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), np.flatnonzero(~q.bad),
-                               text(raw, resp_col), mean, question.removesuffix(".responses"), ctx)
+        raise LabelsError(f"{ctx.path}: row 0: field 'response': missing (an argilla rating question needs one of "
+                          f"{', '.join(RESPONSE_FIELDS)}; the file has: {', '.join(raw.column_names)})")
+    values = [[_number(v, np.nan) for v in c] for c in cells]
+    q.add(np.array([bool(c) and any(np.isnan(v) for v in c) for c in values], dtype=bool),
+          f"an answer to {name} is not a number")
+    mean = np.array([np.mean(c) if c else np.nan for c in values])
+    table = _ratings_by_prompt(prompts.to_numpy(zero_copy_only=False), q, text(raw, resp_col), mean, name, ctx)
     return Parsed("ratings", table, q.table())
+
+
+def _number(value, default: float) -> float:
+    """A number from JSON (int, float or numeric text); ``default`` otherwise."""
+    if isinstance(value, bool) or value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 # -- label studio ------------------------------------------------------------------------------
 
 
 def _ls_results(task: dict) -> list[list[dict]]:
-    """Per annotation (not cancelled), its result items."""
+    """Per annotation (not cancelled), its result items (values of other types are skipped)."""
     out = []
-    for ann in task.get("annotations") or task.get("completions") or []:
+    annotations = task.get("annotations") or task.get("completions") or []
+    for ann in annotations if isinstance(annotations, list) else []:
         if isinstance(ann, dict) and not ann.get("was_cancelled"):
-            out.append([r for r in ann.get("result") or [] if isinstance(r, dict)])
+            result = ann.get("result")
+            out.append([r for r in result if isinstance(r, dict)] if isinstance(result, list) else [])
     return out
+
+
+def _texts(values: list, field: str, q: Quarantine) -> pa.Array:
+    """Python values (from records read in Python) as strings; a row holding something else
+    (a number, an object) is quarantined, its value left null."""
+    ok = np.array([v is None or isinstance(v, str) for v in values], dtype=bool)
+    q.add(~ok, f"{field} is not text")
+    return pa.array([v if good else None for v, good in zip(values, ok)], pa.string())
 
 
 def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """Label Studio JSON export: tasks with ``data`` and ``annotations``; result types
     ``pairwise`` (selected left/right; several annotators: majority, a split vote is a tie),
     ``rating`` (mean over annotators; grouped by prompt into ratings) and ``ranker``
-    (``data.items`` ordered per annotator; mean position)."""
+    (``data.items`` ordered per annotator; mean position). Tasks are read in Python (one pass);
+    a task whose values are of the wrong type is quarantined."""
 
     require(raw, ["data", "annotations"] if "annotations" in raw.column_names or "completions" not in raw.column_names
             else ["data", "completions"], ctx)
-    tasks = raw.to_pylist()
+    tasks = [t if isinstance(t.get("data"), dict) else {**t, "data": {}} for t in raw.to_pylist()]
     q = Quarantine(raw, ctx.row_offset)
+    q.add(np.array([not isinstance(t.get("data"), dict) for t in raw.select(["data"]).to_pylist()], dtype=bool),
+          "data is not an object")
     kinds = {r.get("type") for t in tasks for a in _ls_results(t) for r in a}
     if "pairwise" in kinds:
         prompts, chosen, rejected, grades, bad = [], [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
+            data = t["data"]
             votes = [1 if r["value"].get("selected") == "left" else -1 for a in _ls_results(t) for r in a
                      if r.get("type") == "pairwise" and isinstance(r.get("value"), dict)]
             names = next((r.get("to_name") for a in _ls_results(t) for r in a if r.get("type") == "pairwise"), None)
-            keys = names if isinstance(names, list) and all(k in data for k in names) else \
+            keys = names if isinstance(names, list) and all(isinstance(k, str) and k in data for k in names) else \
                 [k for k in data if k not in PROMPT_FIELDS and isinstance(data[k], str)][:2]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             bad.append(not votes or len(keys) != 2 or pkey is None)
@@ -1036,32 +1290,32 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
             grades.append(g)
         q.add(np.array(bad, dtype=bool), "no pairwise vote, or not a prompt and two texts in data")
         g = np.array(grades)
-        table = _pairwise(as_prompt(pa.array(prompts, pa.string())), pa.array(chosen, pa.string()),
-                          pa.array(rejected, pa.string()), ctx, margin=np.abs(g), tie=g == 0)
+        table = _pairwise(as_prompt(_texts(prompts, "data.prompt", q)), _texts(chosen, "data.<left>", q),
+                          _texts(rejected, "data.<right>", q), ctx, margin=np.abs(g), tie=g == 0)
         return _finish("pairwise", table, q)
     if "ranker" in kinds:
         prompts, responses, scores, bad = [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
+            data = t["data"]
             items = {str(it.get("id")): it.get("body") or it.get("text") or it.get("html") or it.get("title")
-                     for it in data.get("items") or [] if isinstance(it, dict)}
+                     for it in (data.get("items") if isinstance(data.get("items"), list) else []) if isinstance(it, dict)}
             ranks: dict[str, list[int]] = {}
             for a in _ls_results(t):
                 for r in a:
-                    if r.get("type") != "ranker":
+                    if r.get("type") != "ranker" or not isinstance(r.get("value"), dict):
                         continue
-                    ranker = (r.get("value") or {}).get("ranker")
+                    ranker = r["value"].get("ranker")
                     order = ranker if isinstance(ranker, list) else next(iter(ranker.values()), []) if isinstance(ranker, dict) else []
-                    for pos, item_id in enumerate(order):
+                    for pos, item_id in enumerate(order if isinstance(order, list) else []):
                         ranks.setdefault(str(item_id), []).append(pos)
-            names = [n for n in ranks if n in items]
+            names = [n for n in ranks if isinstance(items.get(n), str)]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             bad.append(len(names) < 2 or pkey is None)
             prompts.append(data.get(pkey) if pkey else None)
             responses.append([items[n] for n in names])
             scores.append([-float(np.mean(ranks[n])) for n in names])
         q.add(np.array(bad, dtype=bool), "no ranking of two or more data.items")
-        prompt = as_prompt(pa.array(prompts, pa.string()))
+        prompt = as_prompt(_texts(prompts, "data.prompt", q))
         table = pa.table({"prompt_id": prompt_ids(pc.fill_null(prompt, pa.scalar([], MESSAGES))), "prompt": prompt,
                           "responses": pa.array(responses, pa.list_(pa.string())),
                           "scores": pa.array(scores, pa.list_(pa.float64())),
@@ -1070,18 +1324,19 @@ def read_label_studio(raw: pa.Table, ctx: ReadContext) -> Parsed:
     if "rating" in kinds:
         prompts, responses, ratings, bad = [], [], [], []
         for t in tasks:
-            data = t.get("data") or {}
-            values = [r["value"].get("rating") for a in _ls_results(t) for r in a
+            data = t["data"]
+            values = [_number(r["value"].get("rating"), np.nan) for a in _ls_results(t) for r in a
                       if r.get("type") == "rating" and isinstance(r.get("value"), dict)]
             pkey = next((k for k in PROMPT_FIELDS if k in data), None)
             rkey = next((k for k in RESPONSE_FIELDS if k in data), None)
-            bad.append(not values or pkey is None or rkey is None)
+            bad.append(not values or any(np.isnan(values)) or pkey is None or rkey is None)
             prompts.append(data.get(pkey) if pkey else None)
             responses.append(data.get(rkey) if rkey else None)
             ratings.append(float(np.mean(values)) if values else np.nan)
-        q.add(np.array(bad, dtype=bool), "no rating, or no prompt and response in data")
-        table = _ratings_by_prompt(np.array(prompts, dtype=object), np.flatnonzero(~q.bad),
-                                   pa.array(responses, pa.string()), np.array(ratings, dtype=np.float64), "rating", ctx)
+        q.add(np.array(bad, dtype=bool), "no numeric rating, or no prompt and response in data")
+        prompt_text = _texts(prompts, "data.prompt", q).to_numpy(zero_copy_only=False)
+        table = _ratings_by_prompt(prompt_text, q, _texts(responses, "data.response", q),
+                                   np.array(ratings, dtype=np.float64), "rating", ctx)
         return Parsed("ratings", table, q.table())
     raise LabelsError(f"{ctx.path}: row 0: field 'annotations': no pairwise, rating or ranker results")
 
@@ -1093,28 +1348,31 @@ def _is_messages(c: pa.Array) -> bool:
     return pa.types.is_list(c.type) and pa.types.is_struct(c.type.value_type)
 
 
-def _response_of(c: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _response_of(raw: pa.Table, name: str) -> tuple[pa.Array, np.ndarray]:
     """A completion column (string or assistant message list) -> text of its last message."""
+    c = col(raw, name)
     if _is_messages(c):
-        _, content, _, ne = last_and_rest(c)
+        _, content, _, ne = last_and_rest(c, name)
         return content, ne
-    return c.cast(pa.string()), np.ones(len(c), dtype=bool)
+    return text(raw, name), np.ones(len(c), dtype=bool)
 
 
 def read_trl_preference(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """TRL preference rows: standard (strings) or conversational (message lists), with an
     explicit ``prompt`` or an implicit one (the shared beginning of chosen and rejected)."""
     require(raw, ["chosen", "rejected"], ctx)
+    expect(raw, {"prompt": "text|messages", "chosen": "text|messages", "rejected": "text|messages", "margin": "number"})
     q = Quarantine(raw, ctx.row_offset)
     chosen_c, rejected_c = col(raw, "chosen"), col(raw, "rejected")
     if "prompt" in raw.column_names:
-        prompt = as_prompt(col(raw, "prompt") if _is_messages(col(raw, "prompt")) else text(raw, "prompt"))
-        chosen, ok_c = _response_of(chosen_c)
-        rejected, ok_r = _response_of(rejected_c)
+        prompt = canonical_messages(col(raw, "prompt"), "prompt") if _is_messages(col(raw, "prompt")) \
+            else as_prompt(text(raw, "prompt"))
+        chosen, ok_c = _response_of(raw, "chosen")
+        rejected, ok_r = _response_of(raw, "rejected")
         q.add(~(ok_c & ok_r), "empty chosen or rejected message list")
     elif _is_messages(chosen_c):
-        prefix_c, chosen, _, ok_c = last_and_rest(chosen_c)
-        prefix_r, rejected, _, ok_r = last_and_rest(rejected_c)
+        prefix_c, chosen, _, ok_c = last_and_rest(chosen_c, "chosen")
+        prefix_r, rejected, _, ok_r = last_and_rest(rejected_c, "rejected")
         q.add(~(ok_c & ok_r), "empty chosen or rejected message list")
         q.add(~same_messages(prefix_c, prefix_r), "implicit prompt: chosen and rejected differ before the last message")
         prompt = prefix_c
@@ -1185,9 +1443,11 @@ def _concat_lists(a: pa.Array, b: pa.Array) -> pa.Array:
 def read_trl_unpaired(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """TRL unpaired preference (KTO): prompt, completion, label (bool); standard or conversational."""
     require(raw, ["prompt", "completion", "label"], ctx)
+    expect(raw, {"prompt": "text|messages", "completion": "text|messages", "label": "number"})
     q = Quarantine(raw, ctx.row_offset)
-    prompt = as_prompt(col(raw, "prompt") if _is_messages(col(raw, "prompt")) else text(raw, "prompt"))
-    response, ok = _response_of(col(raw, "completion"))
+    prompt = canonical_messages(col(raw, "prompt"), "prompt") if _is_messages(col(raw, "prompt")) \
+        else as_prompt(text(raw, "prompt"))
+    response, ok = _response_of(raw, "completion")
     label = _bool(col(raw, "label"))
     q.add(~ok, "empty completion message list")
     q.add(label < 0, "label not true/false")
@@ -1213,15 +1473,16 @@ def read_openai_dpo(raw: pa.Table, ctx: ReadContext) -> Parsed:
     """OpenAI preference fine-tuning JSONL: ``input.messages``, ``preferred_output``,
     ``non_preferred_output`` (each a list holding one assistant message)."""
     require(raw, ["input", "preferred_output", "non_preferred_output"], ctx)
+    expect(raw, {"input": "object", "preferred_output": "messages", "non_preferred_output": "messages"})
     q = Quarantine(raw, ctx.row_offset)
     inp = col(raw, "input")
     if not pa.types.is_struct(inp.type) or "messages" not in [f.name for f in inp.type]:
         raise LabelsError(f"{ctx.path}: row 0: field 'input.messages': missing")
-    messages = pc.struct_field(inp, "messages")
-    prompt = pa.array([[{"role": m.get("role"), "content": m.get("content")} for m in (ms or [])]
-                       for ms in messages.to_pylist()], MESSAGES) if messages.type != MESSAGES else messages
-    chosen, ok_c = _response_of(col(raw, "preferred_output"))
-    rejected, ok_r = _response_of(col(raw, "non_preferred_output"))
+    messages = pa.table({"input.messages": pc.struct_field(inp, "messages")})
+    expect(messages, {"input.messages": "messages"})
+    prompt = canonical_messages(messages.column(0).combine_chunks(), "input.messages")
+    chosen, ok_c = _response_of(raw, "preferred_output")
+    rejected, ok_r = _response_of(raw, "non_preferred_output")
     q.add(~(ok_c & ok_r), "empty preferred_output or non_preferred_output")
     return _finish("pairwise", _pairwise(prompt, chosen, rejected, ctx), q)
 
@@ -1262,20 +1523,22 @@ register(Format("openai-comparisons", "pairwise", "pairwise (summarize-from-feed
                 read_openai_comparisons))
 register(Format("ultrafeedback", "ratings", "ratings per aspect (helpfulness, honesty, instruction_following, "
                 "truthfulness; N/A kept out), overall, fine_grained -> listwise", read_ultrafeedback,
-                default_aspect="helpfulness,honesty,instruction_following,truthfulness"))
+                default_aspect="helpfulness,honesty,instruction_following,truthfulness", source="ai"))
 register(Format("oasst", "listwise", "listwise from sibling ranks, or by per-message signals (--aspect quality, "
                 "emoji:+1, detoxify:toxicity=-1, ...); labels, emojis and detoxify kept per response; flat message "
                 "rows or nested tree export",
                 read_oasst, streaming=False))
-register(Format("nectar", "listwise", "listwise, 7-wise ranks (rank 1 best)", read_nectar))
+register(Format("nectar", "listwise", "listwise, 7-wise ranks (rank 1 best; GPT-4 ranked)", read_nectar, source="ai"))
 register(Format("helpsteer2", "ratings", "ratings (attribute file, 5 aspects) or graded pairwise (preference file, "
                 "strength -3..3, ties)", read_helpsteer2, streaming=False, ties=True, default_aspect="helpfulness"))
 register(Format("pku-saferlhf", "pairwise", "pairwise on --aspect helpfulness|safety; per-response safety as binary "
                 "(--aspect is_safe)", read_pku))
-register(Format("arena", "pairwise", "pairwise with ties (tie, tie (bothbad)); JSON conversations or one-hot CSV",
+register(Format("arena", "pairwise", "pairwise with ties (tie, tie (bothbad)); JSON conversations or one-hot CSV; "
+                "--multi-turn whole keeps battles whose earlier answers differ as whole-conversation pairs (later "
+                "turns inline as \\n\\nHuman:/\\n\\nAssistant:, whole_conversation = true)",
                 read_arena, ties=True))
 register(Format("alpaca-eval", "pairwise", "pairwise AI-judge; preference 1/2, draws 0 or 1.5, weighted floats",
-                read_alpaca_eval, ties=True))
+                read_alpaca_eval, ties=True, source="ai"))
 register(Format("graded-pairwise", "pairwise", "graded pairwise (a-is-better .. tie .. b-is-better), several annotators "
                 "(aggregated, agreement reported); --aspect acceptable -> binary", read_graded, streaming=False, ties=True))
 register(Format("argilla", "ratings", "rating questions (ratings) or ranking questions (listwise), several annotators",
@@ -1283,26 +1546,30 @@ register(Format("argilla", "ratings", "rating questions (ratings) or ranking que
 register(Format("label-studio", "pairwise", "pairwise (left/right, ties on split votes), rating, ranker",
                 read_label_studio, streaming=False, ties=True))
 register(Format("trl-preference", "pairwise", "pairwise; standard, conversational or implicit prompt",
-                read_trl_preference, export_trl_preference))
+                read_trl_preference, export_trl_preference, source=None))
 register(Format("trl-unpaired", "binary", "binary (KTO); standard or conversational", read_trl_unpaired,
-                export_trl_unpaired))
+                export_trl_unpaired, source=None))
 register(Format("openai-dpo", "pairwise", "pairwise; OpenAI preference fine-tuning JSONL", read_openai_dpo,
-                export_openai_dpo))
+                export_openai_dpo, source=None))
 for _kind, _holds in (("pairwise", "canonical pairwise (chosen, rejected, margin)"),
                       ("listwise", "canonical listwise (responses, scores; ties = equal scores)"),
                       ("binary", "canonical binary (response, label)"), ("sft", "canonical sft (response)")):
-    register(Format(_kind, _kind, _holds, _read_canonical(_kind), _export_canonical, ties=_kind in ("listwise", "binary")))
+    register(Format(_kind, _kind, _holds, _read_canonical(_kind), _export_canonical, ties=_kind in ("listwise", "binary"),
+                    source=None))
 CANONICAL = ("pairwise", "listwise", "binary", "sft")
 
 
-def _ratings_by_prompt(prompts: np.ndarray, keep: np.ndarray, responses: pa.Array, ratings: np.ndarray,
+def _ratings_by_prompt(prompts: np.ndarray, q: Quarantine, responses: pa.Array, ratings: np.ndarray,
                        aspect: str, ctx) -> pa.Table:
-    """Rows rating one response each (kept rows ``keep``) grouped into one ratings row per prompt.
+    """Rows rating one response each (those ``q`` keeps; a null prompt is quarantined) grouped
+    into one ratings row per prompt.
 
     Responses keep their input order within a prompt; ``_row`` is each group's first input row.
     """
     import pandas as pd
 
+    q.add(pd.isna(prompts), "null prompt")
+    keep = np.flatnonzero(~q.bad)
     codes, uniques = pd.factorize(prompts[keep])
     order = keep[np.argsort(codes, kind="stable")]
     sizes = np.bincount(codes, minlength=len(uniques))
@@ -1314,3 +1581,7 @@ def _ratings_by_prompt(prompts: np.ndarray, keep: np.ndarray, responses: pa.Arra
                      "responses": pa.ListArray.from_arrays(offsets, responses.take(pa.array(order))),
                      ASPECT_PREFIX + aspect: pa.ListArray.from_arrays(offsets, pa.array(ratings[order], pa.float64())),
                      "_row": pa.array(first + ctx.row_offset), "_nrec": pa.array(sizes.astype(np.int64))})
+
+
+# formats of fine-tuning frameworks and AI-feedback tools, in modules of their own (they register on import)
+from alignflow.feedback.labels import distilabel_formats, trainer_formats  # noqa: F401

@@ -27,7 +27,7 @@ _ROLE = "\x1f"
 def split_last_turn(text: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """(everything before the last ``Assistant:`` marker, the final answer, has-marker mask)."""
     parts = pc.split_pattern(text, ASSISTANT, max_splits=1, reverse=True)
-    n_parts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    n_parts = pc.list_value_length(parts).fill_null(0).to_numpy(zero_copy_only=False)
     ok = n_parts == 2
     prefix = pc.list_element(parts, 0)
     answer = pc.if_else(pa.array(ok), pc.list_element(_pad(parts), 1), pa.scalar(None, pa.string()))
@@ -72,7 +72,7 @@ def _mark_turns(text: pa.Array, markers: dict[str, str]) -> pa.Array:
 
 def _marked_to_messages(marked: pa.Array) -> pa.Array:
     """Text marked by ``_mark_turns`` -> ``list<struct<role, content>>`` (kernels only)."""
-    turns = pc.split_pattern(marked, _MSG)
+    turns = pc.split_pattern(pc.fill_null(marked, ""), _MSG)  # a null text is no turn (its row is refused elsewhere)
     lengths = pc.list_value_length(turns).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(turns)
     # the text before the first marker (normally empty) is not a turn
@@ -107,3 +107,21 @@ def join_transcripts(prompt: pa.Array, response: pa.Array) -> pa.Array:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     head = pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
     return pc.binary_join_element_wise(head, pc.cast(response, pa.string()), ASSISTANT + " ")
+
+
+def continuation_text(messages: pa.Array) -> pa.Array:
+    """The rest of a conversation as one response text: the first message's content, then each
+    later turn after its marker (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), as an HH transcript
+    continues. Empty lists give null."""
+    messages = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    lengths = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(messages)
+    role = pc.struct_field(flat, "role")
+    marker = pc.if_else(pc.equal(role, "assistant"), ASSISTANT + " ", HUMAN + " ")
+    first = np.zeros(len(flat), dtype=bool)
+    first[np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]] = True
+    marker = pc.if_else(pa.array(first), "", marker)
+    turns = pc.binary_join_element_wise(marker, pc.fill_null(pc.struct_field(flat, "content"), ""), "")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
+    return pc.if_else(pa.array(lengths > 0), joined, pa.scalar(None, pa.string()))

@@ -26,6 +26,8 @@ def formats() -> None:
     console.print(table)
     console.print("files: .jsonl .json .jsonl.gz .parquet .csv .xlsx (read); .jsonl .json .jsonl.gz .parquet .csv "
                   "(write); canonical kinds go to a dataset folder unless OUT has a file extension")
+    console.print("limits: JSON nested at most 64 levels; a text value at most 16 MiB (--max-field-mb), a record 4 "
+                  "times that; pairs get source = the format's labeller (human, ai) or none where the file does not say")
 
 
 def convert(
@@ -39,7 +41,16 @@ def convert(
     aggregate: str = typer.Option("majority", "--aggregate", help="Several annotators per item: majority or mean."),
     threshold: float = typer.Option(None, "--threshold", help="listwise -> binary: score >= threshold is desirable (default: top/bottom k)."),
     top_k: int = typer.Option(1, "--top-k", help="listwise -> binary: k best desirable, k worst undesirable."),
-    style: str = typer.Option(None, "--style", help="trl exports: standard, conversational or implicit (default: by the prompts)."),
+    style: str = typer.Option(None, "--style", help="trl exports: standard, conversational or implicit (default: by the "
+                              "prompts); llamafactory: sharegpt, alpaca or v1."),
+    fields: str = typer.Option(None, "--fields", help="The input format's own field options, name=value pairs: "
+                               "llamafactory as dataset_info.json (messages=, chosen=, role_tag=, user_tag=, ...), "
+                               "axolotl-chat_template as its config (field_messages=, field_chosen=, role=, content=, "
+                               "roles.user=human|user, ...)."),
+    multi_turn: str = typer.Option("quarantine", "--multi-turn", help="arena battles whose earlier answers differ: "
+                                   "quarantine, or whole (one pair of whole conversations; see `alignflow formats`)."),
+    max_field_mb: float = typer.Option(16.0, "--max-field-mb", help="Largest text value read (MiB); a JSON record "
+                                       "may be 4 times that. Larger ones are an error naming the row."),
     quarantine: Path = typer.Option(None, "--quarantine", help="Write refused rows (row, reason, record) as a quarantine dataset here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT / the quarantine if they hold a dataset of the same kind (or OUT is an export file); anything else there is never replaced."),
 ) -> None:
@@ -51,7 +62,8 @@ def convert(
     with user_errors(LabelsError), _progress() as show:
         report = convert_labels_file(source, out, from_format, to_format,
                                      Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
-                                             threshold=threshold, top_k=top_k, style=style),
+                                             threshold=threshold, top_k=top_k, style=style, fields=fields,
+                                             multi_turn=multi_turn, max_field_mb=max_field_mb),
                                      quarantine_path=quarantine, progress=show, overwrite=overwrite)
     console.print(report.line(), highlight=False)
     for line in report.details():
