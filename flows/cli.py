@@ -23,7 +23,7 @@ app = typer.Typer(
 
 # One module per area; a module not present in this checkout is skipped.
 COMMAND_MODULES = (
-    "alignflow.flows.commands.data",  # inspect, validate
+    "alignflow.flows.commands.data",  # inspect, validate, report
     "alignflow.flows.commands.labels",  # formats, convert
     "alignflow.flows.commands.train",  # train, precompute-ref
     "alignflow.flows.commands.feedback",  # generate, judge, critique, rejection-sample

@@ -67,7 +67,7 @@ def prompt_ids(prompts: pa.Array | pa.ChunkedArray) -> pa.Array:
     import pandas as pd
 
     if isinstance(prompts, pa.ChunkedArray):
-        prompts = prompts.combine_chunks()
+        prompts = prompts.chunk(0) if prompts.num_chunks == 1 else prompts.combine_chunks()
     text = canonical_prompt_text(prompts).to_numpy(zero_copy_only=False)
     hashes = pd.util.hash_array(text.astype(object), categorize=False).astype(np.uint64)
     return _hex16(hashes)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("ALIGNFLOW_SHARED") or ROOT.parent / "shared")  # a worktree elsewhere: set it
 HUMAN_LABELS = SHARED / "data" / "human-labels"
 
 

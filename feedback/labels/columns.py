@@ -14,8 +14,14 @@ from alignflow.schemas.validate import quarantine_table
 
 
 def col(table: pa.Table, name: str) -> pa.Array:
-    c = table.column(name)
-    return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+    return one_array(table.column(name))
+
+
+def one_array(c: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one array; a single chunk is returned as is (``combine_chunks`` would copy it)."""
+    if isinstance(c, pa.ChunkedArray):
+        return c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()
+    return c
 
 
 def text(table: pa.Table, name: str) -> pa.Array:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from alignflow.feedback.labels.columns import one_array
 from alignflow.feedback.labels.errors import LabelsError
 
 STRATEGIES = ("all-pairs", "best-vs-worst", "best-vs-rest", "adjacent")
@@ -161,8 +162,8 @@ def listwise_to_pairwise(table: pa.Table, strategy: str = "all-pairs", source: s
     stats = Stats()
     if table.num_rows == 0:
         return _empty_pairwise(table), stats
-    responses = table.column("responses").combine_chunks()
-    scores = table.column("scores").combine_chunks()
+    responses = one_array(table.column("responses"))
+    scores = one_array(table.column("scores"))
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     flat_scores = _flat(scores).to_numpy(zero_copy_only=False).astype(np.float64)
     flat_text = _flat(responses)
@@ -212,7 +213,7 @@ def repeat_rows(lists, rows: np.ndarray) -> pa.Array:
     Arrow's generic take on nested lists is slow; here the child values are gathered with
     one (sequential) take and the offsets are computed with NumPy.
     """
-    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    lists = one_array(lists)
     if lists.null_count:
         return lists.take(pa.array(rows))
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -479,9 +480,9 @@ def listwise_to_binary(table: pa.Table, threshold: float | None = None, top_k: i
     responses all become desirable.
     """
     stats = Stats()
-    responses = table.column("responses").combine_chunks()
+    responses = one_array(table.column("responses"))
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
-    scores = _flat(table.column("scores").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+    scores = _flat(one_array(table.column("scores"))).to_numpy(zero_copy_only=False).astype(np.float64)
     row_of = np.repeat(np.arange(table.num_rows), lengths)
     if threshold is not None:
         take = np.arange(len(scores))
@@ -535,9 +536,9 @@ def to_sft(table: pa.Table, kind: str) -> tuple[pa.Table, Stats]:
         table = _drop_rows(table, bad, "label false (not an SFT target)", stats)
         response = table.column("response")
     elif kind == "listwise":
-        responses = table.column("responses").combine_chunks()
+        responses = one_array(table.column("responses"))
         lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
-        scores = _flat(table.column("scores").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+        scores = _flat(one_array(table.column("scores"))).to_numpy(zero_copy_only=False).astype(np.float64)
         order = descending_order(scores, lengths)
         response = _flat(responses).take(pa.array(order[_starts(lengths)]))
     else:
@@ -594,12 +595,12 @@ def ratings_to_listwise(table: pa.Table, aspect: str | None = None, default: str
         present = [a for a in default.split(",") if a.partition("=")[0].strip() in names]
         default = ",".join(present) if present else None
     weights = parse_aspect(aspect, names, default)
-    responses = table.column("responses").combine_chunks()
+    responses = one_array(table.column("responses"))
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     total = np.zeros(int(lengths.sum()))
     known = np.ones(len(total), dtype=bool)
     for name, w in weights.items():  # an overflow to inf is quarantined by the listwise checks
-        vals = _flat(table.column(ASPECT_PREFIX + name).combine_chunks()).cast(pa.float64())
+        vals = _flat(one_array(table.column(ASPECT_PREFIX + name))).cast(pa.float64())
         arr = vals.to_numpy(zero_copy_only=False)
         known &= ~np.isnan(arr)
         with np.errstate(over="ignore"):

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alignflow.feedback.labels import conversions as cv
+from alignflow.feedback.labels.columns import one_array
 from alignflow.feedback.labels.errors import LabelsError
 from alignflow.feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format, read_batch
 from alignflow.feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
@@ -178,7 +179,7 @@ def source_batches(path: str | os.PathLike, fmt: Format, batch_rows: int = BATCH
 
 
 def prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]:
-    """Read the next batch in a background thread while this one is converted.
+    """Produce the next batch (read and parsed) in a background thread while this one is converted.
 
     Arrow's readers and kernels release the GIL, so reading, converting and writing overlap
     on two cores; ``depth`` bounds how many batches wait (memory stays flat).
@@ -247,7 +248,7 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options,
     if src == dst == "listwise":
         stats = cv.Stats()
         if options.ties == "drop":
-            scores = table.column("scores").combine_chunks()
+            scores = one_array(table.column("scores"))
             same = pc.equal(pc.list_value_length(scores), 0)
             if len(scores):
                 lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -325,7 +326,9 @@ class _Sink:
 
     Store shards are encoded in ``WRITERS`` background threads (Parquet encoding and
     compression release the GIL), so writing, the bulk of a conversion's work, runs on both
-    cores while the main thread converts the next batch; at most ``WRITERS`` shards wait.
+    cores while the main thread converts the next batch; at most ``WRITERS`` shards wait. An
+    export file is written in order by one background thread (export, then encode), with at
+    most one batch waiting for it.
 
     Resume (store outputs): each shard is written with a checkpoint, the conversion's state after
     the input batch that closed it, and the rows quarantined since the previous checkpoint go to
@@ -337,7 +340,7 @@ class _Sink:
     WRITERS = 2
 
     def __init__(self, out: Path, fmt: Format, kind: str, options: Options, provenance: dict, rows_per_shard: int,
-                 resume_key: str, overwrite: bool = False):
+                 resume_key: Callable[[], str], overwrite: bool = False):
         from alignflow.schemas.store import DatasetWriter, UnfinishedWriteOfAnotherKind
 
         self.fmt, self.kind, self.options = fmt, kind, options
@@ -345,10 +348,11 @@ class _Sink:
         self.rows_per_shard = rows_per_shard
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
-        self._futures: list = []  # shards being written in the background, oldest first
+        self._futures: list = []  # shards (or export batches) being written in the background, oldest first
         self._pool = None
         self._next_key = 0
-        self.resume_key = resume_key
+        self._resume_key_of = resume_key  # computed when first needed (it waits for the input's sha256)
+        self._resume_key: str | None = None
         self.resumed: dict | None = None
         self.resumed_shards = 0
         if fmt.name in CANONICAL and not _looks_like_file(out):
@@ -366,11 +370,17 @@ class _Sink:
             self.store = None
             self.file = FileWriter(out)
 
+    @property
+    def resume_key(self) -> str:
+        if self._resume_key is None:
+            self._resume_key = self._resume_key_of()
+        return self._resume_key
+
     def _find_checkpoint(self) -> dict | None:
         """The checkpoint of shard k, where shards 0..k were all completed by a run with this
         resume key; later shards are forgotten (they will be written again)."""
         last = -1
-        while (self.store.shard_meta(last + 1) or {}).get("resume_key") == self.resume_key:
+        while (meta := self.store.shard_meta(last + 1)) is not None and meta.get("resume_key") == self.resume_key:
             last += 1
         later = [k for k in self.store.completed_shards() if not (k.isdigit() and int(k) <= last)]
         if later:
@@ -402,12 +412,25 @@ class _Sink:
             if self.pending_rows >= self.rows_per_shard:
                 self._flush(checkpoint)
         elif table.num_rows:
-            self.file.write(self.fmt.export(table, self.options.as_dict()))
+            self._submit(self._export, table, in_flight=2)
+
+    def _export(self, table: pa.Table) -> None:
+        self.file.write(self.fmt.export(table, self.options.as_dict()))
+
+    def _submit(self, fn, *args, in_flight: int) -> None:
+        """Run ``fn(*args)`` in the writer pool once fewer than ``in_flight`` jobs are pending
+        (an export file has one writer thread, so its batches are written in order)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        while len(self._futures) >= in_flight:
+            self._futures.pop(0).result()
+        if self._pool is None:
+            workers = self.WRITERS if self.store is not None else 1
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="labels-writer")
+        self._futures.append(self._pool.submit(fn, *args))
 
     def _flush(self, checkpoint=None) -> None:
         """Hand the pending rows to a writer thread, once fewer than WRITERS shards are in flight."""
-        from concurrent.futures import ThreadPoolExecutor
-
         if not self.pending:
             return
         shard = pa.concat_tables(self.pending, promote_options="permissive")
@@ -421,11 +444,7 @@ class _Sink:
                 self.resume_dir.mkdir(exist_ok=True)
                 pq.write_table(pa.concat_tables(quarantined), self._quarantine_file(self._next_key))
             meta = {"resume_key": self.resume_key, **state}
-        while len(self._futures) >= self.WRITERS:
-            self._futures.pop(0).result()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="labels-writer")
-        self._futures.append(self._pool.submit(self.store.write_shard, shard, self._next_key, meta))
+        self._submit(self.store.write_shard, shard, self._next_key, meta, in_flight=self.WRITERS)
         self._next_key += 1
 
     def _wait(self) -> None:
@@ -441,9 +460,10 @@ class _Sink:
             import shutil
 
             self._flush()
-            self._wait()
-            if self._pool is not None:
-                self._pool.shutdown()
+        self._wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self.store is not None:
             shutil.rmtree(self.resume_dir, ignore_errors=True)
             return self.store.commit(extra)
         return self.file.close()
@@ -521,21 +541,24 @@ def convert_labels_file(
         check_separate(quarantine_path, [source, out], what="quarantine")
         check_target(quarantine_path, QUARANTINE_KIND, overwrite)  # before any work, not after it
     report = Report(src_fmt.name, dst_fmt.name)
-    file_sha = sha256_file(source) if source.is_file() else None
+    file_sha = _in_background(sha256_file, source) if source.is_file() else None  # hashlib releases the GIL
     provenance = {"flow": flow, "source_format": src_fmt.name, "source_file": str(source),
-                  "source_sha256": file_sha, "target_format": dst_fmt.name, "options": options.as_dict()}
+                  "source_sha256": None, "target_format": dst_fmt.name, "options": options.as_dict()}
+
+    def with_sha() -> dict:
+        if file_sha is not None and provenance["source_sha256"] is None:
+            provenance["source_sha256"] = file_sha.result()
+        return provenance
     if source.is_dir():
         from alignflow.schemas.store import read_manifest
 
         provenance["parent_datasets"] = [str(source)]
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
     needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
-    batches = source_batches(source, src_fmt, batch_rows, options.max_field_bytes)
     total_rows = known_rows(source) if progress is not None else None
-    batches = _whole(batches) if needs_whole else prefetch(batches)
     stats = cv.Stats()
     sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard,
-                 resume_key=_resume_key(provenance, source, batch_rows, rows_per_shard), overwrite=overwrite)
+                 resume_key=lambda: _resume_key(with_sha(), source, batch_rows, rows_per_shard), overwrite=overwrite)
     quarantine: list[pa.Table] = []
     duplicates = _Duplicates()
     # a threshold labels each response on its own: a prompt with one rated response still counts
@@ -553,17 +576,27 @@ def convert_labels_file(
         new_rows, saved = quarantine[saved:], len(quarantine)
         return _state(report, stats, offset, batches_done), new_rows
 
-    try:
-        for index, raw in enumerate(batches):
+    def parse(raws: Iterator[pa.Table]) -> Iterator[tuple[int, pa.Table, int, Parsed]]:
+        """(batch index, raw batch, records, parsed rows) of each batch not done before an interruption."""
+        at = offset
+        for index, raw in enumerate(raws):
             if index < skip:  # converted before the interruption
                 continue
-            seen = raw
-            _check_field_sizes(raw, source, offset, options.max_field_bytes)
-            ctx = ReadContext(str(source), src_fmt.name, offset, options.aspect, options.aggregate, fields,
+            _check_field_sizes(raw, source, at, options.max_field_bytes)
+            ctx = ReadContext(str(source), src_fmt.name, at, options.aspect, options.aggregate, fields,
                               options.multi_turn, min_responses)
             parsed = read_batch(src_fmt, raw, ctx)
+            at += raw.num_rows
+            yield index, raw, _records_read(raw, parsed), parsed
+
+    raws = source_batches(source, src_fmt, batch_rows, options.max_field_bytes)
+    # streamed input is read and parsed in a background thread while this one converts
+    batches = parse(_whole(raws)) if needs_whole else prefetch(parse(raws))
+    try:
+        for index, raw, records, parsed in batches:
+            seen = raw
             offset += raw.num_rows
-            report.read += _records_read(raw, parsed)
+            report.read += records
             report.dropped.update(parsed.dropped)
             report.info.update({k: v for k, v in parsed.info.items() if v is not None})
             kind = "listwise" if parsed.kind == "ratings" else parsed.kind
@@ -610,9 +643,10 @@ def convert_labels_file(
             extra["intransitive_prompts"] = report.info["intransitive_prompts"][:1000]
         if report.rows_out == 0:  # a run that writes nothing is an error, never a success
             if quarantine_path is not None:
-                _write_quarantine(quarantine_path, quarantine, provenance, flow, report, overwrite)
+                _write_quarantine(quarantine_path, quarantine, with_sha(), flow, report, overwrite)
             raise LabelsError(_nothing_written(source, src_fmt, kind_out, report, seen))
-        report.output = str(sink.close(extra))
+        sha = {"source_sha256": with_sha()["source_sha256"]}  # the store's copy of provenance was taken before
+        report.output = str(sink.close({**sha, **extra}))
     except BaseException:
         if sink is not None:
             sink.abort()
@@ -623,7 +657,7 @@ def convert_labels_file(
         side = out.with_name(out.name + ".manifest.json")
         side.write_text(json.dumps({"provenance": provenance, **extra}, indent=2, default=str))
     if quarantine_path is not None:
-        _write_quarantine(quarantine_path, quarantine, provenance, flow, report, overwrite)
+        _write_quarantine(quarantine_path, quarantine, with_sha(), flow, report, overwrite)
     if not report.adds_up:  # a bug, never bad input: say so loudly
         raise AssertionError(f"accounting does not add up: {report.line()}")
     return report
@@ -710,6 +744,23 @@ class _Duplicates:
             top = self.levels.pop()
             self.levels[-1] = np.union1d(self.levels[-1], top)
         return int(len(h) - (~seen).sum())
+
+
+def _in_background(fn, *args):
+    """``fn(*args)`` started in a daemon thread; ``.result()`` waits for it (and raises its error)."""
+    import threading
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # raised by .result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="labels-sha256").start()
+    return future
 
 
 RESUME_VERSION = 1  # bump when what a checkpoint holds, or how batches map to shards, changes

@@ -98,7 +98,8 @@ def split_transcripts(text: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array, np.
 
 def join_transcripts(prompt: pa.Array, response: pa.Array) -> pa.Array:
     """Prompt messages + final answer -> one HH transcript per row (the exporter's inverse)."""
-    prompt = prompt.combine_chunks() if isinstance(prompt, pa.ChunkedArray) else prompt
+    if isinstance(prompt, pa.ChunkedArray):
+        prompt = prompt.chunk(0) if prompt.num_chunks == 1 else prompt.combine_chunks()
     flat = pc.list_flatten(prompt)
     role = pc.struct_field(flat, "role")
     marker = pc.if_else(pc.equal(role, "assistant"), ASSISTANT + " ", HUMAN + " ")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterator, NoReturn
 
@@ -18,6 +20,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (no traceback)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def arrow_memory_pool() -> None:
+    """Arrow buffers from jemalloc in this process (Linux wheels have it; call before pyarrow is
+    imported, which reads the choice once). A conversion allocates a few hundred MB per batch in
+    one thread and frees it in another (the writer); Arrow's default mimalloc spent twice the
+    system time on that (Nectar job, 840,000 pairs: 0.9-1.0 s against 0.45 s) and more memory.
+    A user's own ARROW_DEFAULT_MEMORY_POOL wins."""
+    if sys.platform.startswith("linux") and "pyarrow" not in sys.modules:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 
 @contextlib.contextmanager

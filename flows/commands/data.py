@@ -1,4 +1,4 @@
-"""``alignflow inspect`` and ``alignflow validate``: look at a dataset of the store."""
+"""``alignflow inspect``, ``alignflow validate`` and ``alignflow report``: look at a dataset of the store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from alignflow.flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import arrow_memory_pool, console, fail, user_errors
 
 
 def inspect(
@@ -93,6 +93,27 @@ def validate(
         raise typer.Exit(1)
 
 
+def report(
+    dataset: Path = typer.Argument(..., help="Dataset folder (any kind, a quarantine dataset included)."),
+    output: Path = typer.Option(None, "--output", "-o", help="HTML file to write (default: <DATASET>.report.html beside it)."),
+    quarantine: Path = typer.Option(None, "--quarantine", help="Quarantine dataset to show (default: one found beside DATASET)."),
+    max_rows: int = typer.Option(1_000_000, "--max-rows", help="Summarise at most this many rows (shards sampled past it)."),
+    examples: int = typer.Option(3, "--examples", help="Rows shown as chat."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shard sample and the examples."),
+) -> None:
+    """Write one self-contained HTML page (no script, nothing fetched) that shows a dataset: accounting,
+    quarantine reasons, length / score / margin / judge distributions, ties, sources, example rows as chat."""
+    arrow_memory_pool()
+    from alignflow.flows.report import build_report
+
+    with user_errors():
+        result = build_report(dataset, output, quarantine=quarantine, max_rows=max_rows, examples=examples, seed=seed)
+    sample = f"; {result.sampled.note}" if result.sampled.note else ""
+    shown = f"; quarantine: {result.quarantine}" if result.quarantine else ""
+    console.print(f"wrote {result.path} ({result.kind}, {result.rows:,} rows{shown}{sample})", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(inspect)
     app.command()(validate)
+    app.command()(report)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import typer
 
-from alignflow.flows.commands.common import console, user_errors
+from alignflow.flows.commands.common import arrow_memory_pool, console, user_errors
 
 
 def formats() -> None:
@@ -57,6 +57,7 @@ def convert(
     """Convert labels between formats and kinds; prints read = written + quarantined + dropped-by-rule.
 
     A killed conversion to a dataset folder resumes from its finished shards when run again with the same arguments."""
+    arrow_memory_pool()
     from alignflow.feedback.labels import LabelsError, Options, convert_labels_file
 
     with user_errors(LabelsError), _progress() as show:
@@ -75,11 +76,15 @@ def convert(
 @contextlib.contextmanager
 def _progress() -> Iterator:
     """A live line on a terminal (records read, of how many where known; rows written); nothing
-    in logs and pipes, where the final accounting line says it all."""
+    in logs and pipes, where the final accounting line says it all (and rich's progress module,
+    a tenth of a second of start-up, is not imported)."""
+    if not console.is_terminal:
+        yield None
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]converting"), BarColumn(), TextColumn("{task.fields[counts]}"), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as bar:
+                  console=console, transient=True) as bar:
         task = bar.add_task("convert", total=None, counts="")
 
         def show(report, total_rows) -> None:

@@ -1,28 +1,40 @@
-"""Benchmark: listwise -> pairwise (all-pairs) through ``alignflow convert``'s library path.
+"""Benchmark: ``alignflow convert`` against DuckDB doing the same job in SQL, whole processes.
 
-1,000,000 synthetic listwise rows, K uniform in 4..9 (19.3 pairs per row on average), read
-from Parquet, validated, expanded to C(K,2) pairs and written as a store dataset. Prints
-output pairs/s and the ratio against a baseline written the way people do it today: a per-row
-Python function through ``datasets.Dataset.map(batched=False)`` (returning each row's pairs, with
-the prompt repeated per pair as in the canonical output, as lists) then ``to_parquet``, measured
-in the same run on a 50,000-row subset and compared as a rate (pairs/s, and pairs per
-CPU-second since other jobs may share the cores). Peak RSS of the
-conversion at 1,000,000 and 4,000,000 rows is measured each in its own subprocess.
+Three jobs, each run by both engines on the same input, writing the same columns as zstd Parquet:
 
-    python tests/bench/bench_convert.py [--rows 1000000] [--big-rows 4000000] [--baseline-rows 50000]
+- ``nectar``: 40,000 Nectar-style rows (an HH-style prompt, 7 answers ranked 1..7) -> all 21
+  pairs per row = 840,000 rows of TRL preference Parquet (prompt, chosen, rejected, margin).
+  ``alignflow convert IN OUT.parquet --from nectar --to trl-preference``.
+- ``hh``: the real HH-RLHF harmless test file (2,312 transcripts) -> TRL preference Parquet in the
+  conversational style (prompt turns as messages, chosen/rejected as one assistant message);
+  rows whose transcripts diverge before the last answer, or with an empty answer, are left out
+  on both sides.
+- ``listwise``: 1,000,000 synthetic listwise rows (Parquet, K = 4..9 responses) -> all pairs
+  without ties (19.3M rows): ours into a store dataset (``--to pairwise``, shards + manifest),
+  DuckDB into one Parquet file with the same columns.
+
+Each process is started from here and timed as a whole (interpreter start and imports count);
+wall time, CPU time (user + system, all threads) and peak RSS come from ``wait4``. The two
+engines alternate (which goes first swaps every round) and the best of ``--repeats`` rounds is
+compared, so a burst of load from other jobs on the machine hits both alike. Outputs are
+checked to hold the same rows (the whole output for nectar and hh, a sample of prompts for
+listwise).
+
+    python tests/bench/bench_convert.py [--repeats 5] [--jobs nectar,hh,listwise]
+                                        [--listwise-rows 1000000] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,38 +42,64 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-K_MIN, K_MAX = 4, 9
+REPO = Path(__file__).resolve().parents[2]
+HH_FILE = Path("/work/shared/data/human-labels/hh-rlhf_harmless-base_test.jsonl.gz")
 WORDS = np.array(("the a model answer is good bad helpful wrong right because therefore maybe not very quite "
                   "clear short long python code test value list row pair score rank first second third last "
                   "alpha beta gamma delta data label human policy reward").split(), dtype=object)
+K_MIN, K_MAX = 4, 9
+
+# -- inputs --------------------------------------------------------------------------------------
 
 
-def _sentences(rng: np.random.Generator, n: int, n_words: int) -> pa.Array:
-    """n random sentences of n_words words (built column-wise, no per-row Python)."""
-    cols = [pa.array(WORDS[rng.integers(0, len(WORDS), n)], pa.string()) for _ in range(n_words)]
-    ids = pa.array(rng.integers(0, 1 << 30, n).astype(str).astype(object), pa.string())
-    return pc.binary_join_element_wise(*cols, ids, " ")
+def _sentences(rng: np.random.Generator, n: int, min_words: int, max_words: int) -> list[str]:
+    counts = rng.integers(min_words, max_words + 1, n)
+    words = WORDS[rng.integers(0, len(WORDS), int(counts.sum()))]
+    ends = np.cumsum(counts)
+    return [" ".join(words[e - c:e]) for c, e in zip(counts, ends)]
+
+
+def make_nectar(path: Path, rows: int = 40_000, seed: int = 0) -> None:
+    """Nectar's shape: prompt ``\\n\\nHuman: ...\\n\\nAssistant:``, 7 answers {answer, model, rank}
+    ranked 1 (best) .. 7, plus the file's other fields. Prompts 8-30 words, answers 10-40 words."""
+    rng = np.random.default_rng(seed)
+    prompts = _sentences(rng, rows, 8, 30)
+    answers = _sentences(rng, rows * 7, 10, 40)
+    with open(path, "w") as fh:
+        for i in range(rows):
+            ranks = rng.permutation(7) + 1
+            record = {"prompt": f"\n\nHuman: {prompts[i]} (#{i})?\n\nAssistant: ",
+                      "answers": [{"answer": f"{answers[7 * i + k]} ({i}.{k})", "model": f"model-{k}", "rank": int(r)}
+                                  for k, r in enumerate(ranks)],
+                      "turns": 1, "num_responses": 7, "source": ["sharegpt"], "good_natured": True}
+            fh.write(json.dumps(record) + "\n")
 
 
 def make_listwise(path: Path, rows: int, seed: int = 0, batch: int = 200_000) -> None:
-    """Write ``rows`` synthetic listwise rows (with prompt_id given) to one Parquet file."""
+    """``rows`` synthetic listwise rows (prompt_id given, K uniform in 4..9) in one Parquet file."""
+    sys.path.insert(0, str(REPO))
     from alignflow.schemas.kinds import MESSAGE, MESSAGES
 
     rng = np.random.default_rng(seed)
     writer = None
+
+    def sentences(n: int, n_words: int) -> pa.Array:
+        cols = [pa.array(WORDS[rng.integers(0, len(WORDS), n)], pa.string()) for _ in range(n_words)]
+        ids = pa.array(rng.integers(0, 1 << 30, n).astype(str).astype(object), pa.string())
+        return pc.binary_join_element_wise(*cols, ids, " ")
+
     for start in range(0, rows, batch):
         n = min(batch, rows - start)
         k = rng.integers(K_MIN, K_MAX + 1, n)
-        total = int(k.sum())
         offsets = pa.array(np.concatenate([[0], np.cumsum(k)]).astype(np.int32))
-        content = _sentences(rng, n, 6)
         prompt = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.StructArray.from_arrays(
-            [pa.array(np.full(n, "user", dtype=object), pa.string()), content], fields=list(MESSAGE)), type=MESSAGES)
+            [pa.array(np.full(n, "user", dtype=object), pa.string()), sentences(n, 6)], fields=list(MESSAGE)),
+            type=MESSAGES)
         table = pa.table({
             "prompt_id": pa.array(np.char.add("p", np.arange(start, start + n).astype(str)).astype(object), pa.string()),
             "prompt": prompt,
-            "responses": pa.ListArray.from_arrays(offsets, _sentences(rng, total, 5)),
-            "scores": pa.ListArray.from_arrays(offsets, pa.array(np.round(rng.uniform(0, 10, total), 1))),
+            "responses": pa.ListArray.from_arrays(offsets, sentences(int(k.sum()), 5)),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(np.round(rng.uniform(0, 10, int(k.sum())), 1))),
         })
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema, compression="zstd")
@@ -69,199 +107,213 @@ def make_listwise(path: Path, rows: int, seed: int = 0, batch: int = 200_000) ->
     writer.close()
 
 
-def run_ours(src: Path, out: Path) -> dict:
-    """The library conversion (what `alignflow convert --from listwise --to pairwise` runs)."""
-    from alignflow.feedback.labels import Options, convert_labels_file
+# -- the jobs: our command and DuckDB's SQL ------------------------------------------------------
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    report = convert_labels_file(src, out, "listwise", "pairwise", Options(strategy="all-pairs"))
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": seconds, "cpu": cpu, "pairs": report.rows_out, "read": report.read, "line": report.line(),
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+DUCKDB_SCRIPT = """
+import sys, duckdb
+con = duckdb.connect()
+con.execute(open(sys.argv[1]).read())
+"""
+
+NECTAR_SQL = r"""
+COPY (
+  WITH a AS (
+    SELECT trim(regexp_replace(regexp_replace(prompt, '\s*\n\nAssistant:\s*$', ''), '^\s*\n\nHuman:\s*', '')) AS prompt,
+           unnest(answers) AS x
+    FROM read_json_auto('{src}'))
+  SELECT l.prompt, l.x.answer AS chosen, r.x.answer AS rejected, CAST(r.x.rank - l.x.rank AS DOUBLE) AS margin
+  FROM a l JOIN a r ON l.prompt = r.prompt AND l.x.rank < r.x.rank
+) TO '{out}' (FORMAT parquet, COMPRESSION zstd)
+"""
+
+# The prompt is the transcript before its last "\n\nAssistant:"; its turns become messages.
+HH_SQL = r"""
+COPY (
+  WITH t AS (
+    SELECT regexp_extract(chosen, '(?s)^(.*)\n\nAssistant:(.*)$', ['prefix', 'answer']) AS c,
+           regexp_extract(rejected, '(?s)^(.*)\n\nAssistant:(.*)$', ['prefix', 'answer']) AS r
+    FROM read_json_auto('{src}')),
+  s AS (
+    SELECT c.prefix AS prefix, trim(c.answer) AS chosen, trim(r.answer) AS rejected,
+           regexp_extract_all(c.prefix, '\n\n(Human|Assistant):', 1) AS roles,
+           regexp_split_to_array(c.prefix, '\n\n(?:Human|Assistant):') AS parts
+    FROM t WHERE c.prefix = r.prefix AND trim(c.answer) <> '' AND trim(r.answer) <> '')
+  SELECT list_transform(range(1, len(roles) + 1),
+           lambda i: {{'role': CASE roles[i] WHEN 'Human' THEN 'user' ELSE 'assistant' END, 'content': trim(parts[i + 1])}})
+           AS prompt,
+         [{{'role': 'assistant', 'content': chosen}}] AS chosen,
+         [{{'role': 'assistant', 'content': rejected}}] AS rejected
+  FROM s
+) TO '{out}' (FORMAT parquet, COMPRESSION zstd)
+"""
+
+LISTWISE_SQL = r"""
+COPY (
+  WITH f AS (SELECT prompt_id, prompt, unnest(responses) AS response, unnest(scores) AS score FROM read_parquet('{src}'))
+  SELECT l.prompt_id, l.prompt, l.response AS chosen, r.response AS rejected, l.score - r.score AS margin,
+         'human' AS source
+  FROM f l JOIN f r ON l.prompt_id = r.prompt_id AND l.score > r.score AND l.response <> r.response
+) TO '{out}' (FORMAT parquet, COMPRESSION zstd)
+"""
 
 
-def run_kernel(src: Path, out: Path) -> dict:
-    """The conversion step alone: listwise_to_pairwise on batches already in memory (no IO);
-    then, separately, the cost of only writing its output pairs as the store does (zstd Parquet;
-    the floor any file -> store conversion pays, whatever its conversion code)."""
-    from alignflow.feedback.labels.conversions import listwise_to_pairwise
-    from alignflow.schemas.store import write_parquet
+def ours_command(src: Path, out: Path, fmt_from: str, fmt_to: str) -> list[str]:
+    return [sys.executable, "-m", "alignflow.flows.cli", "convert", str(src), str(out), "--from", fmt_from, "--to", fmt_to]
 
-    batches = []
-    for b in pq.ParquetFile(src).iter_batches(16_384):
-        t = pa.Table.from_batches([b])
-        batches.append(t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-    t0, c0 = time.perf_counter(), time.process_time()
-    pairs = 0
-    for t in batches:
-        table, _ = listwise_to_pairwise(t, "all-pairs")
-        pairs += table.num_rows
-        del table
-    result = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "pairs": pairs}
-    write_seconds = write_cpu = 0.0
-    written = 0
-    for t in batches[:16]:  # a sample of batches is enough for a rate
-        table, _ = listwise_to_pairwise(t, "all-pairs")
-        w0, wc0 = time.perf_counter(), time.process_time()
-        write_parquet(table, out)
-        write_seconds += time.perf_counter() - w0
-        write_cpu += time.process_time() - wc0
-        written += table.num_rows
+
+def duckdb_command(work: Path, name: str, sql: str, src: Path, out: Path) -> list[str]:
+    script, query = work / "duckdb_job.py", work / f"{name}.sql"
+    script.write_text(DUCKDB_SCRIPT)
+    query.write_text(sql.format(src=src, out=out))
+    return [sys.executable, str(script), str(query)]
+
+
+# -- running and timing ------------------------------------------------------------------------
+
+
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
+def timed(cmd: list[str], out: Path, checkout: Path = REPO) -> dict:
+    """Run ``cmd`` as a whole process under GNU time: wall seconds, CPU seconds (user + sys, all
+    threads) and peak RSS (MB). GNU time forks the job itself, so the job's peak RSS is its own
+    (a child forked from this process would count this process's memory in its ru_maxrss)."""
+    if out.is_dir():
+        shutil.rmtree(out)
     out.unlink(missing_ok=True)
-    result.update(write_pairs=written, write_seconds=write_seconds, write_cpu=write_cpu)
-    return result
-
-
-def run_baseline(src: Path, out: Path) -> dict:
-    """Per-row Python through datasets.Dataset.map(batched=False), as people write it today."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_parquet(str(src))
-
-    def to_pairs(row):
-        # the same content as the canonical pairwise output: one (prompt, chosen, rejected,
-        # margin) per pair, held as lists because a batched=False map returns one row per row
-        resp, sc = row["responses"], row["scores"]
-        chosen, rejected, margin = [], [], []
-        for i in range(len(resp)):
-            for j in range(i + 1, len(resp)):
-                if sc[i] == sc[j]:
-                    continue
-                w, l_ = (i, j) if sc[i] > sc[j] else (j, i)
-                chosen.append(resp[w])
-                rejected.append(resp[l_])
-                margin.append(abs(sc[i] - sc[j]))
-        n = len(chosen)
-        return {"prompt_ids": [row["prompt_id"]] * n, "prompts": [row["prompt"]] * n, "chosen": chosen,
-                "rejected": rejected, "margin": margin, "source": ["human"] * n}
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    mapped = ds.map(to_pairs, batched=False, remove_columns=ds.column_names)
-    map_seconds, map_cpu = time.perf_counter() - t0, time.process_time() - c0
-    mapped.to_parquet(str(out))
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    pairs = int(sum(len(p) for p in mapped["chosen"]))
-    return {"seconds": seconds, "cpu": cpu, "pairs": pairs, "map_seconds": map_seconds, "map_cpu": map_cpu}
-
-
-def run_baseline_batched(src: Path, out: Path) -> dict:
-    """The faster idiom people also use: ``map(batched=True)`` with a per-row Python loop
-    inside that emits one output row per pair, then ``to_parquet``."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_parquet(str(src))
-
-    def explode(batch):
-        out = {"prompt_id": [], "prompt": [], "chosen": [], "rejected": [], "margin": [], "source": []}
-        for pid, prompt, resp, sc in zip(batch["prompt_id"], batch["prompt"], batch["responses"], batch["scores"]):
-            for i in range(len(resp)):
-                for j in range(i + 1, len(resp)):
-                    if sc[i] == sc[j]:
-                        continue
-                    w, l_ = (i, j) if sc[i] > sc[j] else (j, i)
-                    out["prompt_id"].append(pid)
-                    out["prompt"].append(prompt)
-                    out["chosen"].append(resp[w])
-                    out["rejected"].append(resp[l_])
-                    out["margin"].append(abs(sc[i] - sc[j]))
-                    out["source"].append("human")
-        return out
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    mapped = ds.map(explode, batched=True, remove_columns=ds.column_names)
-    mapped.to_parquet(str(out))
-    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "pairs": mapped.num_rows}
-
-
-def _child(args) -> None:
-    fn = {"ours": run_ours, "baseline": run_baseline, "baseline-batched": run_baseline_batched,
-          "kernel": run_kernel}[args.child]
-    print(json.dumps(fn(Path(args.src), Path(args.out))))
-
-
-def _in_subprocess(which: str, src: Path, out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, __file__, "--child", which, "--src", str(src), "--out", str(out)],
-                          capture_output=True, text=True, env=env)
+    env = dict(os.environ, PYTHONPATH=str(checkout) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    stats = out.with_name(out.name + ".time")
+    proc = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    wall, user, system, rss_kb = stats.read_text().split()[-4:]
+    return {"wall": float(wall), "cpu": float(user) + float(system), "rss_mb": int(rss_kb) / 1024,
+            "stdout": proc.stdout}
+
+
+def race(ours: list[str], ours_out: Path, duck: list[str], duck_out: Path, repeats: int,
+         baseline: Path | None = None) -> dict:
+    """Alternate the engines ``repeats`` times (the order reverses every round); ``baseline``: a
+    second alignflow checkout run with the same command (e.g. main before a change)."""
+    engines = [("ours", ours, ours_out, REPO), ("duckdb", duck, duck_out, REPO)]
+    if baseline is not None:
+        engines.append(("baseline", ours, ours_out.with_name("baseline-" + ours_out.name), baseline))
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in engines}
+    for i in range(repeats):
+        for engine, cmd, out, checkout in engines if i % 2 == 0 else engines[::-1]:
+            cmd = [str(out) if c == str(ours_out) else c for c in cmd]
+            runs[engine].append(timed(cmd, out, checkout))
+    return runs
+
+
+def _read_output(path: Path) -> pa.Table:
+    if path.is_dir():
+        sys.path.insert(0, str(REPO))
+        from alignflow.schemas.store import read_dataset
+
+        return read_dataset(path)
+    return pq.read_table(path)
+
+
+def same_rows(ours: Path, duck: Path, columns: list[str], sample_ids: int | None = None) -> str:
+    """Do both outputs hold the same rows (as multisets)? Whole outputs, or the rows of the
+    first ``sample_ids`` prompt ids."""
+    a, b = _read_output(ours), _read_output(duck)
+    counts = f"{a.num_rows:,} rows vs {b.num_rows:,}"
+    if sample_ids:
+        ids = pc.unique(a.column("prompt_id")).slice(0, sample_ids)
+        a = a.filter(pc.is_in(a.column("prompt_id"), value_set=ids))
+        b = b.filter(pc.is_in(b.column("prompt_id"), value_set=ids))
+    a, b = a.select(columns), b.select(columns).cast(a.select(columns).schema)
+    key = [(c, "ascending") for c in columns if not pa.types.is_nested(a.schema.field(c).type)]
+    if not key:  # sort nested rows by their JSON text
+        a = a.append_column("_k", pa.array([json.dumps(r, sort_keys=True) for r in a.to_pylist()]))
+        b = b.append_column("_k", pa.array([json.dumps(r, sort_keys=True) for r in b.to_pylist()]))
+        key = [("_k", "ascending")]
+    same = a.sort_by(key).select(columns).equals(b.sort_by(key).select(columns))
+    what = f"rows of {sample_ids} prompts" if sample_ids else "all rows"
+    return f"{counts}; {what} {'identical' if same else 'DIFFER'} in {', '.join(columns)}"
+
+
+def report(name: str, runs: dict, check: str) -> dict:
+    best = {e: min(r, key=lambda x: x["wall"]) for e, r in runs.items()}
+    cpu = {e: min(x["cpu"] for x in r) for e, r in runs.items()}
+    rss = {e: max(x["rss_mb"] for x in r) for e, r in runs.items()}
+    med = {e: statistics.median(x["wall"] for x in r) for e, r in runs.items()}
+    print(f"\n== {name}: {check}")
+    print(f"   {'engine':8s} {'best wall':>10s} {'median wall':>12s} {'best CPU':>9s} {'peak RSS':>9s}   walls")
+    for e in runs:
+        walls = " ".join(f"{x['wall']:.2f}" for x in runs[e])
+        print(f"   {e:8s} {best[e]['wall']:9.2f}s {med[e]:11.2f}s {cpu[e]:8.2f}s {rss[e]:7.0f}MB   {walls}")
+    ratio, cpu_ratio, mem_ratio = best["ours"]["wall"] / best["duckdb"]["wall"], cpu["ours"] / cpu["duckdb"], \
+        rss["ours"] / rss["duckdb"]
+    if "baseline" in runs:
+        print(f"   ours / baseline checkout: wall {best['ours']['wall'] / best['baseline']['wall']:.2f}x, "
+              f"CPU {cpu['ours'] / cpu['baseline']:.2f}x")
+    met = ratio <= 1.0 and mem_ratio <= 1.2
+    print(f"   ours / DuckDB: wall {ratio:.2f}x (median {med['ours'] / med['duckdb']:.2f}x), CPU {cpu_ratio:.2f}x, "
+          f"peak memory {mem_ratio:.2f}x -> goal (wall <= 1.0x at <= 1.2x memory): {'met' if met else 'NOT met'}")
+    return {"job": name, "wall_ratio": ratio, "cpu_ratio": cpu_ratio, "mem_ratio": mem_ratio, "met": met}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--big-rows", type=int, default=4_000_000)
-    ap.add_argument("--baseline-rows", type=int, default=50_000)
-    ap.add_argument("--child")
-    ap.add_argument("--src")
-    ap.add_argument("--out")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--jobs", default="nectar,hh,listwise")
+    ap.add_argument("--nectar-rows", type=int, default=40_000)
+    ap.add_argument("--listwise-rows", type=int, default=1_000_000)
+    ap.add_argument("--listwise-repeats", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="keep inputs here between runs (default: a temporary folder)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another alignflow checkout to time with the same commands (e.g. /work/main)")
     args = ap.parse_args()
-    if args.child:
-        return _child(args)
+    import duckdb
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}  workdir: {work}")
-    t = time.perf_counter()
-    small, big, base_src = work / "listwise-1.parquet", work / "listwise-big.parquet", work / "listwise-base.parquet"
-    make_listwise(small, args.rows, seed=0)
-    make_listwise(base_src, args.baseline_rows, seed=1)
-    print(f"generated {args.rows:,} + {args.baseline_rows:,} rows in {time.perf_counter() - t:.1f}s")
-
-    base = _in_subprocess("baseline", base_src, work / "baseline.parquet")
-    base_rate = base["pairs"] / base["seconds"]
-    base_cpu_rate = base["pairs"] / base["cpu"]
-    print(f"baseline (datasets.map, batched=False, per-row Python) on {args.baseline_rows:,} rows: "
-          f"{base['pairs']:,} pairs in {base['seconds']:.2f}s wall / {base['cpu']:.2f}s CPU = {base_rate:,.0f} pairs/s "
-          f"({base_cpu_rate:,.0f} per CPU-second; rate taken as the full-size rate)")
-    fast = _in_subprocess("baseline-batched", base_src, work / "baseline-batched.parquet")
-    fast_rate, fast_cpu_rate = fast["pairs"] / fast["seconds"], fast["pairs"] / fast["cpu"]
-    print(f"second baseline (datasets.map, batched=True, per-row Python loop inside, one row per pair): "
-          f"{fast['pairs']:,} pairs in {fast['seconds']:.2f}s wall / {fast['cpu']:.2f}s CPU = {fast_rate:,.0f} pairs/s "
-          f"({fast_cpu_rate:,.0f} per CPU-second)")
-
-    ours = _in_subprocess("ours", small, work / "pairs-1")
-    rate = ours["pairs"] / ours["seconds"]
-    cpu_rate = ours["pairs"] / ours["cpu"]
-    print(f"alignflow convert on {args.rows:,} rows: {ours['line']}")
-    print(f"  {ours['pairs']:,} pairs in {ours['seconds']:.2f}s wall / {ours['cpu']:.2f}s CPU (all threads) = "
-          f"{rate:,.0f} pairs/s ({cpu_rate:,.0f} per CPU-second); peak RSS {ours['maxrss_mb']:.0f} MB")
-    print(f"  ratio vs baseline: {rate / base_rate:.1f}x wall-clock, {cpu_rate / base_cpu_rate:.1f}x per CPU-second")
-    print(f"  ratio vs the second (batched) baseline: {rate / fast_rate:.1f}x wall-clock, "
-          f"{cpu_rate / fast_cpu_rate:.1f}x per CPU-second")
-    shutil.rmtree(work / "pairs-1", ignore_errors=True)
-    kernel = _in_subprocess("kernel", small, work / "unused")
-    k_rate, k_cpu_rate = kernel["pairs"] / kernel["seconds"], kernel["pairs"] / kernel["cpu"]
-    b_map_rate, b_map_cpu_rate = base["pairs"] / base["map_seconds"], base["pairs"] / base["map_cpu"]
-    print(f"conversion step only (no file IO; baseline: the map call without to_parquet): "
-          f"{k_rate:,.0f} pairs/s ({k_cpu_rate:,.0f} per CPU-second) vs baseline {b_map_rate:,.0f} pairs/s "
-          f"({b_map_cpu_rate:,.0f} per CPU-second): {k_rate / b_map_rate:.1f}x wall-clock, "
-          f"{k_cpu_rate / b_map_cpu_rate:.1f}x per CPU-second")
-    w_cpu_rate = kernel["write_pairs"] / kernel["write_cpu"]
-    print(f"writing the output pairs alone (the store's zstd Parquet, {kernel['write_pairs']:,} pairs): "
-          f"{w_cpu_rate:,.0f} pairs per CPU-second; with read, validate and convert costing nothing and both "
-          f"cores busy writing, the end-to-end ceiling would be {2 * w_cpu_rate / base_cpu_rate:.1f}x the "
-          f"(single-threaded) baseline's per-CPU-second rate")
-
-    if args.big_rows:
-        make_listwise(big, args.big_rows, seed=2)
-        big_run = _in_subprocess("ours", big, work / "pairs-big")
-        print(f"alignflow convert on {args.big_rows:,} rows: {big_run['pairs']:,} pairs in {big_run['seconds']:.1f}s wall "
-              f"/ {big_run['cpu']:.1f}s CPU = {big_run['pairs'] / big_run['seconds']:,.0f} pairs/s "
-              f"({big_run['pairs'] / big_run['cpu']:,.0f} per CPU-second); peak RSS {big_run['maxrss_mb']:.0f} MB")
-        growth = big_run["maxrss_mb"] / ours["maxrss_mb"] - 1
-        print(f"peak RSS {args.rows:,} rows: {ours['maxrss_mb']:.0f} MB; {args.big_rows:,} rows: "
-              f"{big_run['maxrss_mb']:.0f} MB ({100 * growth:+.1f}%; goal within 20%)")
-        shutil.rmtree(work / "pairs-big", ignore_errors=True)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores; wall-clock rates "
-          f"shrink with load, per-CPU-second rates much less)")
-    print(f"goals (end to end, file -> validated -> store dataset): >= 30x baseline: "
-          f"{'met' if rate / base_rate >= 30 else 'NOT met'} ({rate / base_rate:.1f}x wall, {cpu_rate / base_cpu_rate:.1f}x "
-          f"per CPU-second); >= 1,000,000 pairs/s: {'met' if rate >= 1e6 else 'NOT met'} ({rate:,.0f} wall, "
-          f"{cpu_rate:,.0f} per CPU-second)")
+    jobs = args.jobs.split(",")
+    print(f"cores: {os.cpu_count()}  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  "
+          f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}, python {sys.version.split()[0]}  workdir: {work}")
+    results = []
+    if "nectar" in jobs:
+        src = work / f"nectar-{args.nectar_rows}.jsonl"
+        if not src.exists():
+            make_nectar(src, args.nectar_rows)
+        ours_out, duck_out = work / "nectar-ours.parquet", work / "nectar-duckdb.parquet"
+        runs = race(ours_command(src, ours_out, "nectar", "trl-preference"), ours_out,
+                    duckdb_command(work, "nectar", NECTAR_SQL, src, duck_out), duck_out, args.repeats, args.baseline)
+        check = same_rows(ours_out, duck_out, ["prompt", "chosen", "rejected", "margin"])
+        print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
+        results.append(report(f"nectar ({args.nectar_rows:,} rows x 7 answers -> TRL preference Parquet, "
+                              f"{src.stat().st_size / 1e6:.0f} MB JSONL)", runs, check))
+    if "hh" in jobs:
+        src = work / HH_FILE.name
+        if not src.exists():
+            shutil.copy(HH_FILE, src)
+        ours_out, duck_out = work / "hh-ours.parquet", work / "hh-duckdb.parquet"
+        runs = race(ours_command(src, ours_out, "hh-rlhf", "trl-preference"), ours_out,
+                    duckdb_command(work, "hh", HH_SQL, src, duck_out), duck_out, args.repeats, args.baseline)
+        check = same_rows(ours_out, duck_out, ["prompt", "chosen", "rejected"])
+        print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
+        with gzip.open(src) as fh:
+            n = sum(1 for _ in fh)
+        results.append(report(f"hh-rlhf harmless test ({n:,} rows -> TRL preference Parquet, conversational)",
+                              runs, check))
+    if "listwise" in jobs:
+        src = work / f"listwise-{args.listwise_rows}.parquet"
+        if not src.exists():
+            make_listwise(src, args.listwise_rows)
+        ours_out, duck_out = work / "listwise-ours", work / "listwise-duckdb.parquet"
+        runs = race(ours_command(src, ours_out, "listwise", "pairwise"), ours_out,
+                    duckdb_command(work, "listwise", LISTWISE_SQL, src, duck_out), duck_out, args.listwise_repeats, args.baseline)
+        check = same_rows(ours_out, duck_out, ["prompt_id", "chosen", "rejected", "margin"], sample_ids=2000)
+        print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
+        results.append(report(f"listwise ({args.listwise_rows:,} rows, K 4..9 -> all pairs; ours a store dataset, "
+                              f"DuckDB one Parquet file)", runs, check))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for r in results:
+        print(f"{r['job'].split(' ')[0]:9s} wall {r['wall_ratio']:.2f}x  CPU {r['cpu_ratio']:.2f}x  "
+              f"memory {r['mem_ratio']:.2f}x  goal {'met' if r['met'] else 'NOT met'}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
