@@ -209,6 +209,8 @@ def _tie_mask(table: pa.Table) -> np.ndarray:
 
 def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple[pa.Table, cv.Stats]:
     """Canonical rows of kind ``src`` -> ``dst`` (rows keep ``_row`` / ``_nrec``)."""
+    if dst == "prompts":  # prompts -> prompts too: one row per prompt
+        return cv.to_prompts(table, src)
     if src == dst == "pairwise":
         stats = cv.Stats()
         tie = _tie_mask(table)
@@ -241,7 +243,7 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options) -> tuple
     if dst == "sft" and src in ("pairwise", "listwise", "binary"):
         return cv.to_sft(table, src)
     raise LabelsError(f"cannot convert {src} rows to {dst} (known: listwise->pairwise|binary|sft, "
-                      f"pairwise->listwise|binary|sft, binary->sft)")
+                      f"pairwise->listwise|binary|sft, binary->sft, any->prompts)")
 
 
 def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table]) -> pa.Table:
@@ -470,7 +472,8 @@ def convert_labels_file(
 
         provenance["parent_datasets"] = [str(source)]
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
-    needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
+    # prompts keep one row per prompt across the whole input, as pairwise -> listwise groups do
+    needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise" or kind_out == "prompts"
     batches = source_batches(source, src_fmt, batch_rows)
     total_rows = known_rows(source) if progress is not None else None
     batches = _whole(batches) if needs_whole else prefetch(batches)
