@@ -104,3 +104,32 @@ def test_one_line_errors_off_the_toy_task(world, tmp_path, args, source, held, m
                    str(tmp_path / "o"), "--num-eval-prompts", str(held)])
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_online_with_vllm_reloads_the_policy_into_one_engine(world, tmp_path, fake_vllm):
+    """--backend vllm (the recording fake of vLLM 0.33): one engine, options passed through, asleep
+    while the policy trains, and before sampling with updated weights the policy's checkpoint is
+    reloaded into it in place; the cost is in the report."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "vllm"
+    res = _online(["rloo", "--model", str(world.path), "--prompts", str(world.file), "--num-eval-prompts", "4",
+                   "--output", str(out), "--judge", f"reward_model:{world.rm_path}", "--max-new-tokens", "6",
+                   "--backend", "vllm", "-e", "gpu_memory_utilization=0.3", "-e", "max_model_len=256",
+                   "-p", "steps=2", "-p", "prompts_per_step=4", "-p", "k=2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    [engine] = fake_vllm.ENGINES
+    assert engine.args["gpu_memory_utilization"] == 0.3 and engine.args["max_model_len"] == 256
+    names = [c[0] for c in engine.calls]
+    assert names.count("generate") == 4  # eval before, 2 steps, eval after: never on a sleeping engine
+    assert names.count("sleep") == 4 and engine.shut_down
+    reloads = [c[1]["kwargs"]["weights_path"] for c in engine.calls if c[0] == "collective_rpc"]
+    assert set(reloads) <= {str(world.path), str(out / "engine-weights")} and str(out / "engine-weights") in reloads
+    assert report["engine"]["weight_pushes"] == 2 and report["engine"]["bytes_per_push"] > 0  # after each update
+    pushed, trained = load_file(out / "engine-weights" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert pushed.keys() == trained.keys() and all(torch.equal(pushed[k], trained[k]) for k in pushed)
+
+
+from tests.test_generation_vllm import fake_vllm  # noqa: E402,F401  (the fixture)

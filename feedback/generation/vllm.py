@@ -122,27 +122,31 @@ def build_score_requests(prompt_ids: Sequence[int], continuation_ids: Sequence[S
     return [{"prompt_token_ids": list(prompt_ids) + list(c)} for c in continuation_ids]
 
 
-# Config keys that differ between checkpoints of one architecture (a trained copy of a model).
-_VOLATILE_CONFIG = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype"}
+# Keys that differ between saved copies of one model (names, versions, where it was loaded from).
+_VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "is_local",
+             "local_files_only", "_commit_hash"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def same_architecture(a: str | Path, b: str | Path) -> bool:
-    """Whether checkpoint folder ``b`` can be loaded into an engine built for ``a``: equal model
-    config (but for names and versions) and the same tokenizer files."""
-    a, b = Path(a), Path(b)
+def _settings(path: Path) -> dict | str | None:
+    """A config or tokenizer file's content minus volatile keys (raw text when not JSON; None if absent)."""
+    if not path.exists():
+        return None
+    text = path.read_text()
     try:
-        ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
-    except (OSError, ValueError):
+        data = json.loads(text)
+    except ValueError:
+        return text
+    return {k: v for k, v in data.items() if k not in _VOLATILE} if isinstance(data, dict) else data
+
+
+def same_architecture(a: str | Path, b: str | Path) -> bool:
+    """Whether checkpoint folder ``b`` can be loaded into an engine built for ``a``: the same model
+    config and tokenizer (but for names and versions)."""
+    a, b = Path(a), Path(b)
+    if _settings(a / "config.json") is None or _settings(b / "config.json") is None:
         return False
-    if {k: v for k, v in ca.items() if k not in _VOLATILE_CONFIG} != {k: v for k, v in cb.items()
-                                                                        if k not in _VOLATILE_CONFIG}:
-        return False
-    for name in _TOKENIZER_FILES:
-        fa, fb = a / name, b / name
-        if fa.exists() != fb.exists() or fa.exists() and fa.read_bytes() != fb.read_bytes():
-            return False
-    return True
+    return all(_settings(a / name) == _settings(b / name) for name in ("config.json", *_TOKENIZER_FILES))
 
 
 _ACTIVE: list = [None]  # the process's one live engine (a VLLMGenerator)

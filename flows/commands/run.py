@@ -76,12 +76,17 @@ def run(
 
 def preflight(config) -> None:
     """Fail fast, in one line, on input datasets that are not there (before Prefect starts)."""
-    from alignflow.schemas.store import read_manifest
+    from alignflow.schemas.store import is_dataset, read_manifest
 
-    for field in ("prompts", "dataset"):
+    for field in ("prompts", "eval_prompts", "dataset"):
         value = getattr(config, field, None)
-        if value:
-            read_manifest(value)  # DatasetError names the folder
+        if not value:
+            continue
+        if Path(value).is_file() and field != "dataset":  # a label file the flow converts to prompts
+            continue
+        if not Path(value).exists() and not is_dataset(value):
+            raise FileNotFoundError(f"{value}: {field} not found")
+        read_manifest(value)  # DatasetError names the folder
 
 
 def demo(

@@ -370,7 +370,12 @@ class LLM:
 
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:
-        logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a toy-sized model: more threads only spin on a shared CPU
+        try:
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+        finally:
+            torch.set_num_threads(threads)
         return torch.log_softmax(logits, -1)  # raw_logprobs: before temperature and top-k/p
 
     def _top(self, row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
