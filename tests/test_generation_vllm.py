@@ -176,6 +176,8 @@ def test_one_engine_per_process_released_for_training_and_reloaded(fake_vllm, to
 def test_flow_engine_options_pass_through_and_evaluation_uses_one_engine(fake_vllm, toy_world, tmp_path):
     """generation.engine options reach vllm.LLM; evaluate_policy scores policy and start in ONE
     engine (the start's weights loaded in place), KL from add_eos scores equal to hf's."""
+    import shutil
+
     from alignflow.flows.config import load_config
     from alignflow.flows.tasks import _backend_options, evaluate_policy, prepare_prompts
 
@@ -184,13 +186,17 @@ def test_flow_engine_options_pass_through_and_evaluation_uses_one_engine(fake_vl
                                       "generation.engine.dtype=float32", "generation.engine.enable_prefix_caching=true"])
     options = _backend_options("vllm", cfg.generation.model_dump())
     prompts = prepare_prompts(str(tmp_path / "p"), n=3, seed=1)
-    hf_eval = evaluate_policy(str(tmp_path / "hf.json"), model=str(toy_world.path), initial=str(toy_world.path),
+    copy = tmp_path / "copy"  # another checkpoint folder with the start's weights: KL 0 to the start
+    shutil.copytree(toy_world.path, copy)
+    hf_eval = evaluate_policy(str(tmp_path / "hf.json"), model=str(copy), initial=str(toy_world.path),
                               prompts=prompts, judge={"type": "verifier"}, k=2, temperature=1.0, max_new_tokens=16,
                               seed=0, backend="hf")
-    result = evaluate_policy(str(tmp_path / "eval.json"), model=str(toy_world.path), initial=str(toy_world.path),
+    result = evaluate_policy(str(tmp_path / "eval.json"), model=str(copy), initial=str(toy_world.path),
                              prompts=prompts, judge={"type": "verifier"}, k=2, temperature=1.0, max_new_tokens=16,
                              seed=0, backend="vllm", generation=cfg.generation.model_dump())
-    assert len(fake_vllm.ENGINES) == 1
+    assert len(fake_vllm.ENGINES) == 1  # the start's weights were loaded into the policy's engine
+    reloads = [c[1]["kwargs"]["weights_path"] for c in fake_vllm.ENGINES[0].calls if c[0] == "collective_rpc"]
+    assert reloads == [str(toy_world.path)]
     args = fake_vllm.ENGINES[0].args
     assert {k: args[k] for k in options} == {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 1,
                                              "max_model_len": 256, "dtype": "float32", "enable_prefix_caching": True}

@@ -133,3 +133,19 @@ def test_online_with_vllm_reloads_the_policy_into_one_engine(world, tmp_path, fa
 
 
 from tests.test_generation_vllm import fake_vllm  # noqa: E402,F401  (the fixture)
+
+
+def test_align_flow_takes_a_prompts_file_and_refuses_the_verifier_off_the_toy_task(world, tmp_path):
+    """The align flow's prompts: any file convert reads becomes the run's prompts dataset (with its
+    references); the toy verifier on those prompts is a one-line error before anything samples."""
+    from alignflow.flows.align import run_align
+    from alignflow.flows.config import load_config
+    from alignflow.flows.tasks import PlainSteps
+    from alignflow.schemas.store import read_dataset
+
+    cfg = load_config("align", None, [f"model={world.path}", f"prompts={world.file}", f"output={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="row 0 .* is not a toy-task prompt, and judge 'verifier'"):
+        run_align(cfg, PlainSteps(cfg.output))
+    source = read_dataset(tmp_path / "run" / "prompts" / "source")
+    assert source.num_rows == 12 and source.column("reference").null_count == 0
+    assert not (tmp_path / "run" / "iter-0").exists()
