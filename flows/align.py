@@ -87,11 +87,25 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
         initial = str(config.model)
     judge = judge_spec(config, task_cfg, initial)
 
+    source, held_source = config.prompts, config.prompts
+    if config.prompts is not None:  # any prompts dataset or file convert reads, as a prompts dataset
+        source = held_source = steps.call("import_prompts", out=str(run / "prompts" / "source"),
+                                          source=config.prompts, source_format=config.prompts_format)
+    if config.eval_prompts is not None:
+        if config.prompts is None:
+            raise ValueError("eval_prompts needs prompts (the toy task draws its own held-out prompts)")
+        held_source = steps.call("import_prompts", out=str(run / "prompts" / "heldout-source"),
+                                 source=config.eval_prompts)
+    if judge["type"] == "verifier" and config.prompts is not None:
+        from alignflow.flows.tasks import check_toy_prompts
+
+        for dataset in {source, held_source}:
+            check_toy_prompts(dataset, "verifier")
     heldout = steps.call("prepare_prompts", out=str(run / "prompts" / "heldout"), n=config.eval.n_prompts,
-                         seed=config.seed + HELDOUT_SEED_OFFSET, source=config.prompts, task=task_cfg)
+                         seed=config.seed + HELDOUT_SEED_OFFSET, source=held_source, task=task_cfg)
     policy = initial
     if config.constitutional.enabled:
-        policy = _constitutional_sft(config, steps, run, initial, task_cfg, gen)
+        policy = _constitutional_sft(config, steps, run, initial, task_cfg, gen, source)
 
     def evaluate(model: str, name: str) -> dict:
         return steps.call("evaluate_policy", out=str(run / name / "eval.json"), model=model, initial=initial,
@@ -104,7 +118,7 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
     for t in range(1, config.iterations + 1):
         it = run / f"iter-{t}"
         prompts = steps.call("prepare_prompts", out=str(it / "prompts"), n=config.n_prompts,
-                             seed=config.seed + (t if config.fresh_prompts else 0), source=config.prompts,
+                             seed=config.seed + (t if config.fresh_prompts else 0), source=source,
                              task=task_cfg, exclude=heldout)
         feedback = _feedback_stage(config, steps, it, prompts, policy, judge, gen, t)
         reference = policy if config.train.reference == "previous" else initial
@@ -154,11 +168,11 @@ def _feedback_stage(config: AlignConfig, steps: PlainSteps, it: Path, prompts: s
 
 
 def _constitutional_sft(config: AlignConfig, steps: PlainSteps, run: Path, initial: str, task_cfg: dict,
-                        gen: dict) -> str:
+                        gen: dict, source: str | None) -> str:
     """Critique-revise responses to training prompts, then SFT the starting policy on the revisions."""
     cai = run / "constitutional"
     prompts = steps.call("prepare_prompts", out=str(cai / "prompts"), n=config.n_prompts, seed=config.seed,
-                         source=config.prompts, task=task_cfg,
+                         source=source, task=task_cfg,
                          exclude=str(run / "prompts" / "heldout"))
     shards = shard_count(prompts, config.generation.shard_size)
     traces = steps.map("critique_shard", [

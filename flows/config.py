@@ -38,6 +38,13 @@ class GenerationConfig(_Strict):
                                                   "one unit of resume).")
     base_url: str | None = Field(None, description="Server URL for backend=openai (the API key is read from "
                                                    "OPENAI_API_KEY, never from this file).")
+    tokenizer: str | None = Field(None, description="openai: the served model's tokenizer (name or folder), for "
+                                                    "multi-token log-prob scoring (the KL to the start); vllm: a "
+                                                    "tokenizer other than the checkpoint's.")
+    engine: dict[str, Any] = Field(default_factory=dict, description="vllm: vllm.LLM engine options, e.g. "
+                                   "{gpu_memory_utilization: 0.4, tensor_parallel_size: 2, max_model_len: 4096, "
+                                   "dtype: bfloat16, enable_prefix_caching: true}. One engine per process: it sleeps "
+                                   "(enable_sleep_mode, default true) while the policy trains.")
     device: str | None = Field(None, description="Device for the hf backend (None = cuda if available, else cpu).")
     retries: int = Field(3, ge=0, description="Retries of a shard after a transient backend error.")
     retry_delays: list[float] = Field([1.0, 4.0, 16.0], description="Seconds to wait before each retry "
@@ -136,7 +143,12 @@ class AlignConfig(_Strict):
     seed: int = Field(0, description="Seed of prompt sampling, generation and training.")
     model: str | None = Field(None, description="Starting policy checkpoint (None = build the toy world and "
                                                 "use its SFT model).")
-    prompts: str | None = Field(None, description="Prompts dataset folder (None = the toy task's prompts).")
+    prompts: str | None = Field(None, description="Prompts: a prompts dataset, or any dataset or file `alignflow "
+                                                  "convert` reads (None = the toy task's prompts).")
+    prompts_format: str | None = Field(None, description="`alignflow convert --from` format of prompts (None = the "
+                                                         "dataset's kind, else prompts).")
+    eval_prompts: str | None = Field(None, description="Held-out prompts dataset (None = a seeded draw from prompts "
+                                                       "that training never sees).")
     n_prompts: int = Field(128, ge=1, description="Training prompts per iteration.")
     fresh_prompts: bool = Field(True, description="Draw new training prompts each iteration.")
     iterations: int = Field(2, ge=1, description="Most generate-judge-train iterations.")

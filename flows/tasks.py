@@ -16,6 +16,7 @@ Producers and consumers come from ``feedback`` and ``trainers``; this module onl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -101,15 +102,40 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's 
 
 
 def get_generator(backend: str, model: str, options: dict | None = None):
-    """A cached generator of ``backend`` for ``model`` (one per process and configuration)."""
+    """A cached generator of ``backend`` for ``model`` (one per process and configuration).
+
+    ``vllm`` keeps ONE engine per process: asked for another checkpoint of the same architecture,
+    the live engine loads its weights in place (no second engine, no restart); any other
+    checkpoint shuts the live engine down before the new one starts.
+    """
     if backend == "hf":
         _quiet_transformers()
     options = dict(options or {})
     key = (backend, str(model), json.dumps(options, sort_keys=True, default=str))
     with _GENERATOR_LOCK:
-        if key not in _GENERATORS:
-            _GENERATORS[key] = _make_generator(backend, str(model), options)
+        for old in [k for k, g in _GENERATORS.items() if getattr(g, "closed", False)]:
+            del _GENERATORS[old]  # an engine shut down to make room for another
+        if key in _GENERATORS:
+            return _GENERATORS[key]
+        if backend == "vllm":
+            for other in [k for k in _GENERATORS if k[0] == "vllm"]:
+                engine = _GENERATORS.pop(other)
+                if other[2] == key[2] and engine.can_load(model):
+                    engine.load_weights(model)
+                    _GENERATORS[key] = engine
+                    return engine
+                engine.close()
+        _GENERATORS[key] = _make_generator(backend, str(model), options)
         return _GENERATORS[key]
+
+
+def release_engines() -> None:
+    """Give in-process engines' accelerator memory back before training needs it (vLLM sleeps
+    or shuts down; its next call wakes it with the weights it is asked for)."""
+    with _GENERATOR_LOCK:
+        for engine in _GENERATORS.values():
+            if hasattr(engine, "release"):
+                engine.release()
 
 
 def _make_generator(backend: str, model: str, options: dict):
@@ -132,17 +158,34 @@ def _quiet_transformers() -> None:
 
 
 def clear_generators() -> None:
-    """Forget cached generators (a checkpoint folder was rewritten, or tests)."""
+    """Forget cached generators (a checkpoint folder was rewritten, or tests); engines shut down."""
     with _GENERATOR_LOCK:
+        for engine in _GENERATORS.values():
+            if hasattr(engine, "close") and not getattr(engine, "closed", True):
+                engine.close()
         _GENERATORS.clear()
 
 
+def forget_models() -> None:
+    """Drop cached in-process models after training (their memory goes back); a released engine
+    stays, asleep, to load the next checkpoint's weights in place."""
+    with _GENERATOR_LOCK:
+        for key in [k for k, g in _GENERATORS.items() if not hasattr(g, "load_weights")]:
+            del _GENERATORS[key]
+
+
 def _backend_options(backend: str, generation: dict) -> dict:
+    """Constructor options of a backend from a generation config (``flows.config.GenerationConfig``)."""
     if backend == "hf":
         return {k: v for k, v in {"device": generation.get("device"), "batch_size": generation.get("batch_size")}.items()
                 if v is not None}
     if backend == "openai":
-        return {"base_url": generation.get("base_url")} if generation.get("base_url") else {}
+        return {k: generation[k] for k in ("base_url", "tokenizer") if generation.get(k)}
+    if backend == "vllm":
+        options = dict(generation.get("engine") or {})
+        if generation.get("tokenizer"):
+            options["tokenizer"] = generation["tokenizer"]
+        return options
     return {}
 
 
@@ -194,12 +237,35 @@ def make_judge(judge: dict):
 # Steps (plain functions)
 # ---------------------------------------------------------------------------------------------
 
+def import_prompts(out: str, *, source: str, source_format: str | None = None) -> str:
+    """The prompts dataset of ``source``; returns its path.
+
+    A ``prompts`` dataset of the store is used as it is. Any other dataset of the store, or a
+    file in any format ``alignflow convert`` reads (``source_format``, its ``--from``; default:
+    the dataset's kind, or ``prompts`` for a file with a ``prompt`` column), is converted into one
+    at ``out`` by the same conversion code: one row per prompt, ``reference`` holding a gold answer
+    where the rows give one, rows refused with reasons in ``<out>-quarantine``.
+    """
+    source_is_dataset = is_dataset(source)
+    kind = read_manifest(source)["kind"] if source_is_dataset else None
+    if kind == "prompts" and source_format in (None, "prompts"):
+        return source
+    from alignflow.feedback.labels import convert_labels_file
+
+    report = convert_labels_file(source, out, source_format or kind or "prompts", "prompts",
+                                 quarantine_path=f"{out}-quarantine", flow="import_prompts")
+    if report.rows_out == 0:
+        raise ValueError(f"{source}: no usable prompts ({report.line()})")
+    return out
+
+
 def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, task: dict | None = None,
                     exclude: str | None = None) -> str:
     """Write a ``prompts`` dataset of ``n`` prompts at ``out``; returns its path.
 
-    From the toy task (``source=None``) or sampled (seeded) from a prompts dataset. Prompts
-    whose id occurs in the dataset ``exclude`` (the held-out set) are left out.
+    From the toy task (``source=None``) or sampled (seeded) from a prompts dataset (its
+    ``reference`` column, the gold answers, comes along). Prompts whose id occurs in the dataset
+    ``exclude`` (the held-out set) are left out.
     """
     if is_dataset(out):
         return out
@@ -207,7 +273,8 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
         extra = n // 2 + 8  # room for duplicates and excluded held-out prompts (small prompt spaces)
         table = pa.table({"prompt": toy_task(task).prompts(n + extra, seed=seed)})
     else:
-        table = read_dataset(source, columns=["prompt_id", "prompt"])
+        carried = ["reference"] if "reference" in read_manifest(source).get("columns", {}) else []
+        table = read_dataset(source, columns=["prompt_id", "prompt", *carried])
         order = np.random.default_rng(seed).permutation(table.num_rows)
         table = table.take(pa.array(order))
     from alignflow.schemas.prompts import normalize_prompt_columns
@@ -221,6 +288,27 @@ def prepare_prompts(out: str, *, n: int, seed: int, source: str | None = None, t
     write_dataset(out, table, "prompts", {"flow": "prepare_prompts", "seed": seed, "source": source or "toy_task",
                                           "task": task or {}, "exclude": exclude}, overwrite=True)
     return out
+
+
+def check_toy_prompts(dataset: str, judge: str = "verifier") -> None:
+    """The toy task's verifier scores toy-task prompts only (one user turn starting with one of
+    its instructions): a one-line ValueError naming the first other row of ``dataset``."""
+    from alignflow.feedback.toy_task import OPERATIONS
+
+    table = read_dataset(dataset, columns=["prompt_id", "prompt"])
+    prompts = table.column("prompt").combine_chunks()
+    single = pc.fill_null(pc.equal(pc.list_value_length(prompts), 1), False)
+    first = pc.struct_field(pc.list_element(pc.if_else(single, prompts, pa.scalar([{"role": "", "content": ""}],
+                                                                                     prompts.type)), 0), "content")
+    starts = [pc.starts_with(first, op) for op in OPERATIONS]
+    toy = pc.and_(single, functools.reduce(pc.or_, starts))
+    bad = np.flatnonzero(~pc.fill_null(toy, False).to_numpy(zero_copy_only=False))
+    if len(bad):
+        row = int(bad[0])
+        text = str(pc.list_element(prompts, 0)[row]["content"])[:50] if prompts[row].is_valid else ""
+        raise ValueError(f"{dataset}: row {row} (prompt_id {table.column('prompt_id')[row]}): field prompt: "
+                         f"{text!r} is not a toy-task prompt, and judge {judge!r} scores the toy task only; "
+                         "name a judge for these prompts: reward_model:PATH, pairwise_llm:PATH or rubric:PATH")
 
 
 def _first_per_prompt(table: pa.Table) -> pa.Table:
@@ -415,6 +503,7 @@ def precompute_reference(out: str, *, dataset: str, reference: str, batch_size: 
     from alignflow.trainers.precompute import precompute_reference as precompute
 
     _quiet_transformers()
+    release_engines()
     with _MODEL_LOCK:
         precompute(dataset, reference, output=out, batch_size=batch_size)
     return out
@@ -434,6 +523,7 @@ def train_policy(out: str, *, dataset: str, model: str, train: dict, seed: int =
     tmp = _fresh_partial(target)
     spec = {"dataset": dataset, "model": model, "output": str(tmp), "train": train, "seed": seed}
     processes = int(train.get("num_processes", 1))
+    release_engines()  # the trainer needs the accelerator memory an engine holds
     try:
         if processes > 1:
             launch_distributed(spec, processes, train.get("accelerate_config"))
@@ -445,7 +535,7 @@ def train_policy(out: str, *, dataset: str, model: str, train: dict, seed: int =
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    clear_generators()
+    forget_models()
     return out
 
 
@@ -585,13 +675,17 @@ def evaluate_policy(out: str, *, model: str, initial: str, prompts: str, judge: 
 
 
 def _score_all(generator, messages: list, responses: list[list[str]]) -> np.ndarray:
-    """Summed log-probs of each response (end-of-sequence included) under ``generator``'s model."""
+    """Summed log-probs of each response, end-of-sequence included, under ``generator``'s model.
+
+    Every backend (hf, vllm, openai with a tokenizer) scores with ``add_eos=True``; a backend
+    that cannot is an error, never a silent score without eos (the KL would change with the
+    backend)."""
     flat_prompts = [m for m, rs in zip(messages, responses) for _ in rs]
     flat_responses = [r for rs in responses for r in rs]
-    try:
-        scores = generator.score_batch(flat_prompts, flat_responses, add_eos=True)
-    except (AttributeError, TypeError):  # backends with only the Generator protocol's score()
-        scores = [s for m, rs in zip(messages, responses) for s in generator.score(m, rs)]
+    if not hasattr(generator, "score_batch"):
+        raise TypeError(f"backend {getattr(generator, 'name', type(generator).__name__)!r} has no "
+                        "score_batch(prompts, continuations, add_eos=True): it cannot score KL to the start")
+    scores = generator.score_batch(flat_prompts, flat_responses, add_eos=True)
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -630,6 +724,7 @@ def _tasks():
         return task(fn, name=name, cache_policy=NO_CACHE, persist_result=False, **options)
 
     return {
+        "import_prompts": make(import_prompts, "import-prompts"),
         "prepare_prompts": make(prepare_prompts, "prepare-prompts"),
         "generate_shard": make(generate_shard, "generate-shard", retries=3, retry_delay_seconds=[1, 4, 16],
                                retry_condition_fn=retry_transient),
@@ -659,6 +754,7 @@ def prefect_task(name: str, run_dir: str | os.PathLike, **options):
 
 
 STEPS = {
+    "import_prompts": import_prompts,
     "prepare_prompts": prepare_prompts,
     "generate_shard": generate_shard,
     "judge_shard": judge_shard,
@@ -738,6 +834,7 @@ def sft_policy(out: str, *, dataset: str, model: str, epochs: float = 1.0, seed:
     from alignflow.trainers.sft import train_sft
 
     tmp = _fresh_partial(target)
+    release_engines()
     try:
         with _MODEL_LOCK:
             train_sft(model, None, dataset, tmp, num_train_epochs=epochs, seed=seed)

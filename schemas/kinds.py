@@ -72,6 +72,7 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "reward": pa.float64(),
     "annotators": pa.int64(),
     "agreement": pa.float64(),
+    "reference": pa.string(),  # prompts: a gold answer (DNO's gold, PPO's pretraining text)
 }
 # ref_logps / tokens are per-response lists in listwise data, scalars elsewhere.
 LIST_OPTIONAL = {"ref_logps": pa.list_(pa.float64()), "tokens": pa.list_(pa.int64())}

@@ -56,7 +56,8 @@ PROGRESS = "progress.json"
 RESUME_DIR = ".resume"  # a producer's own state inside the partial folder (feedback.labels.convert)
 FORMAT = "alignflow-dataset"
 QUARANTINE_KIND = "quarantine"
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|credential)", re.I)
+# "token" as in an access token, not a count or a tokenizer (max_new_tokens, tokenizer stay visible)
+_SECRET_KEY = re.compile(r"(api[_-]?key|token(?!s|izer)|secret|password|authorization|credential)", re.I)
 
 
 class DatasetError(Exception):
@@ -94,9 +95,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def scrub_secrets(value: Any) -> Any:
-    """Provenance without secrets: values under key names like api_key/token become '***'."""
+    """Provenance without secrets: text under key names like api_key/token becomes '***'.
+
+    A secret is text: numbers and flags under such names (``max_new_tokens``) are kept."""
     if isinstance(value, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else scrub_secrets(v)) for k, v in value.items()}
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else scrub_secrets(v))
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [scrub_secrets(v) for v in value]
     if isinstance(value, Path):

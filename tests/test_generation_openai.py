@@ -309,3 +309,68 @@ def test_against_transformers_serve(served_model):
         res = PairwiseJudge(gen, verdict_tokens=4).judge(["Reverse: ab"], ["ba"], ["ab"])
         assert res.method == ("generate" if gen.logprobs_supported is False else "logprobs")
         assert 0.0 <= res.judge_prob[0] <= 1.0 and res.consistent.dtype == bool
+
+
+def _hf_echo_server(model_path, requests):
+    """A vLLM-serve-shaped ``/completions`` echo answered by the checkpoint itself (transformers on
+    the CPU): each prompt text tokenized as vLLM does (``add_special_tokens=False``), every token's
+    log-prob under the model (the first None), ``text_offset`` from the tokenizer's offsets."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+
+    def handler(request):
+        body = json.loads(request.content)
+        requests.append((request.url.path, body))
+        choices = []
+        for i, text in enumerate(body["prompt"]):
+            enc = tok(text, add_special_tokens=body.get("add_special_tokens", True), return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            values = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+            offsets = [start for start, _ in enc["offset_mapping"]]
+            choices.append({"index": i, "text": text + "x", "logprobs": {
+                "tokens": [tok.decode([t]) for t in ids] + ["x"], "token_logprobs": values + [-1.0],
+                "text_offset": offsets + [len(text)]}})
+        return httpx.Response(200, json={"choices": choices})
+
+    return handler
+
+
+def test_echo_scoring_with_eos_matches_the_hf_backend(toy_world):
+    """score_batch(add_eos=True) through /completions echo equals the hf backend's on the same
+    checkpoint, eos included (the KL of a run then does not depend on the backend)."""
+    from alignflow.feedback.generation.hf import HFGenerator
+
+    requests = []
+    gen, _ = _gen(_hf_echo_server(toy_world.path, requests), tokenizer=str(toy_world.path))
+    hf = HFGenerator(toy_world.path, device="cpu")
+    prompts = [[{"role": "user", "content": p}] for p in toy_world.task.prompts(3, seed=5)]
+    texts = ["forty-two", "", "DLROW"]
+    for add_eos in (True, False):
+        pairs = [(p, t) for p, t in zip(prompts, texts) if t or add_eos]  # an empty text has nothing but its eos
+        got = gen.score_batch([p for p, _ in pairs], [t for _, t in pairs], add_eos=add_eos)
+        want = hf.score_batch([p for p, _ in pairs], [t for _, t in pairs], add_eos=add_eos)
+        assert got == pytest.approx(want, abs=1e-4)
+    assert requests[0][1]["prompt"][0].endswith("forty-two<eos>")
+    gen_no_tok, _ = _gen(lambda r: httpx.Response(500))
+    with pytest.raises(LogprobsUnavailable, match="add_eos=True needs tokenizer="):
+        gen_no_tok.score_batch(prompts[:1], ["x"], add_eos=True)
+
+
+def test_reload_weights_asks_a_vllm_server_to_load_the_checkpoint():
+    calls = []
+
+    def handler(request):
+        calls.append((str(request.url), json.loads(request.content)))
+        return httpx.Response(200 if len(calls) == 1 else 404, json={})
+
+    gen, _ = _gen(handler)
+    gen.reload_weights("/runs/x/engine-weights")
+    assert calls == [("http://test/collective_rpc", {"method": "reload_weights",
+                                                     "kwargs": {"weights_path": "/runs/x/engine-weights"}})]
+    with pytest.raises(OpenAIError, match="VLLM_SERVER_DEV_MODE=1"):
+        gen.reload_weights("/runs/x/engine-weights")

@@ -229,6 +229,7 @@ VALID = {
     "listwise": {"prompt": "q", "responses": ["a", "b"], "scores": [1.0, 0.0]},
     "binary": {"prompt": "q", "response": "a", "label": True},
     "sft": {"prompt": "q", "response": "a"},
+    "prompts": {"prompt": "q", "reference": "a"},
     "llamafactory": DPO_EN_DEMO[172],
     "llamafactory-kto": KTO_EN_DEMO[147],
     "axolotl-chatml.intel": {"system": "s", "question": "q", "chosen": "a", "rejected": "b"},

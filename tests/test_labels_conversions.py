@@ -203,3 +203,27 @@ def test_agreement_perfect_and_chance():
     assert perfect.percent == 1.0 and perfect.krippendorff_alpha == pytest.approx(1.0)
     split = agreement(item, np.array([0, 2, 2, 0, 1, 0]))
     assert split.percent == 0.0 and split.krippendorff_alpha < 0
+
+
+def test_any_kind_to_prompts_one_row_per_prompt_with_a_reference(tmp_path):
+    """convert --to prompts: one row per prompt in first-appearance order, reference = the first
+    preferred answer a prompt's rows give (ties give none); every record counts as written."""
+    import json
+
+    from alignflow.feedback.labels import Options, convert_labels_file
+    from alignflow.schemas.store import read_dataset
+
+    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b", "tie": True},
+            {"prompt": "q2", "chosen": "c", "rejected": "d"},
+            {"prompt": "q1", "chosen": "e", "rejected": "f"},
+            {"prompt": "q3", "chosen": "g", "rejected": "h", "tie": True}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = convert_labels_file(src, tmp_path / "p", "pairwise", "prompts", Options(ties="keep"))
+    assert report.read == report.written == 4 and report.rows_out == 3
+    out = read_dataset(tmp_path / "p").to_pylist()
+    assert [(r["prompt"][0]["content"], r["reference"]) for r in out] == [("q1", "e"), ("q2", "c"), ("q3", None)]
+    listwise = pa.table({"prompt_id": ["x", "y"], "prompt": to_messages_array(pa.array(["x", "y"])),
+                         "responses": [["lo", "hi", "mid"], ["only", "two"]], "scores": [[0.1, 0.9, 0.5], [1.0, 1.0]]})
+    table, _ = cv.to_prompts(listwise, "listwise")
+    assert table.column("reference").to_pylist() == ["hi", "only"]

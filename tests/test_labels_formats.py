@@ -39,10 +39,10 @@ def pairs_of(table):
 def test_registry_lists_every_format_the_issue_names():
     names = {"hh-rlhf", "shp", "openai-comparisons", "ultrafeedback", "oasst", "nectar", "helpsteer2", "pku-saferlhf",
              "arena", "alpaca-eval", "graded-pairwise", "argilla", "label-studio", "trl-preference", "trl-unpaired",
-             "openai-dpo", "pairwise", "listwise", "binary", "sft"}
+             "openai-dpo", "pairwise", "listwise", "binary", "sft", "prompts"}
     assert names <= set(FORMATS)
     assert {n for n, f in FORMATS.items() if f.export} == {
-        "hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo", "pairwise", "listwise", "binary", "sft",
+        "hh-rlhf", "trl-preference", "trl-unpaired", "openai-dpo", "pairwise", "listwise", "binary", "sft", "prompts",
         "llamafactory", "llamafactory-kto", "axolotl-chatml.intel", "axolotl-chatml.argilla", "axolotl-chatml.ultra",
         "axolotl-chat_template", "sharegpt", "distilabel-ultrafeedback", "distilabel-prometheus"}
 

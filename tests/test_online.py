@@ -256,7 +256,7 @@ def test_flow_composes_judge_and_generator_and_writes_report(toy_world, tmp_path
     from alignflow.flows.online import run_online
 
     report = run_online({"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"),
-                         "prompts": 8, "eval_prompts": 4, "params": {"steps": 1, "prompts_per_step": 4, "k": 2}})
+                         "num_prompts": 8, "num_eval_prompts": 4, "params": {"steps": 1, "prompts_per_step": 4, "k": 2}})
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["generations"] == 8 and saved["judge_calls"] == 8 and saved["method"] == "rloo"
     assert {"reward_before", "reward_after", "kl_to_ref", "wall_s"} <= set(report)

@@ -159,8 +159,8 @@ def test_run_online_resumes_into_the_same_output(toy_world, tmp_path):
     folder (here asked for one more step) resumes; another config is refused in one line."""
     from alignflow.flows.online import run_online
 
-    base = {"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
-            "eval_prompts": 4, "params": {"steps": 2, "prompts_per_step": 4, "k": 2, "checkpoint_every": 1}}
+    base = {"method": "rloo", "model": str(toy_world.path), "output": str(tmp_path / "run"), "num_prompts": 8,
+            "num_eval_prompts": 4, "params": {"steps": 2, "prompts_per_step": 4, "k": 2, "checkpoint_every": 1}}
     first = run_online(base)
     assert first["extra"].get("resumed_from") is None and first["generations"] == 16
     more = run_online({**base, "params": {**base["params"], "steps": 3}})
@@ -275,8 +275,8 @@ def test_run_online_resumes_nash_md_and_paft(toy_world, tmp_path, method, params
     config into the same output resumes after the first run's last checkpoint."""
     from alignflow.flows.online import run_online
 
-    base = {"method": method, "model": str(toy_world.path), "output": str(tmp_path / "run"), "prompts": 8,
-            "eval_prompts": 4, "max_new_tokens": 8, "params": params}
+    base = {"method": method, "model": str(toy_world.path), "output": str(tmp_path / "run"), "num_prompts": 8,
+            "num_eval_prompts": 4, "max_new_tokens": 8, "params": params}
     first = run_online(base)
     assert first["extra"].get("resumed_from") is None
     assert (tmp_path / "run" / "checkpoints" / name / ck.CHECKPOINT_STATE).exists()

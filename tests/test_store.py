@@ -42,6 +42,16 @@ def test_secrets_never_reach_the_manifest(tmp_path):
     assert "sk-123" not in text and "http://x" in text
 
 
+def test_secrets_are_scrubbed_but_token_counts_and_tokenizers_kept():
+    from alignflow.schemas.store import scrub_secrets
+
+    generation = {"max_new_tokens": 64, "tokenizer": "/ckpt", "hf_token": "hf_abc", "access_token": "t",
+                  "headers": {"Authorization": "Bearer x"}, "max_batch_tokens": 16384, "api_key": ""}
+    assert scrub_secrets({"generation": generation}) == {"generation": {
+        "max_new_tokens": 64, "tokenizer": "/ckpt", "hf_token": "***", "access_token": "***",
+        "headers": {"Authorization": "***"}, "max_batch_tokens": 16384, "api_key": ""}}
+
+
 def test_existing_dataset_is_not_overwritten_unless_asked(tmp_path):
     table = pa.Table.from_pylist([GOOD_ROWS["sft"]])
     write_dataset(tmp_path / "d", table, "sft")

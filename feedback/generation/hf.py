@@ -35,6 +35,21 @@ def _as_messages(prompt: Any) -> Messages:
     return list(prompt)
 
 
+def chat_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """Token ids of the chat-templated prompt, generation prompt included (every in-process
+    backend renders prompts with this, so their log-probs agree).
+
+    A tokenizer without a chat template (a base model) gets the turns' contents joined by blank
+    lines, with the tokenizer's own special tokens (e.g. bos).
+    """
+    messages = _as_messages(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        text = "\n\n".join(m["content"] for m in messages)
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -160,17 +175,8 @@ class HFGenerator:
 
     # -- tokenization --------------------------------------------------------------------
     def prompt_ids(self, prompt: Any) -> list[int]:
-        """Token ids of the chat-templated prompt, generation prompt included.
-
-        A tokenizer without a chat template (a base model) gets the turns' contents joined by
-        blank lines, with the tokenizer's own special tokens (e.g. bos).
-        """
-        messages = _as_messages(prompt)
-        if not getattr(self.tokenizer, "chat_template", None):
-            text = "\n\n".join(m["content"] for m in messages)
-            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of the chat-templated prompt, generation prompt included (``chat_prompt_ids``)."""
+        return chat_prompt_ids(self.tokenizer, prompt)
 
     def _left_pad(self, seqs: Sequence[list[int]]):
         import torch

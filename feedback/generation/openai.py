@@ -11,6 +11,8 @@
   OpenAI), and the backend works without them (``transformers serve`` ignores the field):
   ``Generation.logp`` is then ``None`` and ``score`` raises ``LogprobsUnavailable`` (a
   ``NotImplementedError``), which judges take as the signal to generate-and-parse instead.
+* Online training (a vLLM server with ``VLLM_SERVER_DEV_MODE=1``): ``reload_weights(path)`` has
+  the server load a saved checkpoint in place through its ``/collective_rpc`` endpoint.
 * Scoring (``score``/``score_batch``), two routes:
   - with ``tokenizer=`` (the served model's tokenizer, or its name/path; only its chat template
     is used): the legacy ``/completions`` endpoint with ``echo=True, logprobs=1,
@@ -334,11 +336,18 @@ class OpenAIGenerator:
         return self.score_batch([prompt] * len(continuations), list(continuations))
 
     def score_batch(self, prompts: Sequence[Messages], continuations: Sequence[str],
-                    progress: Callable[[int], None] | None = None) -> list[float]:
+                    progress: Callable[[int], None] | None = None, add_eos: bool = False) -> list[float]:
         """Flat pairs (``prompts[k]``, ``continuations[k]``), as the ``hf`` backend; one request
-        per distinct prompt answers all of its continuations."""
+        per distinct prompt answers all of its continuations. ``add_eos=True`` scores the
+        end-of-sequence token after each continuation too (as ``hf``): the tokenizer's eos text is
+        appended and its echoed log-prob summed, so it needs ``tokenizer=``."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if add_eos:
+            if self._tokenizer is None:
+                raise LogprobsUnavailable("scoring with add_eos=True needs tokenizer=<the served model's tokenizer> "
+                                          "(--tokenizer): the eos token is scored through /completions echo")
+            continuations = [c + self.tokenizer.eos_token for c in continuations]
         if self.logprobs_supported is False and self._tokenizer is None:
             raise LogprobsUnavailable(f"{self.base_url} returns no log-probs")
         groups: dict[str, list[int]] = {}
@@ -374,6 +383,21 @@ class OpenAIGenerator:
                     "completions; to score longer continuations pass tokenizer=<the served model's tokenizer> "
                     "(scores via /completions with echo, which vLLM serve supports)")
         return values
+
+    def reload_weights(self, path: str | os.PathLike) -> None:
+        """Have a vLLM server load the checkpoint folder ``path`` (same architecture, readable by the
+        server) in place: ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path":
+        path}}`` on the server root, a development endpoint (``VLLM_SERVER_DEV_MODE=1``)."""
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+        try:
+            resp = self._client.post(f"{root}/collective_rpc", json=body)
+        except httpx.TransportError as exc:
+            raise OpenAIError(f"{root}/collective_rpc: {type(exc).__name__}: {exc}") from None
+        if resp.status_code >= 400:
+            raise OpenAIError(f"{root}/collective_rpc answered HTTP {resp.status_code}: online training with "
+                              "--backend openai needs a vLLM server started with VLLM_SERVER_DEV_MODE=1 (its "
+                              "/collective_rpc reloads the policy's weights each step)", status=resp.status_code)
 
     @property
     def tokenizer(self) -> Any:

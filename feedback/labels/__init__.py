@@ -9,7 +9,7 @@ Public API::
 
 Kind conversions (``feedback.labels.conversions``): ``listwise_to_pairwise``,
 ``pairwise_to_listwise`` (Bradley-Terry, Copeland check, cycles), ``pairwise_to_binary``,
-``listwise_to_binary``, ``ratings_to_listwise``, ``to_sft``. Annotator aggregation and
+``listwise_to_binary``, ``ratings_to_listwise``, ``to_sft``, ``to_prompts``. Annotator aggregation and
 agreement: ``feedback.labels.aggregate``.
 """
 
@@ -21,6 +21,7 @@ from alignflow.feedback.labels.conversions import (
                                          pairwise_to_binary,
                                          pairwise_to_listwise,
                                          ratings_to_listwise,
+                                         to_prompts,
                                          to_sft,
 )
 from alignflow.feedback.labels.convert import Options, Report, convert_kind, convert_labels_file
@@ -32,5 +33,5 @@ __all__ = [
     "CANONICAL", "FORMATS", "STRATEGIES", "FileWriter", "Format", "LabelsError", "Options", "Parsed", "ReadContext",
     "Report", "bradley_terry", "convert_kind", "convert_labels_file", "get_format", "iter_file_batches",
     "listwise_to_binary", "listwise_to_pairwise", "pairwise_to_binary", "pairwise_to_listwise", "ratings_to_listwise",
-    "read_file", "to_sft", "write_file",
+    "read_file", "to_prompts", "to_sft", "write_file",
 ]

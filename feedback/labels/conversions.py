@@ -548,6 +548,51 @@ def to_sft(table: pa.Table, kind: str) -> tuple[pa.Table, Stats]:
     return pa.table(out), stats
 
 
+def to_prompts(table: pa.Table, kind: str) -> tuple[pa.Table, Stats]:
+    """One row per distinct prompt (first appearance order), for generation and online training.
+
+    ``reference`` holds a gold answer where the rows give one: the sft response, the pairwise
+    chosen (ties give none), the best listwise response, a binary response labelled true, or a
+    prompts row's own ``reference``; the first non-null of a prompt's rows is kept. Rows of the
+    same prompt merge into its one row (their records all count as written)."""
+    stats = Stats()
+    n = table.num_rows
+    if kind == "prompts":
+        reference = table.column("reference") if "reference" in table.column_names else pa.nulls(n, pa.string())
+    elif kind in ("sft", "pairwise", "binary", "listwise"):
+        if kind == "sft":
+            reference = table.column("response")
+        elif kind == "pairwise":
+            tie = pc.fill_null(table.column("tie"), False) if "tie" in table.column_names else pa.array(np.zeros(n, bool))
+            reference = pc.if_else(tie, pa.scalar(None, pa.string()), table.column("chosen"))
+        elif kind == "binary":
+            reference = pc.if_else(pc.fill_null(table.column("label"), False), table.column("response"),
+                                   pa.scalar(None, pa.string()))
+        else:
+            responses = table.column("responses").combine_chunks()
+            lengths = pc.list_value_length(responses).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            scores = _flat(table.column("scores").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+            best = descending_order(scores, lengths)[_starts(lengths)] if n else np.zeros(0, np.int64)
+            reference = _flat(responses).take(pa.array(best))
+            reference = pc.if_else(pc.greater(pa.array(lengths), 0), reference, pa.scalar(None, pa.string()))
+    else:
+        raise LabelsError(f"cannot make prompts rows from {kind}")
+    ids = table.column("prompt_id").combine_chunks() if n else pa.array([], pa.string())
+    keyed = pa.table({"prompt_id": ids, "reference": reference.cast(pa.string()), "_i": pa.array(np.arange(n)),
+                      "_nrec": pa.array(_nrec(table))})
+    # use_threads=False keeps groups in order of first appearance; "first" skips null references
+    grouped = keyed.group_by("prompt_id", use_threads=False).aggregate(
+        [("_i", "min"), ("reference", "first"), ("_nrec", "sum")])
+    first = grouped.column("_i_min")
+    out = {"prompt_id": grouped.column("prompt_id"), "prompt": table.column("prompt").take(first),
+           "reference": grouped.column("reference_first")}
+    out.update({name: table.column(name).take(first) for name in ("_row", "_cid") if name in table.column_names})
+    out["_nrec"] = grouped.column("_nrec_sum")
+    if "_cid" in table.column_names:  # every row reached the output (merged into its prompt's row)
+        stats.contributed = table.column("_cid").to_numpy()
+    return pa.table(out), stats
+
+
 # -- ratings -> listwise -----------------------------------------------------------------------
 
 ASPECT_PREFIX = "aspect:"

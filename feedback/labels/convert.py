@@ -240,6 +240,8 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options,
                  source: str | None = None) -> tuple[pa.Table, cv.Stats]:
     """Canonical rows of kind ``src`` -> ``dst`` (rows keep ``_row`` / ``_nrec``); pairs made from
     lists get ``source`` (who gave the labels; None: unknown)."""
+    if dst == "prompts":  # prompts -> prompts too: one row per prompt
+        return cv.to_prompts(table, src)
     if src == dst == "pairwise":
         stats = cv.Stats()
         tie = _tie_mask(table)
@@ -272,7 +274,7 @@ def convert_kind(table: pa.Table, src: str, dst: str, options: Options,
     if dst == "sft" and src in ("pairwise", "listwise", "binary"):
         return cv.to_sft(table, src)
     raise LabelsError(f"cannot convert {src} rows to {dst} (known: listwise->pairwise|binary|sft, "
-                      f"pairwise->listwise|binary|sft, binary->sft)")
+                      f"pairwise->listwise|binary|sft, binary->sft, any->prompts)")
 
 
 def _validated(parsed: Parsed, report: Report, quarantine: list[pa.Table], min_responses: int = 2) -> pa.Table:
@@ -554,7 +556,9 @@ def convert_labels_file(
 
         provenance["parent_datasets"] = [str(source)]
         provenance["source_manifest_kind"] = read_manifest(source)["kind"]
-    needs_whole = not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
+    # prompts keep one row per prompt across the whole input, as pairwise -> listwise groups do
+    needs_whole = (not src_fmt.streaming or kind_out == "listwise" and src_fmt.kind == "pairwise"
+                   or kind_out == "prompts")
     total_rows = known_rows(source) if progress is not None else None
     stats = cv.Stats()
     sink = _Sink(out, dst_fmt, kind_out, options, provenance, rows_per_shard,

@@ -1553,10 +1553,12 @@ register(Format("openai-dpo", "pairwise", "pairwise; OpenAI preference fine-tuni
                 export_openai_dpo, source=None))
 for _kind, _holds in (("pairwise", "canonical pairwise (chosen, rejected, margin)"),
                       ("listwise", "canonical listwise (responses, scores; ties = equal scores)"),
-                      ("binary", "canonical binary (response, label)"), ("sft", "canonical sft (response)")):
+                      ("binary", "canonical binary (response, label)"), ("sft", "canonical sft (response)"),
+                      ("prompts", "canonical prompts (prompt; optional reference = a gold answer); from any format: "
+                                  "one row per prompt, reference = sft response, chosen, best or desirable response")):
     register(Format(_kind, _kind, _holds, _read_canonical(_kind), _export_canonical, ties=_kind in ("listwise", "binary"),
                     source=None))
-CANONICAL = ("pairwise", "listwise", "binary", "sft")
+CANONICAL = ("pairwise", "listwise", "binary", "sft", "prompts")
 
 
 def _ratings_by_prompt(prompts: np.ndarray, q: Quarantine, responses: pa.Array, ratings: np.ndarray,

@@ -2,7 +2,9 @@
 iterative / online alignment (issue 6).
 
 Methods: reward-model, preference-model, ppo, rloo, iterative-dpo, self-rewarding, cringe,
-sppo, nash-md, dno, paft, token-rewards, dro-v. Heavy imports stay inside the command bodies.
+sppo, nash-md, dno, paft, token-rewards, dro-v, on the toy task's prompts or any prompts dataset
+(``--prompts``), sampling with hf, vllm or openai (``--backend``), judged by any judge (``--judge``).
+Heavy imports stay inside the command bodies.
 A second run into the same --output resumes ppo, rloo, the iterative methods, nash-md, paft
 and dro-v from their checkpoints.
 """
@@ -21,11 +23,11 @@ METHODS = ("reward-model", "preference-model", "ppo", "rloo", "iterative-dpo", "
            "sppo", "nash-md", "dno", "paft", "token-rewards", "dro-v")
 
 
-def _params(items: List[str]) -> dict:
+def _params(items: List[str], option: str = "--param") -> dict:
     out = {}
     for text in items:
         if "=" not in text:
-            raise ValueError(f"--param {text!r}: expected key=value")
+            fail(f"{option} {text!r}: expected key=value")
         key, value = text.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)
@@ -38,9 +40,11 @@ def _judge_spec(text: str) -> dict:
     """``verifier`` | ``reward_model:PATH`` | ``pairwise_llm:PATH`` | ``rubric:PATH``."""
     kind, _, path = text.partition(":")
     if kind not in ("verifier", "reward_model", "pairwise_llm", "rubric"):
-        raise ValueError(f"--judge {text!r}: expected verifier, reward_model:PATH, pairwise_llm:PATH or rubric:PATH")
+        fail(f"--judge {text!r}: expected verifier, reward_model:PATH, pairwise_llm:PATH or rubric:PATH")
     if kind != "verifier" and not path:
-        raise ValueError(f"--judge {kind} needs a model path: {kind}:PATH")
+        fail(f"--judge {kind} needs a model path: {kind}:PATH")
+    if path and not Path(path).exists():
+        fail(f"--judge {kind}:{path}: checkpoint not found")
     return {"type": kind, **({"model": path} if path else {})}
 
 
@@ -49,15 +53,36 @@ def register(app: typer.Typer) -> None:
     def online(
         method: str = typer.Argument(..., help=f"one of: {', '.join(METHODS)}"),
         model: Path = typer.Option(..., "--model", "-m", help="starting policy checkpoint (e.g. the toy world's SFT model)"),
-        output: Path = typer.Option(..., "--output", "-o", help="run folder: model/ and report.json"),
-        judge: str = typer.Option("verifier", help="verifier | reward_model:PATH | pairwise_llm:PATH | rubric:PATH"),
+        output: Path = typer.Option(..., "--output", "-o", help="run folder: model/, prompts/ and report.json"),
+        judge: str = typer.Option("verifier", help="verifier (toy-task prompts only) | reward_model:PATH | "
+                                  "pairwise_llm:PATH | rubric:PATH"),
         reward: str = typer.Option("direct", help="direct (judge score is the reward) or distilled (train a BT RM first)"),
         preference: str = typer.Option("reward", help="nash methods: reward | judge | PATH of a preference model"),
         data: Optional[Path] = typer.Option(None, help="pairwise/listwise dataset (reward-model, preference-model); "
                                             "binary dataset with a reward or label column (dro-v, offline)"),
-        prompts: int = typer.Option(64, help="training prompts (toy task)"),
-        eval_prompts: int = typer.Option(32, help="held-out prompts"),
+        prompts: Optional[Path] = typer.Option(
+            None, help="prompts: a prompts dataset, or any dataset or file `alignflow convert` reads (see "
+                       "--prompts-format); its 'reference' column holds gold answers (dno; ppo with ptx_coef). "
+                       "Default: the toy task's prompts"),
+        prompts_format: Optional[str] = typer.Option(None, help="format of --prompts as `alignflow convert --from` "
+                                                     "names it (default: the dataset's kind, else prompts)"),
+        eval_prompts: Optional[Path] = typer.Option(None, help="held-out prompts dataset (default: a seeded split of "
+                                                    "--prompts)"),
+        num_prompts: Optional[int] = typer.Option(None, min=1, help="training prompts: how many toy prompts (default 64), "
+                                                  "or at most this many of --prompts (default: all left after the "
+                                                  "held-out split). Was --prompts N before --prompts took a dataset"),
+        num_eval_prompts: int = typer.Option(32, min=1, help="held-out prompts (toy task, or split off --prompts)"),
+        backend: str = typer.Option("hf", help="policy sampling: hf (the live model), vllm (one in-process engine; the "
+                                    "policy's weights are reloaded into it before each sampling step), openai (a vLLM "
+                                    "server at --base-url started with VLLM_SERVER_DEV_MODE=1, reading OUTPUT)"),
+        base_url: Optional[str] = typer.Option(None, help="openai: server URL, e.g. http://127.0.0.1:8000/v1"),
+        tokenizer: Optional[str] = typer.Option(None, help="openai: the served model's tokenizer (multi-token scoring); "
+                                                "vllm: a tokenizer other than the checkpoint's"),
+        engine_option: List[str] = typer.Option([], "--engine-option", "-e", help="vllm.LLM option key=value "
+                                                "(repeatable): gpu_memory_utilization, tensor_parallel_size, "
+                                                "max_model_len, dtype, enable_prefix_caching, ..."),
         param: List[str] = typer.Option([], "--param", "-p", help="method config override key=value (repeatable)"),
+        max_new_tokens: int = typer.Option(24, min=1, help="longest sampled response, in tokens"),
         seed: int = typer.Option(0),
         device: str = typer.Option("cpu"),
         resume: bool = typer.Option(True, help="checkpoint into OUTPUT/checkpoints and resume from them"),
@@ -65,21 +90,32 @@ def register(app: typer.Typer) -> None:
         """Train with an online / RL method and write the run report (reward gain, KL, spend)."""
         if method not in METHODS:
             fail(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        if backend not in ("hf", "vllm", "openai"):
+            fail(f"--backend must be hf, vllm or openai, not {backend!r}")
         if not model.exists():
             fail(f"{model}: model checkpoint not found")
-        if data is not None and not data.exists():
-            fail(f"{data}: dataset not found")
-        with user_errors():
+        for name, path in (("--data", data), ("--prompts", prompts), ("--eval-prompts", eval_prompts)):
+            if path is not None and not path.exists():
+                fail(f"{path}: {name} not found")
+        with user_errors(ImportError):
             from alignflow.flows.online import OnlineRunConfig, run_online
 
+            generation = {k: v for k, v in {"base_url": base_url, "tokenizer": tokenizer,
+                                            "engine": _params(engine_option, "--engine-option")}.items() if v}
             cfg = OnlineRunConfig(method=method, model=str(model), output=str(output), judge=_judge_spec(judge),
                                   reward=reward, preference=preference, data=str(data) if data else None,
-                                  prompts=prompts, eval_prompts=eval_prompts, params=_params(param), seed=seed,
-                                  device=device, checkpoints=resume)
+                                  prompts=str(prompts) if prompts else None, prompts_format=prompts_format,
+                                  eval_prompts=str(eval_prompts) if eval_prompts else None, num_prompts=num_prompts,
+                                  num_eval_prompts=num_eval_prompts, backend=backend, generation=generation,
+                                  params=_params(param), max_new_tokens=max_new_tokens, seed=seed, device=device,
+                                  checkpoints=resume)
             report = run_online(cfg)
         shown = {k: report[k] for k in ("reward_before", "reward_after", "reward_gain", "kl_to_ref", "generations",
                                         "judge_calls", "wall_s", "eval_accuracy", "eval_accuracy_before",
-                                        "reward_by_beam", "termination") if k in report}
+                                        "reward_by_beam", "termination", "engine") if k in report}
+        info = report.get("prompts", {})
+        if "train_rows" in info:
+            shown["prompts"] = {k: info[k] for k in ("source_rows", "train_rows", "heldout_rows", "with_reference")}
         console.print_json(json.dumps(shown, default=float))
         console.print(f"report: {output / 'report.json'}")
 

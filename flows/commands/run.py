@@ -103,14 +103,19 @@ def preflight(config) -> None:
     """Fail fast, in one line, before Prefect starts: input datasets that are not there, code
     named by the config that the user did not allow (--allow-plugin)."""
     from alignflow.flows.tasks import check_plugin
-    from alignflow.schemas.store import read_manifest
+    from alignflow.schemas.store import is_dataset, read_manifest
 
     for field, spec in plugin_specs(config):
         check_plugin(spec, field)
-    for field in ("prompts", "dataset"):
+    for field in ("prompts", "eval_prompts", "dataset"):
         value = getattr(config, field, None)
-        if value:
-            read_manifest(value)  # DatasetError names the folder
+        if not value:
+            continue
+        if Path(value).is_file() and field != "dataset":  # a label file the flow converts to prompts
+            continue
+        if not Path(value).exists() and not is_dataset(value):
+            raise FileNotFoundError(f"{value}: {field} not found")
+        read_manifest(value)  # DatasetError names the folder
 
 
 def demo(
