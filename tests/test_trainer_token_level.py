@@ -91,6 +91,13 @@ def naive_logits(model, prompt_ids, response_ids):
     return model(ids).logits[0, p - 1:p - 1 + len(response_ids)].double()
 
 
+def naive_logp(model, prompt_ids, response_ids):
+    """float64 ``log pi(y | x)`` from one plain forward, without grad."""
+    with torch.no_grad():
+        logp = torch.log_softmax(naive_logits(model, prompt_ids, response_ids), -1)
+        return logp.gather(-1, torch.tensor(response_ids)[:, None]).sum()
+
+
 def padded(rows):
     """``[B, T, ...]`` zero-padded stack and ``[B, T]`` mask of per-example tensors ``[T_b, ...]``."""
     width = max(r.shape[0] for r in rows)
@@ -128,30 +135,28 @@ def test_sequence_kl_and_cringe_tensors_match_naive_float64_forward(tok, layout)
     kl = sequence_kl(ref_logits, logits, seqs)
     logps, tokens = summaries(logits, seqs)
     naive_policy = copy.deepcopy(policy)
+    naive_kls = []
     for k in (0, 1):
-        pol = [torch.log_softmax(naive_logits(naive_policy, e["prompt_ids"], e["response_ids"][k]), -1) for e in examples]
+        pol = [torch.log_softmax(naive_logits(naive_policy, e["prompt_ids"], e["response_ids"][k]), -1)
+               for e in examples]
         with torch.no_grad():
             rf = [torch.log_softmax(naive_logits(ref, e["prompt_ids"], e["response_ids"][k]), -1) for e in examples]
         pol_t, mask = padded(pol)
-        ref_t, _ = padded(rf)
-        expected = sequential_kl(ref_t, pol_t, mask)  # the loss package's eq. 27 on [B, T, V]
-        torch.testing.assert_close(kl[:, k], expected, rtol=1e-10, atol=1e-12)
-        assert bool((expected > 1e-3).all())  # two different models: the KL is not trivially 0
+        naive_kls.append(sequential_kl(padded(rf)[0], pol_t, mask))  # the loss package's eq. 27 on [B, T, V]
+        torch.testing.assert_close(kl[:, k], naive_kls[-1], rtol=1e-10, atol=1e-12)
+        assert bool((naive_kls[-1] > 1e-3).all())  # two different models: the KL is not trivially 0
         ids = [torch.tensor(e["response_ids"][k]) for e in examples]
-        torch.testing.assert_close(logps[:, k], torch.stack([lp.gather(-1, i[:, None]).sum() for lp, i in zip(pol, ids)]))
+        naive_logps = torch.stack([lp.gather(-1, i[:, None]).sum() for lp, i in zip(pol, ids)])
+        torch.testing.assert_close(logps[:, k], naive_logps)
         assert tokens[:, k].tolist() == [len(i) for i in ids]
-        # same gradient as eq. 27 through autograd on the full log-softmax
-        if k == 1:
-            (kl[:, 0].sum() + kl[:, 1].sum()).backward()
-            kl0 = sequential_kl(padded(rf0)[0], padded(pol0)[0], padded(pol0)[1])
-            (kl0.sum() + expected.sum()).backward()
-            # packed: gradients summed at the shared prompt round at float32 (Llama's RMSNorm computes
-            # in float32 even in a float64 model; tests/test_trainer.py sees the same for the summaries)
-            tol = {"rtol": 1e-9, "atol": 1e-12} if layout == "plain" else {"rtol": 1e-5, "atol": 1e-7}
-            for a, b in zip(policy.parameters(), naive_policy.parameters()):
-                torch.testing.assert_close(a.grad, b.grad, **tol)
-        else:
-            pol0, rf0 = pol, rf
+    # the same gradient as eq. 27 through autograd on the full log-softmax. Packed: gradients summed
+    # at the shared prompt round at float32 (Llama's RMSNorm computes in float32 even in a float64
+    # model; tests/test_trainer.py sees the same for the summaries)
+    kl.sum().backward()
+    torch.stack(naive_kls).sum().backward()
+    tol = {"rtol": 1e-9, "atol": 1e-12} if layout == "plain" else {"rtol": 1e-5, "atol": 1e-7}
+    for a, b in zip(policy.parameters(), naive_policy.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tol)
 
     # CRINGE: the rejected answer's tokens, their logits and the top-k other logits
     cr = cringe_tensors(target_logits(policy, seqs), seqs, 1, 3, prefix="rejected_")
@@ -236,9 +241,9 @@ def test_cringe_trainer_loss_is_eq29_eq30(tok, tmp_path, kind):
 
 def samples_table(prompts, k, skip=()):
     rows = [(prompt_id(p), p, f"{j}{i}a") for i, p in enumerate(prompts) if i not in skip for j in range(k)]
-    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "response": [r[2] for r in rows],
-                     "model": ["ref"] * len(rows), "logp": pa.nulls(len(rows), pa.float64()),
-                     "n_tokens": [3] * len(rows)})
+    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                     "response": [r[2] for r in rows], "model": ["ref"] * len(rows),
+                     "logp": pa.nulls(len(rows), pa.float64()), "n_tokens": [3] * len(rows)})
 
 
 def test_negatives_table_keeps_negatives_with_samples_and_counts_the_rest():
@@ -276,16 +281,14 @@ def test_nn_trainer_loss_is_eq53_and_pi_ref_plus_is_the_previous_epoch(tok, tmp_
     policy, ref = tiny(tok, seed=0), tiny(tok, seed=1)
 
     def expected_loss(model, ref_plus):
+        """Eq. 53 per example from plain forwards: samples against pi_ref, the negative against ref_plus."""
         out = []
-        with torch.no_grad():
-            for e in examples:
-                lp = [torch.log_softmax(naive_logits(model, e["prompt_ids"], y), -1).gather(
-                    -1, torch.tensor(y)[:, None]).sum() for y in e["response_ids"]]
-                rp = [torch.log_softmax(naive_logits(ref, e["prompt_ids"], y), -1).gather(
-                    -1, torch.tensor(y)[:, None]).sum() for y in e["response_ids"]]
-                rl = lp[0] - (rp[0] if ref_plus is None else ref_plus(e))
-                samples_term = gamma * torch.stack([a - b for a, b in zip(lp[1:], rp[1:])]).mean()
-                out.append(F.softplus(-(samples_term - alpha * rl)))  # -log sigmoid(...), eq. 53
+        for e in examples:
+            lp = [naive_logp(model, e["prompt_ids"], y) for y in e["response_ids"]]
+            rp = [naive_logp(ref, e["prompt_ids"], y) for y in e["response_ids"]]
+            rl = lp[0] - naive_logp(ref_plus, e["prompt_ids"], e["response_ids"][0])
+            samples_term = gamma * torch.stack([a - b for a, b in zip(lp[1:], rp[1:])]).mean()
+            out.append(F.softplus(-(samples_term - alpha * rl)))  # -log sigmoid(...)
         return float(torch.stack(out).mean())
 
     seen = {}
@@ -295,21 +298,16 @@ def test_nn_trainer_loss_is_eq53_and_pi_ref_plus_is_the_previous_epoch(tok, tmp_
             if state.global_step == 1:  # after the trainer's PreviousEpochReference ran
                 trainer.model.eval()
                 seen["loss"] = first_batch_loss(trainer)
-                seen["expected"] = expected_loss(trainer.model, lambda e: naive_lp(trainer.model, e))
+                seen["expected"] = expected_loss(trainer.model, trainer.model)
                 seen["ref"] = [list(e["ref_logps"]) for e in trainer.train_dataset.examples]
                 trainer.model.train()
 
-    def naive_lp(model, e):
-        with torch.no_grad():
-            y = e["response_ids"][0]
-            return torch.log_softmax(naive_logits(model, e["prompt_ids"], y), -1).gather(-1, torch.tensor(y)[:, None]).sum()
-
-    trainer = PreferenceTrainer(copy.deepcopy(policy), args(tmp_path, num_train_epochs=2, per_device_train_batch_size=3),
-                                examples, kind="negatives", loss="nn", loss_params={"gamma": gamma, "alpha": alpha},
-                                processing_class=tok, ref_model=ref)
+    one_step_epochs = args(tmp_path, num_train_epochs=2, per_device_train_batch_size=3)
+    trainer = PreferenceTrainer(copy.deepcopy(policy), one_step_epochs, examples, kind="negatives", loss="nn",
+                                loss_params={"gamma": gamma, "alpha": alpha}, processing_class=tok, ref_model=ref)
     # epoch 1: pi_ref+ = pi_ref (the given reference), the samples' log-probs under pi_ref
     initial_ref = [list(e["ref_logps"]) for e in trainer.train_dataset.examples]
-    assert first_batch_loss(trainer) == pytest.approx(expected_loss(policy, None), rel=1e-9)
+    assert first_batch_loss(trainer) == pytest.approx(expected_loss(policy, ref), rel=1e-9)
     trainer.add_callback(AtEpoch2())
     trainer.train()
     # epoch 2: the negatives' reference is the policy after epoch 1, the samples' is still pi_ref
@@ -330,7 +328,8 @@ def cli_world(tmp_path, tok):
     write_dataset(tmp_path / "pairs", pair_table(8), "pairwise", {"flow": "test"})
     binary = binary_table([True, False] * 4)
     write_dataset(tmp_path / "binary", binary, "binary", {"flow": "test"})
-    write_dataset(tmp_path / "samples", samples_table(binary.column("prompt").to_pylist(), 2), "samples", {"flow": "test"})
+    samples = samples_table(binary.column("prompt").to_pylist(), 2)
+    write_dataset(tmp_path / "samples", samples, "samples", {"flow": "test"})
     write_dataset(tmp_path / "lists", pa.table({"prompt": ["p"], "responses": [["a", "b"]], "scores": [[1.0, 0.0]]}),
                   "listwise", {"flow": "test"})
     return tmp_path
@@ -458,6 +457,7 @@ def test_token_level_loss_raises_reward_significantly(toy_world, verb_data, sft_
          "--lr_scheduler_type", "constant", "--logging_steps", 5, "--disable_tqdm", "true", "--seed", 0)
     after = eval_rewards(toy_world, AutoModelForCausalLM.from_pretrained(out))
     p_value = stats.ttest_rel(after, sft_rewards, alternative="greater").pvalue
-    print(f"{loss} on {data}: reward {sft_rewards.mean():.3f} -> {after.mean():.3f}, one-sided paired p = {p_value:.2g}")
+    print(f"{loss} on {data}: reward {sft_rewards.mean():.3f} -> {after.mean():.3f}, "
+          f"one-sided paired p = {p_value:.2g}")
     assert after.mean() > sft_rewards.mean()
     assert p_value < 0.01
