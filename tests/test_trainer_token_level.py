@@ -317,6 +317,31 @@ def test_nn_trainer_loss_is_eq53_and_pi_ref_plus_is_the_previous_epoch(tok, tmp_
         assert abs(after[0] - before[0]) > 1e-6
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["tdpo", "cringe", "nn"])
+def test_cuda_bf16_token_level_losses_train(tok, tmp_path, loss):
+    """On CUDA with bf16 autocast: the live TDPO reference follows the policy to the device, the
+    per-token tensors are float32, and a few steps stay finite."""
+    from alignflow.trainers.negatives import negatives_table, pretokenize_negatives
+    from alignflow.trainers.preference import PreferenceTrainer
+
+    if loss == "nn":
+        data = binary_table([False] * 4)
+        table, _ = negatives_table(data, "binary", samples_table(data.column("prompt").to_pylist(), 2))
+        examples, kind = pretokenize_negatives(table, tok), "negatives"
+    else:
+        kind = "pairwise"
+        examples = pretokenize(pair_table(8), kind, tok)
+    targs = args(tmp_path, max_steps=3, bf16=True, use_cpu=False)
+    trainer = PreferenceTrainer(tiny(tok, dtype=torch.float32).cuda(), targs, examples, kind=kind, loss=loss,
+                                processing_class=tok)
+    if loss == "tdpo":
+        assert next(trainer.ref_model.parameters()).is_cuda
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
 # ---- the CLI -------------------------------------------------------------------------------------------
 
 @pytest.fixture
