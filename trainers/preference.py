@@ -143,7 +143,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class PreferenceTrainer(Trainer):
-    """``transformers.Trainer`` for every per-sequence loss of the registry.
+    """``transformers.Trainer`` for every per-sequence loss of the registry, and the token-level
+    ``tdpo`` (reference model kept live: ``ref_model``, default a frozen copy of the initial
+    policy), ``cringe`` and ``nn`` (kind ``negatives``, see ``trainers.negatives``).
 
     model: the policy (a causal LM). train_dataset: pre-tokenized examples (list or
     ``ExampleDataset``) with reference log-probs when the loss needs them; if they are absent

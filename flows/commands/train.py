@@ -96,7 +96,8 @@ def train(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens."),
     sdpo_stages: int = typer.Option(1, "--sdpo-stages", help="sDPO (survey 3.3.7): train in this many chunks, each stage's result the next reference."),
 ) -> None:
-    """Train a policy with any per-sequence loss of trainers.losses.
+    """Train a policy with any loss of trainers.losses: per-sequence ones, and token-level tdpo1/tdpo2
+    (reference loaded for training), cringe (binary or pairwise) and nn (with --samples).
 
     Every transformers.TrainingArguments field is an extra option, e.g.
     --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-6 --bf16 true.
