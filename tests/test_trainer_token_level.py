@@ -31,17 +31,14 @@ LN2 = math.log(2.0)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # tiny models: one thread is as fast as two and immune to OpenMP spinning on a busy CPU
+    """Tiny models: one thread is as fast as two and immune to OpenMP spinning on a busy CPU.
+    `alignflow train` sets torch to every core, so it is kept from doing so in this module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "set_num_threads", lambda n: None)
+        yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def keep_threads(monkeypatch):
-    """`alignflow train` sets torch to every core; on a shared CPU one thread is faster here."""
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +370,7 @@ def train_cli(world, data, *extra):
 
 @pytest.mark.parametrize("data,loss,extra", [("pairs", "tdpo1", []), ("pairs", "tdpo2", []), ("binary", "cringe", []),
                                              ("binary", "nn", ["--samples", "SAMPLES"])])
-def test_cli_trains_token_level_losses(cli_world, keep_threads, data, loss, extra):
+def test_cli_trains_token_level_losses(cli_world, data, loss, extra):
     extra = [str(cli_world / "samples") if x == "SAMPLES" else x for x in extra]
     res = train_cli(cli_world, data, "--loss", loss, *extra)
     assert res.exit_code == 0, res.output
@@ -472,8 +469,8 @@ METHODS = [("tdpo1", "pairs", []), ("tdpo2", "pairs", []), ("nn", "binary", ["--
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,data,extra", METHODS, ids=[m[0] for m in METHODS])
-def test_token_level_loss_raises_reward_significantly(toy_world, verb_data, sft_rewards, tmp_path, keep_threads,
-                                                      loss, data, extra):
+def test_token_level_loss_raises_reward_significantly(toy_world, verb_data, sft_rewards, tmp_path, loss, data,
+                                                      extra):
     from scipy import stats
     from transformers import AutoModelForCausalLM
 
