@@ -197,8 +197,8 @@ def test_wrong_kind_or_token_level_loss_is_refused(tok, tmp_path):
     examples = pretokenize(pair_table(), "pairwise", tok)
     with pytest.raises(ValueError, match="binary"):
         PreferenceTrainer(tiny(tok), args(tmp_path), examples, kind="pairwise", loss="kto", processing_class=tok)
-    with pytest.raises(ValueError, match="per-token"):
-        PreferenceTrainer(tiny(tok), args(tmp_path), examples, kind="pairwise", loss="tdpo", processing_class=tok)
+    with pytest.raises(ValueError, match="reward-model scores"):
+        PreferenceTrainer(tiny(tok), args(tmp_path), examples, kind="pairwise", loss="bt", processing_class=tok)
 
 
 def binary_table(n_true, n_false):

@@ -237,12 +237,30 @@ class BinaryCollator(_Collator):
         return out
 
 
+@dataclass
+class NegativesCollator(_Collator):
+    """Negating Negatives examples (``trainers.negatives``: response 0 the negative, 1..K_b the
+    samples) -> ``seqs`` with K = 1 + max K_b, ``ref_logps`` ``[B, K]`` (0 where padded) and
+    ``sample_mask`` ``[B, K - 1]`` bool (False for padding samples)."""
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        k = max(len(e["response_ids"]) for e in examples)
+        mask = torch.tensor([[j < len(e["response_ids"]) for j in range(1, k)] for e in examples], dtype=torch.bool)
+        out: dict[str, Any] = {"seqs": self._seqs(examples), "sample_mask": mask}
+        if self._has(examples, "ref_logps"):
+            out["ref_logps"] = torch.tensor([list(e["ref_logps"]) + [0.0] * (k - len(e["ref_logps"]))
+                                             for e in examples], dtype=torch.float64)
+        return out
+
+
 def collator_for(kind: str, pad_token_id: int, layout: str = "packed", with_kl: bool = False) -> _Collator:
-    """The collator of a dataset kind."""
+    """The collator of a dataset kind (or of ``negatives``, the examples of loss ``nn``)."""
     if kind == "pairwise":
         return PairwiseCollator(pad_token_id, layout)
     if kind == "listwise":
         return ListwiseCollator(pad_token_id, layout)
     if kind == "binary":
         return BinaryCollator(pad_token_id, layout, with_kl)
+    if kind == "negatives":
+        return NegativesCollator(pad_token_id, layout)
     raise ValueError(f"no collator for kind {kind!r}; known: {', '.join(KINDS)}")

@@ -13,6 +13,14 @@ gradient accumulation, checkpoint/resume and report_to come with it). Each step:
 Logged (means over the steps since the last log): loss, rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracies, kl/implicit, logps/*, lengths/chosen, lengths/rejected
 (listwise: best vs worst response by score; binary: desirable vs undesirable, and kl/kto_ref).
+
+Token-level losses take what they need from the same forward pass (``trainers.token_level``):
+``tdpo`` (eq. 25-28) the sequential KL against a reference model loaded for training (the
+trade-off against stored per-token columns is measured in ``trainers.token_level``), also
+logged as kl/seq_chosen, kl/seq_rejected; ``cringe`` (eq. 29-30) the top-k logits of the
+policy itself; ``nn`` (eq. 53) trains on kind ``negatives`` (``trainers.negatives``: a negative
+and K samples of the reference per example, pi_ref+ = the previous epoch's policy), logged as
+logratio/negative, logratio/samples.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer
 
+from alignflow.trainers import token_level
 from alignflow.trainers.collators import collator_for
 from alignflow.trainers.logprobs import SequenceBatch, resolve_layout, sequence_logps
 from alignflow.trainers.losses import (
@@ -37,19 +46,22 @@ from alignflow.trainers.losses import (
     pairwise_metrics,
     resolve_params,
 )
+from alignflow.trainers.modeling import frozen_copy
 
 logger = logging.getLogger(__name__)
 
 # Losses that need more than per-sequence summaries (per-token vocabulary log-probs, top-k
 # logits, a value head); the summary trainer refuses them with this hint.
 NEEDS_MORE_THAN_SUMMARIES = {
-    "tdpo": "per-token log-probs of policy and reference over the vocabulary",
-    "cringe": "top-k logits of the policy (iterative: `alignflow online cringe`)",
     "dro": "a value network V(x) and a reward column (trainers.online.dro_v: `alignflow train DATA --loss dro` "
            "on binary data, or `alignflow online dro-v`)",
-    "nn": "K sampled responses and two reference models",
     "bt": "reward-model scores (it trains a reward model, not a policy: `alignflow online reward-model`)",
 }
+
+# Losses whose extra tensors this trainer computes from the forward pass (trainers.token_level),
+# with the reference each one uses: tdpo a live reference model (its per-token distributions),
+# cringe none, nn the ref_logps of kind "negatives" (samples: pi_ref; negative: pi_ref+).
+TOKEN_LEVEL = {"tdpo": "model", "cringe": None, "nn": "columns"}
 
 
 def loss_kind(name: str, data_kind: str) -> str:
@@ -58,6 +70,11 @@ def loss_kind(name: str, data_kind: str) -> str:
     if name in NEEDS_MORE_THAN_SUMMARIES:
         raise ValueError(f"loss {name!r} needs {NEEDS_MORE_THAN_SUMMARIES[name]}; "
                          "the preference trainer trains losses of per-sequence log-probs")
+    if name == "nn":  # examples of kind "negatives" are built from binary or pairwise data
+        if data_kind not in ("negatives", "binary", "pairwise"):
+            raise ValueError(f"loss 'nn' takes binary (label-false rows) or pairwise (rejected answers) data "
+                             f"plus K samples of the reference per prompt, the dataset is {data_kind}")
+        return data_kind
     allowed = {"any": {"pairwise", "listwise", "binary"}}.get(spec.kind, set(spec.kind.split(" or ")))
     if data_kind not in allowed:
         raise ValueError(f"loss {name!r} takes {spec.kind} data, the dataset is {data_kind}")
@@ -79,6 +96,8 @@ def _dummy_batch(kind: str, with_ref: bool) -> dict[str, torch.Tensor]:
 
 def needs_reference(name: str, kind: str) -> bool:
     """Whether loss ``name`` reads ``ref_*`` keys (probed on a batch without them)."""
+    if name in TOKEN_LEVEL:
+        return TOKEN_LEVEL[name] == "columns"
     try:
         compute_loss(name, _dummy_batch(kind, with_ref=False))
     except MissingBatchKeyError as exc:
@@ -124,7 +143,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class PreferenceTrainer(Trainer):
-    """``transformers.Trainer`` for every per-sequence loss of the registry.
+    """``transformers.Trainer`` for every per-sequence loss of the registry, and the token-level
+    ``tdpo`` (reference model kept live: ``ref_model``, default a frozen copy of the initial
+    policy), ``cringe`` and ``nn`` (kind ``negatives``, see ``trainers.negatives``).
 
     model: the policy (a causal LM). train_dataset: pre-tokenized examples (list or
     ``ExampleDataset``) with reference log-probs when the loss needs them; if they are absent
@@ -155,6 +176,14 @@ class PreferenceTrainer(Trainer):
         self.layout = resolve_layout(model, layout)
         disable_dropout(model)
         self.needs_ref = needs_reference(loss, kind)
+        self.pad_token_id, self.ref_batch_size = pad_token_id, ref_batch_size
+        if loss == "nn" and kind != "negatives":
+            raise ValueError("loss 'nn' trains on examples of kind 'negatives' (trainers.negatives: "
+                             "negatives_table + pretokenize_negatives from the data and K samples per prompt)")
+        # tdpo: the reference's next-token distributions come from a live model (trainers.token_level)
+        self.ref_model = None
+        if TOKEN_LEVEL.get(loss) == "model":
+            self.ref_model = frozen_copy(model) if ref_model is None else ref_model.eval().requires_grad_(False)
         self.with_kl = loss == "kto"
         if loss == "kto":
             problem = kto_balance_warning([e["label"] for e in examples], self.loss_params["lambda_d"],
@@ -177,6 +206,12 @@ class PreferenceTrainer(Trainer):
         kwargs.setdefault("data_collator", collator_for(kind, pad_token_id, self.layout, self.with_kl))
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, train_dataset=ExampleDataset(examples), **kwargs)
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+        if kind == "negatives":  # eq. 53's pi_ref+: the policy of the previous epoch
+            from alignflow.trainers.negatives import PreviousEpochReference
+
+            self.add_callback(PreviousEpochReference(self))
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
@@ -184,6 +219,8 @@ class PreferenceTrainer(Trainer):
     def loss_batch(self, model, inputs: dict) -> dict[str, torch.Tensor]:
         """The loss batch of DESIGN.md ("Loss interface") from collated inputs: policy log-probs
         from one forward pass plus the reference/label/score tensors of the collator."""
+        if self.loss_name in TOKEN_LEVEL:
+            return self.token_level_batch(model, inputs)
         seqs = SequenceBatch(**inputs["seqs"])
         logps, tokens = sequence_logps(model, seqs)
         batch: dict[str, torch.Tensor] = {}
@@ -209,6 +246,35 @@ class PreferenceTrainer(Trainer):
                 if self.accelerator.num_processes > 1:
                     kl = self.accelerator.gather(kl.reshape(1)).mean()
                 batch["kl"] = kl
+        return batch
+
+    def token_level_batch(self, model, inputs: dict) -> dict[str, torch.Tensor]:
+        """The loss batch of ``tdpo``, ``cringe`` and ``nn``: the summaries and the per-token
+        tensors (``trainers.token_level``) from ONE forward pass of the policy (plus, for tdpo,
+        one of the reference without grad)."""
+        seqs = SequenceBatch(**inputs["seqs"])
+        logits = token_level.target_logits(model, seqs)
+        logps, tokens = token_level.summaries(logits, seqs)
+        if self.kind == "negatives":  # response 0 the negative y_l, 1..K the samples of pi_ref
+            ref = inputs["ref_logps"]
+            return {"rejected_logps": logps[:, 0], "ref_rejected_logps": ref[:, 0], "rejected_tokens": tokens[:, 0],
+                    "sample_logps": logps[:, 1:], "ref_sample_logps": ref[:, 1:], "sample_mask": inputs["sample_mask"],
+                    "sample_tokens": tokens[:, 1:]}
+        if self.kind == "binary":
+            batch = {"logps": logps[:, 0], "tokens": tokens[:, 0], "label": inputs["label"]}
+            batch.update(token_level.cringe_tensors(logits, seqs, 0, self.loss_params["k"]))
+            return batch
+        batch = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1],
+                 "chosen_tokens": tokens[:, 0], "rejected_tokens": tokens[:, 1]}
+        if self.loss_name == "cringe":  # pairwise, eq. 30: the rejected answer's tokens are the negatives
+            batch.update(token_level.cringe_tensors(logits, seqs, 1, self.loss_params["k"], prefix="rejected_"))
+            return batch
+        with torch.no_grad():
+            ref_logits = token_level.target_logits(self.ref_model, seqs)
+        ref_logps, _ = token_level.summaries(ref_logits, seqs)
+        seq_kl = token_level.sequence_kl(ref_logits, logits, seqs)
+        batch.update(ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1],
+                     chosen_seq_kl=seq_kl[:, 0], rejected_seq_kl=seq_kl[:, 1])
         return batch
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
@@ -240,6 +306,8 @@ class PreferenceTrainer(Trainer):
         """Detached 0-dim metrics of one batch (see module docstring)."""
         beta = self.metric_beta
         with torch.no_grad():
+            if self.kind == "negatives":
+                return _negatives_metrics(batch)
             if self.kind == "pairwise":
                 view = batch
             elif self.kind == "listwise":
@@ -255,6 +323,9 @@ class PreferenceTrainer(Trainer):
                             "rewards/accuracies": (view["chosen_logps"] / view["chosen_tokens"].clamp(min=1)
                                                    > view["rejected_logps"] / view["rejected_tokens"].clamp(min=1)
                                                    ).double().mean()})
+            if "chosen_seq_kl" in view:  # tdpo
+                out.update({"kl/seq_chosen": view["chosen_seq_kl"].mean(),
+                            "kl/seq_rejected": view["rejected_seq_kl"].mean()})
             return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -301,3 +372,13 @@ def _binary_metrics(batch: dict[str, torch.Tensor], beta: float) -> dict[str, to
     if "kl" in batch:
         out["kl/kto_ref"] = torch.as_tensor(batch["kl"]).double()
     return out
+
+
+def _negatives_metrics(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nn: log-ratio of the negatives against pi_ref+ and mean log-ratio of the samples against pi_ref."""
+    mask = batch["sample_mask"].bool()
+    ratio = (batch["sample_logps"] - batch["ref_sample_logps"]).double().masked_fill(~mask, 0.0)
+    return {"logratio/negative": (batch["rejected_logps"] - batch["ref_rejected_logps"]).double().mean(),
+            "logratio/samples": (ratio.sum(-1) / mask.sum(-1).clamp(min=1)).mean(),
+            "logps/negative": batch["rejected_logps"].double().mean(),
+            "lengths/negative": batch["rejected_tokens"].double().mean()}

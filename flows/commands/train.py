@@ -26,6 +26,23 @@ FAST_DEFAULTS = {
 }
 
 
+# `--loss tdpo1|tdpo2`: the two TDPO variants (eq. 28 as written; the TDPO paper's stop-gradient
+# form) are the registry's `tdpo` with its `variant` parameter.
+LOSS_ALIASES = {"tdpo1": ("tdpo", {"variant": "tdpo1"}), "tdpo2": ("tdpo", {"variant": "tdpo2"})}
+
+
+def resolve_loss_alias(loss: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(registry name, params)`` of a ``--loss`` value; an alias's fixed parameters may not be overridden."""
+    if loss not in LOSS_ALIASES:
+        return loss, params
+    name, fixed = LOSS_ALIASES[loss]
+    clash = {k for k in fixed if k in params and params[k] != fixed[k]}
+    if clash:
+        raise ValueError(f"--loss {loss} fixes {', '.join(f'{k}={fixed[k]!r}' for k in sorted(clash))}; "
+                         f"drop --param {', '.join(sorted(clash))} or use --loss {name}")
+    return name, {**params, **fixed}
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``k=v`` with v read as JSON when it parses (numbers, true/false, null), else a string."""
     if "=" not in text:
@@ -67,15 +84,20 @@ def train(
     ctx: typer.Context,
     dataset: Path = typer.Argument(..., help="Pairwise, listwise or binary dataset folder."),
     model: str = typer.Option(..., "--model", help="Policy checkpoint (folder or hub id); also the reference unless --ref-model."),
-    loss: str = typer.Option("dpo", "--loss", help="Loss name of trainers.losses (dpo, ipo, simpo, kto, lipo, ...)."),
+    loss: str = typer.Option("dpo", "--loss", help="Loss name of trainers.losses (dpo, ipo, simpo, kto, lipo, "
+                             "tdpo1, tdpo2, cringe, nn, ...)."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Loss parameter key=value (repeatable), e.g. beta=0.1."),
     output: Path = typer.Option(..., "--output", help="Where the trained checkpoint goes."),
-    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for absent ref columns (default: the initial policy)."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for absent ref columns "
+                                            "(default: the initial policy); tdpo: the reference loaded for training."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="nn: samples dataset of K responses per prompt "
+                                           "from the reference (alignflow generate PROMPTS SAMPLES --model REF -k K)."),
     layout: str = typer.Option("packed", "--layout", help="packed: each prompt computed once for all its responses; plain: one row per response."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens."),
     sdpo_stages: int = typer.Option(1, "--sdpo-stages", help="sDPO (survey 3.3.7): train in this many chunks, each stage's result the next reference."),
 ) -> None:
-    """Train a policy with any per-sequence loss of trainers.losses.
+    """Train a policy with any loss of trainers.losses: per-sequence ones, and token-level tdpo1/tdpo2
+    (reference loaded for training), cringe (binary or pairwise) and nn (with --samples).
 
     Every transformers.TrainingArguments field is an extra option, e.g.
     --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-6 --bf16 true.
@@ -86,6 +108,7 @@ def train(
         from alignflow.trainers.losses import resolve_params
 
         params = dict(parse_param(p) for p in (param or []))
+        loss, params = resolve_loss_alias(loss, params)
         resolve_params(loss, params)  # unknown loss / parameter -> one line, before heavy imports run
         if layout not in ("packed", "plain"):
             raise ValueError(f"--layout {layout!r}: expected packed or plain")
@@ -102,9 +125,16 @@ def train(
             if kind != "binary":
                 raise ValueError(f"loss 'dro' takes binary data (a reward or label per response), the dataset is {kind}")
             return _train_dro_v(dataset, model, params, training_arguments(ctx.args, output), output)
-        from alignflow.trainers.preference import loss_kind
+        from alignflow.trainers.preference import TOKEN_LEVEL, loss_kind
 
         loss_kind(loss, kind)
+        if loss == "nn" and samples is None:
+            raise ValueError("loss 'nn' needs --samples: K responses per prompt sampled from the reference "
+                             "(alignflow generate PROMPTS SAMPLES --model REF -k K)")
+        if samples is not None and loss != "nn":
+            raise ValueError(f"--samples is for loss nn (its K samples of the reference), not {loss}")
+        if loss in TOKEN_LEVEL and sdpo_stages > 1:
+            raise ValueError(f"--sdpo-stages trains per-sequence losses; loss {loss!r} is token-level")
         args = training_arguments(ctx.args, output)
 
     import torch
@@ -117,7 +147,14 @@ def train(
     with user_errors(OSError):
         tokenizer = AutoTokenizer.from_pretrained(model)
         policy = AutoModelForCausalLM.from_pretrained(model)
-        examples = pretokenize(read_dataset(dataset), kind, tokenizer, max_length)
+        if loss == "nn":
+            examples, nn_counts, sampler = _negatives_examples(dataset, kind, samples, tokenizer, max_length)
+            kind = "negatives"
+            if not _same_model(sampler, ref_model or model):  # eq. 53's expectation is over y_i ~ pi_ref
+                console.print(f"[yellow]warning:[/] the samples of {samples} were generated by {sampler}, the "
+                              f"reference is {ref_model or model}: eq. 53 assumes samples of the reference")
+        else:
+            examples = pretokenize(read_dataset(dataset), kind, tokenizer, max_length)
         had_ref = bool(examples) and all("ref_logps" in e for e in examples)
         reference = None
         if ref_model is not None:
@@ -128,7 +165,16 @@ def train(
         trainer = PreferenceTrainer(policy, args, examples, kind=kind, loss=loss, loss_params=params,
                                     processing_class=tokenizer, layout=layout, ref_model=reference)
     ref_record = manifest.get("provenance", {}).get("reference")
-    if not trainer.needs_ref:
+    if trainer.ref_model is not None:  # tdpo
+        used = {"reference_model": ref_model or model, "computed": "live: loaded for training (per-token KL)"}
+        source = f"{ref_model or model}, loaded for training (TDPO's per-token KL needs its distributions)"
+    elif loss == "nn":
+        used = {"reference_model": ref_model or model, "reference_plus": "pi_ref in epoch 1, then the policy "
+                "at the end of the previous epoch", "samples": str(samples), "samples_model": sampler,
+                "counts": nn_counts.__dict__}
+        source = (f"pi_ref {ref_model or model} for the samples of {samples} (computed once); pi_ref+ for the "
+                  f"negatives: pi_ref in epoch 1, then the previous epoch's policy; {nn_counts.line()}")
+    elif not trainer.needs_ref:
         source, used = "none (reference-free loss)", None
     elif had_ref:
         used = ref_record or {"reference_model": "unrecorded (ref columns without manifest record)"}
@@ -150,6 +196,23 @@ def train(
     (Path(output) / "alignflow_train.json").write_text(json.dumps(record, indent=2, default=str))
     console.print(f"train: done in {result.metrics.get('train_runtime', 0):.1f} s, loss {result.training_loss:.4f}; "
                   f"checkpoint in {output}")
+
+
+def _negatives_examples(dataset: Path, kind: str, samples: Path, tokenizer, max_length: int | None):
+    """``nn``: the data's negatives joined with the samples of the reference (trainers.negatives)."""
+    from alignflow.schemas.store import read_dataset, read_manifest
+    from alignflow.trainers.negatives import negatives_table, pretokenize_negatives
+
+    manifest = read_manifest(samples)
+    if manifest["kind"] != "samples":
+        raise ValueError(f"{samples}: --samples takes a samples dataset (alignflow generate), not {manifest['kind']}")
+    table, counts = negatives_table(read_dataset(dataset), kind, read_dataset(samples))
+    sampler = manifest.get("provenance", {}).get("models", {}).get("policy", {}).get("model")
+    return pretokenize_negatives(table, tokenizer, max_length), counts, sampler
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    return a is None or a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def _train_dro_v(dataset: Path, model: str, params: dict, args, output: Path) -> None:

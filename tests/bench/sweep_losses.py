@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's packages
 
-EXCLUDED = {  # need more than per-sequence log-probs (see trainers.preference.NEEDS_MORE_THAN_SUMMARIES)
+EXCLUDED = {  # not per-sequence losses (token-level: tests/test_trainer_token_level.py; dro, bt: their own trainers)
     "tdpo": "per-token vocabulary log-probs", "cringe": "top-k logits", "dro": "value head", "nn": "two references",
     "bt": "a reward model's scores (reward-model loss)",
 }
