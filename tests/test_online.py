@@ -261,3 +261,45 @@ def test_flow_composes_judge_and_generator_and_writes_report(toy_world, tmp_path
     assert saved["generations"] == 8 and saved["judge_calls"] == 8 and saved["method"] == "rloo"
     assert {"reward_before", "reward_after", "kl_to_ref", "wall_s"} <= set(report)
     assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_nash_md_trains_truncated_samples_without_eos(toy_world, monkeypatch):
+    """A sample cut at the token budget never emitted eos: Nash-MD must score it (policy and
+    reference) without one, as the other trainers do (``rollout.finished_flags``)."""
+    from alignflow.trainers.online import nash_md
+    from alignflow.trainers.online.nash_md import NashMDConfig, train_nash_md
+
+    env = toy_env(toy_world, n_prompts=8, n_eval=2)
+    budget = 6  # the toy's answers are longer: most samples are cut, short ones end by themselves
+    seen_gens, scored = [], []
+
+    def make_gen(model, tok):
+        inner = env.make_gen(model, tok)
+
+        class Recording:
+            name = "recording"
+
+            def generate(self, prompts, n=1, sampling=None):
+                out = inner.generate(prompts, n=n, sampling=sampling)
+                seen_gens.append([g for gs in out for g in gs])
+                return out
+
+        return Recording()
+
+    real = nash_md.response_logps
+
+    def spy(model, tokenizer, prompts, responses, finished=None, **kw):
+        scored.append((list(responses), finished))
+        return real(model, tokenizer, prompts, responses, finished, **kw)
+
+    monkeypatch.setattr(nash_md, "response_logps", spy)
+    cfg = NashMDConfig(steps=1, prompts_per_step=8, sampling=SamplingParams(temperature=1.0, max_new_tokens=budget))
+    train_nash_md(env.policy(), env.tok, env.prompts, make_gen, env.preference, cfg, eval_prompts=env.eval_prompts,
+                  eval_reward_fn=env.reward)
+    train_gens = seen_gens[1]  # [0] is the starting evaluation
+    expected = [[g.n_tokens < budget] for g in train_gens]
+    assert any(not f for [f] in expected) and any(f for [f] in expected)  # both kinds occur
+    assert len(scored) == 2  # policy and reference
+    for responses, finished in scored:
+        assert responses == [[g.text] for g in train_gens]
+        assert finished == expected
