@@ -104,3 +104,26 @@ def test_bpe_world_rebuild_is_reused_and_keeps_its_own_folder(bpe_world, tmp_pat
     with pytest.raises(ValueError, match="unknown world"):
         build_embedded_world("nope", tmp_path)
     assert build_bpe_world(bpe_world.path.parent, seed=0).stats == bpe_world.stats
+
+
+def test_bpe_world_is_selectable_in_the_demo_and_the_align_config(bpe_world, tmp_path):
+    from typer.testing import CliRunner
+
+    from alignflow.flows.align import world_step
+    from alignflow.flows.cli import app
+    from alignflow.flows.config import load_config
+    from alignflow.flows.tasks import build_world
+
+    result = CliRunner().invoke(app, ["demo", "--world", "bpe", "--world-only", "--output", str(bpe_world.path.parent)])
+    assert result.exit_code == 0, result.output
+    assert "bpe world" in result.output and f"{bpe_world.stats['mean_reward']:.3f}" in result.output
+    bad = CliRunner().invoke(app, ["demo", "--world", "nope", "--world-only"])
+    assert bad.exit_code == 2 and "--world 'nope'" in bad.output
+    assert load_config("align").world == "toy"  # the default main job is unchanged
+    config = load_config("align", overrides=["world=bpe"])
+    step = world_step(config, tmp_path)
+    assert step["world"] == "bpe" and step["out"] == str(tmp_path / "bpe-world")
+    with pytest.raises(ValueError, match="field world"):
+        load_config("align", overrides=["world=nope"])
+    built = build_world(str(bpe_world.path.parent), seed=0, world="bpe")  # the flow's step: the cached build
+    assert built["path"] == str(bpe_world.path) and built["stats"]["mean_reward"] == bpe_world.stats["mean_reward"]
