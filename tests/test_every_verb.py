@@ -46,6 +46,10 @@ def data(world, tmp_path_factory, one_thread):
         "--seed", "1")
     samples = read_dataset(root / "samples")
     assert samples.num_rows == 24 and min(samples.column("n_tokens").to_pylist()) >= 1
+    from transformers import AutoTokenizer
+
+    specials = AutoTokenizer.from_pretrained(model).all_special_tokens
+    assert not any(s in text for text in samples.column("response").to_pylist() for s in specials)
     # judges: pairwise LLM (the SFT model judges), rubric, listwise, reward model, verifier
     cli("judge", root / "samples", root / "pairs-llm", "--model", model, "--tie-band", "0", "--pairs-per-prompt", "2")
     assert read_manifest(root / "pairs-llm")["provenance"]["judge"]["judge"] == "pairwise-llm"
@@ -55,7 +59,7 @@ def data(world, tmp_path_factory, one_thread):
     assert all(0 <= r <= 5 for r in rubric)
     cli("judge", root / "samples", root / "ranked", "--judge", "listwise", "--model", model, "--permutations", "2")
     assert read_manifest(root / "ranked")["kind"] == "listwise"
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(root / "rm")
     AutoTokenizer.from_pretrained(model).save_pretrained(root / "rm")
