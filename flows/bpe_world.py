@@ -31,7 +31,7 @@ from alignflow.schemas.store import sha256_file
 MARKER = "bpe_world.json"
 # Not the toy's "sft-model": a folder holding both worlds' markers must not mix their checkpoints.
 CHECKPOINT_DIR = "bpe-sft-model"
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: context 2048 (judge prompts fit)
 
 
 @dataclass(frozen=True)

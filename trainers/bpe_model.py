@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(corpus: Iterable[str], num_merges: int = 400, model_max_length: int = 256):
+def train_bpe_tokenizer(corpus: Iterable[str], num_merges: int = 400, model_max_length: int = 2048):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` with the ChatML template.
 
     Vocabulary: the three special tokens (ids 0..2: ``<|endoftext|>`` pad, ``<|im_start|>``,
@@ -78,9 +78,14 @@ def train_bpe_tokenizer(corpus: Iterable[str], num_merges: int = 400, model_max_
 
 def make_tiny_qwen2(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
                     num_kv_heads: int = 2, intermediate_size: int | None = None,
-                    max_position_embeddings: int = 256, seed: int = 0):
+                    max_position_embeddings: int = 2048, seed: int = 0):
     """A freshly initialised ``Qwen2ForCausalLM`` sized for a 2-core CPU: grouped-query attention
-    (``num_kv_heads`` < ``num_heads``), tied input/output embeddings, no bos; seeded."""
+    (``num_kv_heads`` < ``num_heads``), tied input/output embeddings, no bos; seeded.
+
+    Its context (2048 tokens, as the tokenizer's ``model_max_length``) holds every judge prompt:
+    the judges' instructions are prose the merges never saw, close to one token per character
+    (the pairwise prompt needs ~380 tokens before any text). Rotary positions are computed on
+    the fly, so the context size changes no weight."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
