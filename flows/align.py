@@ -54,12 +54,12 @@ def judge_spec(config: AlignConfig, task: dict, initial_model: str) -> dict:
 
 
 def world_step(config: AlignConfig, run: Path) -> dict:
-    """Arguments of the toy-world step of a run (the same in and outside the flow)."""
-    return dict(out=str(run / "toy-world"), seed=config.seed, options=config.toy_world)
+    """Arguments of the world step of a run (the same in and outside the flow)."""
+    return dict(out=str(run / f"{config.world}-world"), seed=config.seed, options=config.toy_world, world=config.world)
 
 
 def prepare_outside_flow(config: AlignConfig, progress=None) -> None:
-    """Build the toy world before the flow starts (overlapping the embedded server's start-up).
+    """Build the embedded world before the flow starts (overlapping the embedded server's start-up).
 
     The flow's own ``build_world`` step then finds it finished (the step is idempotent).
     """
@@ -143,7 +143,8 @@ def run_align(config: AlignConfig, steps: PlainSteps) -> dict:
             break
     report = {"name": config.name, "run_dir": str(run), "initial_model": initial, "final_model": policy,
               "loss": config.train.loss, "kind": config.feedback.kind, "judge": judge.get("type"),
-              "stop_reason": stop_reason, "history": history, "world_stats": world.get("stats")}
+              "stop_reason": stop_reason, "history": history, "world": config.world if world else None,
+              "world_stats": world.get("stats")}
     _write_json(run / "report.json", report)
     report["plot"] = str(plot_history(history, run / "reward_kl.png", title=f"{config.name}: {config.train.loss}"))
     _write_json(run / "report.json", report)

@@ -141,8 +141,12 @@ class AlignConfig(_Strict):
     output: str | None = Field(None, description="Run folder. Rerunning with the same folder resumes: "
                                                  "finished steps and shards are skipped.")
     seed: int = Field(0, description="Seed of prompt sampling, generation and training.")
-    model: str | None = Field(None, description="Starting policy checkpoint (None = build the toy world and "
-                                                "use its SFT model).")
+    model: str | None = Field(None, description="Starting policy checkpoint (None = build the embedded `world` "
+                                                "and use its SFT model).")
+    world: Literal["toy", "bpe"] = Field(
+        "toy", description="Embedded world built when model is None: toy (char-level tokenizer, tiny Llama) or "
+                           "bpe (byte-level BPE with a ChatML template, tiny Qwen2 with grouped-query attention); "
+                           "both fit the toy task.")
     prompts: str | None = Field(None, description="Prompts: a prompts dataset, or any dataset or file `alignflow "
                                                   "convert` reads (None = the toy task's prompts).")
     prompts_format: str | None = Field(None, description="`alignflow convert --from` format of prompts (None = the "
@@ -155,7 +159,8 @@ class AlignConfig(_Strict):
     task_runner: Literal["threads", "dask", "ray"] = Field("threads", description="Where shards run.")
     workers: int = Field(2, ge=1, description="Concurrent shards (threads or Dask/Ray workers).")
     toy_world: dict[str, Any] = Field(default_factory=dict,
-                                      description="Extra keyword arguments for build_toy_world.")
+                                      description="Extra keyword arguments for the world's builder (build_toy_world "
+                                                  "/ build_bpe_world), e.g. {task: {length_weight: 0.5}}.")
     constitutional: ConstitutionalConfig = Field(default_factory=ConstitutionalConfig,
                                                  description="Optional Constitutional SFT stage.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling.")

@@ -765,16 +765,18 @@ STEPS = {
 }
 
 
-def build_world(out: str, *, seed: int = 0, options: dict | None = None) -> dict:
-    """Build the toy world at ``out`` once; returns its checkpoint path, task config and stats."""
+def build_world(out: str, *, seed: int = 0, options: dict | None = None, world: str = "toy") -> dict:
+    """Build the embedded ``world`` (``flows.worlds``: toy or bpe) at ``out`` once; returns its
+    checkpoint path, task config and stats."""
     summary = Path(out) / "world.json"
     if summary.exists():
         return json.loads(summary.read_text())
-    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.flows.worlds import build_embedded_world
 
     options = dict(options or {})
     task_kwargs = options.pop("task", None)
-    world = build_toy_world(out, seed=seed, task=toy_task(task_kwargs) if task_kwargs else None, **options)
+    world = build_embedded_world(world, out, seed=seed, task=toy_task(task_kwargs) if task_kwargs else None,
+                                 **options)
     task = world.task.config() if hasattr(world.task, "config") else {}
     stats = world.stats if isinstance(getattr(world, "stats", None), dict) else {}
     result = {"path": str(world.path), "task": task, "stats": stats}

@@ -64,3 +64,17 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def bpe_world(tmp_path_factory):
+    """The SFT'd BPE world (byte-level BPE + ChatML, tiny Qwen2), built once per test session."""
+    from alignflow.flows.bpe_world import build_bpe_world
+
+    return build_bpe_world(tmp_path_factory.mktemp("bpe-world"), seed=0)
+
+
+@pytest.fixture(scope="session", params=["toy", "bpe"])
+def world(request):
+    """Each embedded world in turn (a test using it runs once per world)."""
+    return request.getfixturevalue(f"{request.param}_world")

@@ -1,7 +1,9 @@
-"""The ``hf`` generation backend on a tiny random char-level Llama (no toy world needed)."""
+"""The ``hf`` generation backend on tiny random models of both worlds' shapes (no SFT needed): a
+char-level Llama and a byte-level BPE Qwen2 (ChatML, no bos, eos <|im_end|>, pad distinct)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,14 +12,13 @@ torch = pytest.importorskip("torch")
 
 from alignflow.feedback.generation.hf import HFGenerator  # noqa: E402
 from alignflow.schemas.generator import Generator, SamplingParams  # noqa: E402
-from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama  # noqa: E402
+from tests.tiny import TOKENIZERS, tiny_lm, tokenizer  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def generator():
-    tokenizer = make_char_tokenizer()
-    model = make_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1)
-    return HFGenerator(model, tokenizer, device="cpu", batch_size=8)
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def generator(request):
+    tok = tokenizer(request.param)
+    return HFGenerator(tiny_lm(tok, hidden_size=32, num_layers=2, seed=1), tok, device="cpu", batch_size=8)
 
 
 def user(text: str) -> list[dict]:
@@ -97,9 +98,10 @@ def test_generation_logp_equals_score_of_its_text(generator):
     checked = 0
     for prompt, gens in zip(PROMPTS, out):
         for g in gens:
-            # One token per character: a text shorter than its tokens holds special tokens
-            # (a random model samples them), which decoding drops; compare the clean ones.
-            if g.n_tokens != len(g.text):
+            # A random model samples special tokens (decoding drops them) and, with BPE, token
+            # sequences that are not the text's own tokenization: compare the texts whose own
+            # tokenization has as many tokens as were sampled.
+            if g.n_tokens != len(generator.tokenizer(g.text, add_special_tokens=False)["input_ids"]):
                 continue
             again = generator.score_batch([prompt], [g.text])[0]
             assert again == pytest.approx(g.logp, abs=1e-3)
@@ -138,7 +140,7 @@ def test_live_model_mode_is_restored(generator):
 def test_tokenizer_without_chat_template_falls_back_to_plain_text(generator):
     from alignflow.trainers.sft import tokenize_sft_example
 
-    plain = make_char_tokenizer()
+    plain = copy.deepcopy(generator.tokenizer)
     plain.chat_template = None
     bare = HFGenerator(generator.model, plain, device="cpu")
     ids = bare.prompt_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])

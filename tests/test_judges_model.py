@@ -1,6 +1,7 @@
-"""Judges on a real (tiny, random) transformers model: prefix-cached scoring equals plain
-scoring, order symmetry of the debiased probability, table helpers, reward-model judge, and the
-agreement metric on real human-label files."""
+"""Judges on a real (tiny, random) transformers model of each world's shape (char-level Llama,
+byte-level BPE Qwen2 with ChatML): prefix-cached scoring equals plain scoring, order symmetry of
+the debiased probability, table helpers, reward-model judge, and the agreement metric on real
+human-label files."""
 
 from __future__ import annotations
 
@@ -21,16 +22,15 @@ from alignflow.feedback.judges import (
 )
 from alignflow.feedback.judges.tables import candidate_pairs, label_pairs, rank_samples, score_samples
 from alignflow.schemas.validate import validate
+from tests.tiny import TOKENIZERS, tiny_lm, tokenizer
 
 
-@pytest.fixture(scope="module")
-def gen():
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def gen(request):
     from alignflow.feedback.generation.hf import HFGenerator
-    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
-    tok = make_char_tokenizer()
-    return HFGenerator(make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=3), tok,
-                       device="cpu", batch_size=16)
+    tok = tokenizer(request.param)
+    return HFGenerator(tiny_lm(tok, hidden_size=32, num_layers=1, seed=3), tok, device="cpu", batch_size=16)
 
 
 def test_prefix_cached_scorer_equals_plain_scoring(gen):
@@ -84,16 +84,16 @@ def test_prefix_cached_scorer_paths_agree_with_plain_scoring(gen, path, monkeypa
     assert (scorer._prefix_ids is None) == (path == "no-shared-preamble")
 
 
-def test_kept_prefix_cache_is_recomputed_after_the_weights_change():
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_kept_prefix_cache_is_recomputed_after_the_weights_change(kind):
     """A judge over a live model (online training): the preamble's cache kept from an earlier
     call must not outlive an in-place weight update."""
     import torch
 
     from alignflow.feedback.generation.hf import HFGenerator
-    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
 
-    tok = make_char_tokenizer()
-    live = HFGenerator(make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=5), tok, device="cpu")
+    tok = tokenizer(kind)
+    live = HFGenerator(tiny_lm(tok, hidden_size=16, num_layers=1, seed=5), tok, device="cpu")
     judge = PairwiseJudge(live)
     msgs = [judge.template.messages("Reverse: ab", "ba", "ab")]
     first = judge.scorer.score_batch(msgs, [["1", "2"]])
@@ -134,18 +134,18 @@ def test_table_helpers_write_valid_kinds(gen, tmp_path):
     assert validate(lw, "listwise").quarantined.num_rows == 0
 
 
-def test_reward_model_judge(tmp_path):
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_reward_model_judge(tmp_path, kind):
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from alignflow.feedback.judges import RewardModelJudge
-    from alignflow.trainers.toy_model import make_char_tokenizer
 
-    tok = make_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    tok = tokenizer(kind)
+    lm = tiny_lm(tok, hidden_size=32, num_layers=1)
+    lm.config.num_labels = 1
     torch.manual_seed(0)
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    AutoModelForSequenceClassification.from_config(lm.config).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     rm = RewardModelJudge(str(tmp_path / "rm"), device="cpu", batch_size=2)
     r = rm.score(["Reverse: ab", "Reverse: ab", "Copy exactly: c"], ["ba", "ab", "c"])

@@ -106,7 +106,7 @@ def test_one_line_errors_off_the_toy_task(world, tmp_path, args, source, held, m
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
 
 
-def test_online_with_vllm_reloads_the_policy_into_one_engine(world, tmp_path, fake_vllm):
+def test_online_with_vllm_reloads_the_policy_into_one_engine(world, tmp_path, fake_vllm):  # noqa: F811 (the fixture imported below)
     """--backend vllm (the recording fake of vLLM 0.33): one engine, options passed through, asleep
     while the policy trains, and before sampling with updated weights the policy's checkpoint is
     reloaded into it in place; the cost is in the report."""

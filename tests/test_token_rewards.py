@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny import TOKENIZERS, is_bpe, tiny_lm, tokenizer
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -20,14 +22,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny(one_thread):
-    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
-
-    tok = make_char_tokenizer()
-    policy = make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=1).eval()
-    ref = make_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=2).eval()
-    return policy, ref, tok
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def tiny(request, one_thread):
+    """(random policy, random reference, tokenizer) in one world's shape (char Llama, BPE Qwen2)."""
+    tok = tokenizer(request.param)
+    return tiny_lm(tok, hidden_size=32, num_layers=1, seed=1).eval(), tiny_lm(tok, hidden_size=32, num_layers=1,
+                                                                               seed=2).eval(), tok
 
 
 PROMPTS = ["Spell out: 7", "Spell out: 415", "Copy exactly: abc"]
@@ -77,17 +77,23 @@ def test_wide_beam_finds_the_exhaustive_optimum(tiny):
 
 
 @pytest.mark.parametrize("objective", ["q", "reward"])
-def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(toy_world, tiny, objective):
-    """On the toy world's SFT policy (its answers are plain characters, so the returned text
-    re-encodes to the searched tokens) against a random reference."""
-    from transformers import AutoModelForCausalLM
+def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(request, tiny, objective):
+    """On the world's SFT policy against a random reference. The comparison needs the returned
+    text to re-encode to the searched tokens: always so one token per character; with BPE only
+    on the task's prompts (where the SFT model writes the text's own tokenization; on a foreign
+    prompt a search may return '-vwne' found as '-','v','w','n','e', which re-encodes to
+    '-','vw','ne' and so scores differently)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignflow.trainers.token_rewards import beam_search, beam_search_batch, token_rewards
 
-    _, ref, tok = tiny
-    policy = AutoModelForCausalLM.from_pretrained(toy_world.path).eval()
-    found = beam_search_batch(policy, ref, tok, PROMPTS, beam_size=3, max_new_tokens=5, beta=0.2, objective=objective)
-    for prompt, (text, score) in zip(PROMPTS, found):
+    world = request.getfixturevalue("bpe_world" if is_bpe(tiny[2]) else "toy_world")
+    tok = AutoTokenizer.from_pretrained(world.path)  # the world's own vocabulary
+    policy = AutoModelForCausalLM.from_pretrained(world.path).eval()
+    ref = tiny_lm(tok, hidden_size=32, num_layers=1, seed=2).eval()
+    prompts = PROMPTS[:2] if is_bpe(tok) else PROMPTS
+    found = beam_search_batch(policy, ref, tok, prompts, beam_size=3, max_new_tokens=5, beta=0.2, objective=objective)
+    for prompt, (text, score) in zip(prompts, found):
         assert beam_search(policy, ref, tok, prompt, beam_size=3, max_new_tokens=5, beta=0.2,
                            objective=objective) == pytest.approx((text, score))
         # the answer re-scored token by token (eos counted when it finished within the budget)
@@ -95,6 +101,20 @@ def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(toy_w
         rows = token_rewards(policy, ref, tok, prompt, text, beta=0.2, finished=finished)
         want = sum(r.reward for r in rows) if objective == "reward" else 0.2 * sum(r.logp for r in rows)
         assert score == pytest.approx(want, abs=1e-3)
+
+
+def test_token_texts_join_to_the_text_whatever_the_byte_split(tiny):
+    """A byte-level BPE token may hold half a character: each token's piece is what it adds to
+    the decoded text (never U+FFFD), and the pieces join to the text."""
+    from alignflow.trainers.token_rewards import token_rewards, token_texts
+
+    policy, ref, tok = tiny
+    text = "forty-twé ☃ ok" if is_bpe(tok) else "forty-two ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = token_texts(tok, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    rows = token_rewards(policy, ref, tok, "Spell out: 42", text)
+    assert "".join(r.token for r in rows) == text + tok.eos_token
 
 
 def test_rejects_bad_arguments(tiny):

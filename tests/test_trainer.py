@@ -1,5 +1,6 @@
 """The preference trainer on a tiny model: log-prob layouts, collators, cached reference columns,
-DPO at step 1, KTO's reference point and warning, sDPO stages, and the train / precompute-ref CLI."""
+DPO at step 1, KTO's reference point and warning, sDPO stages, and the train / precompute-ref CLI.
+Every test runs on both worlds' shapes (char-level Llama; byte-level BPE Qwen2 with ChatML)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from alignflow.trainers.collators import ListwiseCollator, pretokenize
 from alignflow.trainers.logprobs import build_sequence_batch, sequence_logps
 from alignflow.trainers.losses import compute_loss
+from tests.tiny import TOKENIZERS, tiny_lm, tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,18 +27,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from alignflow.trainers.toy_model import make_char_tokenizer
-
-    return make_char_tokenizer()
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def tok(request):
+    return tokenizer(request.param)
 
 
 def tiny(tok, dtype=torch.float32, seed=0):
-    from alignflow.trainers.toy_model import make_tiny_llama
-
-    model = make_tiny_llama(tok, hidden_size=32, num_layers=2, seed=seed)
-    return model.to(dtype)
+    return tiny_lm(tok, hidden_size=32, num_layers=2, seed=seed).to(dtype)
 
 
 def args(tmp_path, **kw):
@@ -100,10 +97,17 @@ def test_packed_and_plain_gradients_agree(tok):
 # ---- collators -------------------------------------------------------------------------------------
 
 def test_pretokenize_uses_chat_template(tok):
+    from alignflow.trainers.encoding import encode_prompt, encode_response
+
     ex = pretokenize(pair_table(2), "pairwise", tok)[0]
     prompt_text = tok.decode(ex["prompt_ids"], skip_special_tokens=False)
-    assert prompt_text == "<bos><|user|>Copy exactly: ab0<|assistant|>"
+    assert prompt_text in ("<bos><|user|>Copy exactly: ab0<|assistant|>",  # char world
+                           "<|im_start|>user\nCopy exactly: ab0<|im_end|>\n<|im_start|>assistant\n")  # ChatML
+    # a response is its own tokens then eos, nothing the template writes after the end of turn
+    # (ChatML's newline): what a generator samples and the online trainers score
     assert ex["response_ids"][0] == tok("ab0", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex["prompt_ids"] == encode_prompt(tok, [{"role": "user", "content": "Copy exactly: ab0"}])
+    assert ex["response_ids"][1] == encode_response(tok, "zz")
 
 
 def test_listwise_collator_masks_variable_k_and_loss_ignores_padding(tok):

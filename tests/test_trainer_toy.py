@@ -1,10 +1,11 @@
-"""Each family of offline losses raises the toy world's programmatic reward over the SFT policy.
+"""Each family of offline losses raises the programmatic reward over the SFT policy, on the toy
+world and (one loss per family) on the BPE world.
 
-Data: K = 4 samples per prompt from the SFT toy model (HFGenerator, temperature 1), scored with
-``task.rewards``, turned into pairwise / listwise / binary datasets (``trainers.sample_data``).
-Each family trains a fresh copy of the SFT model briefly; then the reward of samples on a fixed
-set of held-out prompts (same sampling seeds before and after) must rise, significantly: a
-one-sided paired t-test over prompts, p < 0.01.
+Data: K = 4 samples per prompt from the world's SFT model (HFGenerator, temperature 1), scored
+with ``task.rewards``, turned into pairwise / listwise / binary datasets
+(``trainers.sample_data``). Each family trains a fresh copy of the SFT model briefly; then the
+reward of samples on a fixed set of held-out prompts (same sampling seeds before and after) must
+rise, significantly: a one-sided paired t-test over prompts, p < 0.01.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(toy_world, one_thread):
+def world(request, one_thread):
+    """(built world, tokenizer, SFT model) of the case's world (indirect parameter), loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(toy_world.path)
-    sft = AutoModelForCausalLM.from_pretrained(toy_world.path)
-    return toy_world, tok, sft
+    built = request.getfixturevalue(f"{request.param}_world")
+    return built, AutoTokenizer.from_pretrained(built.path), AutoModelForCausalLM.from_pretrained(built.path)
 
 
 def _sample(model, tok, prompts, n, seed):
@@ -89,9 +90,12 @@ FAMILIES = [  # family id, data, loss, params, learning rate
     ("binary", "binary", "kto", {}, 2e-4),
     ("negative-only", "negative", "npo", {}, 2e-5),
 ]
+BPE_FAMILIES = ("pairwise-with-reference", "reference-free", "listwise", "binary")
+CASES = [("toy", *f) for f in FAMILIES] + [("bpe", *f) for f in FAMILIES if f[0] in BPE_FAMILIES]
 
 
-@pytest.mark.parametrize("family,data,loss,params,lr", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("world,family,data,loss,params,lr", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES],
+                         indirect=["world"])
 def test_family_raises_reward_significantly(world, samples, sft_rewards, tmp_path, family, data, loss, params, lr):
     from scipy import stats
     from transformers import AutoModelForCausalLM, TrainingArguments

@@ -12,8 +12,9 @@ row under this row's prompt, a mismatched pair; ``ref_kl_logps`` when precompute
 
 The prompt is rendered with the tokenizer's chat template and ``add_generation_prompt=True``;
 a response's tokens are the rest of the templated conversation with the response as the
-assistant turn (for the toy world and most templates: the response, then end-of-turn/eos),
-the same tokens the SFT stage trains on and a generator samples.
+assistant turn, up to and including eos (the response, then end-of-turn/eos; what a template
+writes after eos, such as ChatML's newline, is never sampled and is cut), the same tokens the
+SFT stage trains on and a generator samples.
 
 Collators only pad and lay out (``trainers.logprobs.build_sequence_batch``) and return the
 loss batch keys of DESIGN.md ("Loss interface") beside the sequences (``seqs``).
@@ -50,12 +51,16 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 def render_completion(tokenizer, messages: list[dict], prompt_text: str, response: str) -> str:
     """The text that follows ``prompt_text`` when ``response`` is the assistant turn."""
+    eos = tokenizer.eos_token or ""
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
                                              tokenize=False)
         if full.startswith(prompt_text):
-            return full[len(prompt_text):]
-    return response + (tokenizer.eos_token or "")
+            completion = full[len(prompt_text):]
+            # the turn ends at eos: what a template writes after it (ChatML's newline) is never sampled
+            end = completion.find(eos, len(response)) if eos else -1
+            return completion[: end + len(eos)] if end >= 0 else completion
+    return response + eos
 
 
 def tokenize_prompts_responses(tokenizer, prompts: Sequence[Any], responses: Sequence[Sequence[str]],

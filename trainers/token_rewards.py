@@ -56,7 +56,24 @@ def token_rewards(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompt: Any
     mask = batch.action_mask[0]
     ids = batch.actions[0][mask].tolist()
     lp, rlp = lp[0][mask.to(lp.device)].tolist(), rlp[0][mask.to(rlp.device)].tolist()
-    return [TokenReward(tokenizer.decode([i]), beta * (a - b), a, b) for i, a, b in zip(ids, lp, rlp)]
+    return [TokenReward(t, beta * (a - b), a, b) for t, a, b in zip(token_texts(tokenizer, ids), lp, rlp)]
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds to the decoded response, so that the pieces join to the text.
+
+    A byte-level BPE token may hold part of a character's UTF-8 bytes: decoded alone it is
+    U+FFFD. Each piece is the growth of the decoded prefix instead (empty for a token that ends
+    inside a character, the whole character on the token that completes it)."""
+    pieces, before = [], ""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(list(ids[:n]))
+        if text.endswith("\ufffd") and n < len(ids):  # an unfinished character: wait for its last byte
+            pieces.append("")
+            continue
+        pieces.append(text[len(before):] if text.startswith(before) else tokenizer.decode([ids[n - 1]]))
+        before = text
+    return pieces
 
 
 class _Decoder:

@@ -15,7 +15,10 @@ Log-probs: ``Generation.logp`` is the sum over the generated tokens (the end-of-
 included when it was sampled) of ``log_softmax(logits)`` of the model at temperature 1, with no
 top-k / top-p truncation: the policy's likelihood of the text, what DPO-style losses and
 reference log-probs use, not the likelihood under the tempered/truncated sampling distribution.
-``token_logps`` holds the per-token terms. ``score`` uses the same definition.
+``token_logps`` holds the per-token terms. ``score`` uses the same definition. With a subword
+(BPE) tokenizer ``logp`` is that of the sampled token sequence, which need not be the text's own
+tokenization; ``score`` and every trainer re-tokenize the text. The two agree whenever the model
+writes a text's own tokenization, as a model fitted to tokenized text almost always does.
 """
 
 from __future__ import annotations

@@ -120,9 +120,13 @@ def preflight(config) -> None:
 
 def demo(
     output: Path = typer.Option(None, "--output", "-o",
-                                help="Run folder (default ./alignflow-runs/demo/seed-N; an existing one is resumed)."),
+                                help="Run folder (default ./alignflow-runs/demo/seed-N, demo-bpe/seed-N for "
+                                     "--world bpe; an existing one is resumed)."),
     seed: int = typer.Option(0, "--seed", help="Seed of data, weights, sampling and training."),
-    model: str = typer.Option(None, "--model", help="Start from this checkpoint instead of the toy world."),
+    world: str = typer.Option(None, "--world", help="Embedded world to build and align: toy (the default; "
+                                                    "char-level tokenizer, tiny Llama) or bpe (byte-level BPE + "
+                                                    "ChatML, tiny Qwen2)."),
+    model: str = typer.Option(None, "--model", help="Start from this checkpoint instead of an embedded world."),
     backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default), vllm, openai."),
     judge: str = typer.Option(None, "--judge", help="verifier (default: the toy task's reward), pairwise_llm, "
                                                     "rubric, reward_model."),
@@ -134,9 +138,9 @@ def demo(
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a field: key=value."),
     allow_plugin: Optional[List[str]] = typer.Option(None, "--allow-plugin", help=ALLOW_PLUGIN_HELP),
     fresh: bool = typer.Option(False, "--fresh", "--force",
-                               help="Delete the run folder first: rebuild the toy world, rerun every step."),
+                               help="Delete the run folder first: rebuild the world, rerun every step."),
     world_only: bool = typer.Option(False, "--world-only",
-                                    help="Only build the toy world in --output and show its reward statistics."),
+                                    help="Only build the world in --output and show its reward statistics."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's log lines."),
 ) -> None:
     """The main job: build the toy world and align it with two iterations of DPO (reward should rise)."""
@@ -144,11 +148,15 @@ def demo(
 
     from alignflow.flows.config import dump_config, load_config
     from alignflow.flows.runtime import expand_output
+    from alignflow.flows.worlds import WORLDS
 
+    if world is not None and world not in WORLDS:
+        fail(f"--world {world!r}: expected one of {', '.join(WORLDS)}")
+    default_output = DEFAULT_RUNS / ("demo" if world in (None, "toy") else f"demo-{world}") / f"seed-{seed}"
     if world_only:
-        _world_only(output, seed, length_weight, fresh)
+        _world_only(output or default_output, seed, length_weight, fresh, world or "toy")
         return
-    sets = [f"seed={seed}"]
+    sets = [f"seed={seed}"] + ([f"world={world}"] if world else [])
     if model:
         sets.append(f"model={model}")
     if backend:
@@ -165,7 +173,7 @@ def demo(
         config = load_config("align", config_file or DEMO_CONFIG, sets + list(overrides or []))
         allow_plugins(allow_plugin)
         preflight(config)
-        config.output = expand_output(str(output or DEFAULT_RUNS / "demo" / f"seed-{seed}"), config.name)
+        config.output = expand_output(str(output or default_output), config.name)
         run_dir = Path(config.output)
         if fresh and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -177,20 +185,19 @@ def demo(
     print_align_report(result)
 
 
-def _world_only(output: Path | None, seed: int, length_weight: float, force: bool) -> None:
-    """The toy world alone (data + SFT), with its reward statistics and a few samples."""
+def _world_only(out_dir: Path, seed: int, length_weight: float, force: bool, name: str = "toy") -> None:
+    """An embedded world alone (data + SFT), with its reward statistics and a few samples."""
     from rich.table import Table
 
     from alignflow.feedback.toy_task import ToyTask
-    from alignflow.flows.toy_world import build_toy_world
+    from alignflow.flows.worlds import build_embedded_world
 
-    out_dir = output or DEFAULT_RUNS / "demo" / f"seed-{seed}"
     with user_errors():
         task = ToyTask(length_weight=length_weight)
-        console.print(f"building the toy world in [bold]{out_dir}[/] (seed {seed}) ...")
-        world = build_toy_world(out_dir, seed=seed, task=task, force=force)
+        console.print(f"building the {name} world in [bold]{out_dir}[/] (seed {seed}) ...")
+        world = build_embedded_world(name, out_dir, seed=seed, task=task, force=force)
     stats = world.stats
-    table = Table(title=f"toy world: samples at temperature {stats['temperature']}, "
+    table = Table(title=f"{name} world: samples at temperature {stats['temperature']}, "
                         f"K={stats['k']} per prompt, {stats['n_prompts']} held-out prompts")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -245,8 +252,9 @@ def print_align_report(report: dict) -> None:
     console.print(table)
     world = report.get("world_stats")
     if world:
-        console.print(f"toy world (the SFT start): reward {world['mean_reward']:.3f} on its own held-out prompts, "
-                      f"exact answers {world['exact_match']:.1%}, built in {world.get('build_seconds', 0):.0f} s")
+        console.print(f"{report.get('world') or 'toy'} world (the SFT start): reward {world['mean_reward']:.3f} "
+                      f"on its own held-out prompts, exact answers {world['exact_match']:.1%}, "
+                      f"built in {world.get('build_seconds', 0):.0f} s")
     console.print(f"stop: {report['stop_reason']}")
     run = Path(report["run_dir"])
     console.print(f"run folder: [bold]{run}[/]")

@@ -100,7 +100,6 @@ def main() -> None:
                                                        str(Path(tempfile.gettempdir()) / "alignflow-bench-world")))
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from alignflow.feedback.generation.hf import HFGenerator

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ._util import mean_logp, need
-from .listwise import mean_listwise_logps, _nll_best
+from .listwise import _nll_best, mean_listwise_logps
 from .registry import register
 
 Batch = Mapping[str, torch.Tensor]

@@ -124,16 +124,19 @@ def train_nash_md(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any], mak
         idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         policy.eval()
-        ys = [g[0].text for g in ro.sample(generator, batch_prompts, 1, cfg.sampling, spend)]
+        gens = [g[0] for g in ro.sample(generator, batch_prompts, 1, cfg.sampling, spend)]
+        ys = [g.text for g in gens]
+        # a sample cut at the token budget never emitted eos: scored without one
+        finished = [[f] for f in ro.finished_flags(gens, cfg.sampling.max_new_tokens)]
         y_mix = sample_mixture(policy, ref, tokenizer, batch_prompts, cfg.mixture,
                                cfg.sampling.max_new_tokens, cfg.sampling.temperature, gen)
         spend.add(generations=len(y_mix))
         pref = torch.tensor([float(p) for p in preference_fn(batch_prompts, ys, y_mix)], device=modeling.device_of(policy))
         spend.add(judge_calls=len(ys))
         policy.train()
-        logps, _ = response_logps(policy, tokenizer, batch_prompts, [[y] for y in ys])
+        logps, _ = response_logps(policy, tokenizer, batch_prompts, [[y] for y in ys], finished)
         with torch.no_grad():
-            ref_logps, _ = response_logps(ref, tokenizer, batch_prompts, [[y] for y in ys])
+            ref_logps, _ = response_logps(ref, tokenizer, batch_prompts, [[y] for y in ys], finished)
             kl = (logps.detach() - ref_logps.to(logps.device))[:, 0]
             advantage = (pref - 0.5) - cfg.beta * kl
         loss = -(advantage * logps[:, 0]).mean()

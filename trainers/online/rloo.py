@@ -23,7 +23,7 @@ from torch import nn
 
 from alignflow.schemas.generator import Messages, SamplingParams
 from alignflow.schemas.online import OnlineReport
-from alignflow.trainers import encoding, modeling
+from alignflow.trainers import modeling
 from alignflow.trainers.logprobs import response_logps
 from alignflow.trainers.online import rollout as ro
 from alignflow.trainers.online import runs
