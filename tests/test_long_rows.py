@@ -123,7 +123,9 @@ def run_within_rss(cmd: list[str], limit_mb: int = RSS_LIMIT_MB, timeout: float 
     deadline = time.monotonic() + timeout
     killed = None
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        # one thread: a tiny model gains nothing from two, and the test should not fight the suite for cores
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -174,7 +176,7 @@ def test_precompute_and_train_on_long_tulu_rows_within_2gb(human_labels, tmp_pat
 
     out, peak_train = run_within_rss(cli + ["train", str(tmp_path / "long-ref"), "--model", str(tmp_path / "model"),
                                             "--output", str(tmp_path / "out"), "--per_device_train_batch_size", "8",
-                                            "--max_steps", "3", "--max-batch-tokens", "2048"])
+                                            "--max_steps", "2", "--max-batch-tokens", "2048"])
     assert "48 of 48 rows cut to 256 tokens" in out, out
     record = json.loads((tmp_path / "out" / "alignflow_train.json").read_text())
     assert record["truncated_rows"] == 48 and record["max_length"] == 256 and record["train_loss"] > 0
