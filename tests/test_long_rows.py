@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from alignflow.trainers.collators import collator_for, pretokenize, truncated
+from alignflow.trainers.collators import pretokenize, truncated
 from alignflow.trainers.logprobs import chunk_by_tokens, padded_tokens
 
 
