@@ -110,6 +110,24 @@ def test_chunked_batch_gives_the_same_loss_and_gradient(tok, tmp_path, kind, los
     assert results[0][1].abs().max() > 1e-3
 
 
+def test_token_level_losses_refuse_a_token_budget(tok, tmp_path):
+    """Token-level losses read per-token logits of the whole batch (``inputs["seqs"]``): chunking
+    their batch would fail mid-run, so ``--max-batch-tokens`` with them is refused up front."""
+    from transformers import TrainingArguments
+
+    from alignflow.trainers.preference import PreferenceTrainer
+    from alignflow.trainers.toy_model import make_tiny_llama
+
+    table = pa.table({"prompt": ["Copy: ab", "Copy: cd"], "chosen": ["ab", "cd"], "rejected": ["zz", "yy"],
+                      "margin": pa.nulls(2, pa.float64()), "source": ["rule"] * 2})
+    examples = pretokenize(table, "pairwise", tok)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, disable_tqdm=True)
+    model = make_tiny_llama(tok, hidden_size=32, num_layers=1, seed=0)
+    with pytest.raises(ValueError, match="--max-batch-tokens runs per-sequence losses in chunks; 'cringe'"):
+        PreferenceTrainer(model, args, examples, kind="pairwise", loss="cringe", processing_class=tok,
+                          max_batch_tokens=64)
+
+
 # ---- the 2 GB test on the Tulu sheet -------------------------------------------------------------------
 
 RSS_LIMIT_MB = 2048
