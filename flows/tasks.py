@@ -563,6 +563,7 @@ def run_training(spec: dict) -> str:
     from transformers.utils import logging as hf_logging
 
     from alignflow.trainers.collators import pretokenize
+    from alignflow.trainers.modeling import context_length
 
     hf_logging.disable_progress_bar()
     from alignflow.trainers.preference import PreferenceTrainer
@@ -573,7 +574,8 @@ def run_training(spec: dict) -> str:
     output = Path(spec["output"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     policy = AutoModelForCausalLM.from_pretrained(spec["model"])
-    examples = pretokenize(read_dataset(spec["dataset"]), kind, tokenizer, train.get("max_length"))
+    examples = pretokenize(read_dataset(spec["dataset"]), kind, tokenizer,
+                           train.get("max_length") or context_length(policy))
     args = TrainingArguments(output_dir=str(output / "trainer-state"), report_to="none", save_strategy="no",
                              logging_steps=10, dataloader_num_workers=0, eval_strategy="no",
                              dataloader_pin_memory=False, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),

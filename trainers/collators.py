@@ -9,6 +9,7 @@ per example inside the loop would double a CPU run)::
 pairwise: K = 2 (chosen, rejected); listwise: K = len(responses) (varies by row), ``scores``;
 binary: K = 1, ``label`` and the KL pair of KTO (``kl_response_ids``: the response of the next
 row under this row's prompt, a mismatched pair; ``ref_kl_logps`` when precomputed).
+``truncated`` is True where ``max_length`` cut the prompt or a response (see ``truncated``).
 
 The prompt is rendered with the tokenizer's chat template and ``add_generation_prompt=True``;
 a response's tokens are the rest of the templated conversation with the response as the
@@ -22,12 +23,12 @@ loss batch keys of DESIGN.md ("Loss interface") beside the sequences (``seqs``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from alignflow.trainers.logprobs import build_sequence_batch
+from alignflow.trainers.logprobs import build_sequence_batch, chunk_by_tokens
 
 KINDS = ("pairwise", "listwise", "binary")
 
@@ -90,11 +91,19 @@ def tokenize_prompts_responses(tokenizer, prompts: Sequence[Any], responses: Seq
     prompt_ids = [list(p) for p in prompt_ids]
     if max_length is not None:
         for i, (p, rs) in enumerate(zip(prompt_ids, response_ids)):
-            longest = max((len(r) for r in rs), default=0)
-            keep_prompt = max(1, min(len(p), max_length - min(longest, max_length // 2)))
-            prompt_ids[i] = p[-keep_prompt:]
-            response_ids[i] = [r[: max_length - keep_prompt] for r in rs]
+            prompt_ids[i], response_ids[i] = truncated(p, rs, max_length)
     return prompt_ids, response_ids
+
+
+def truncated(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Prompt and responses cut so that prompt + each response fits ``max_length`` tokens: the
+    prompt keeps its last tokens (at least one, and room for ``min(longest, max_length // 2)``
+    response tokens), responses lose their ends. Unchanged when everything fits."""
+    longest = max((len(r) for r in responses), default=0)
+    if len(prompt) + longest <= max_length:
+        return prompt, responses
+    keep_prompt = max(1, min(len(prompt), max_length - min(longest, max_length // 2)))
+    return prompt[-keep_prompt:], [r[: max_length - keep_prompt] for r in responses]
 
 
 def pretokenize(table, kind: str, tokenizer, max_length: int | None = None) -> list[dict]:
@@ -114,8 +123,11 @@ def pretokenize(table, kind: str, tokenizer, max_length: int | None = None) -> l
         responses = table.column("responses").to_pylist()
     else:
         responses = [[r] for r in table.column("response").to_pylist()]
-    prompt_ids, response_ids = tokenize_prompts_responses(tokenizer, prompts, responses, max_length)
-    examples = [{"prompt_ids": p, "response_ids": r} for p, r in zip(prompt_ids, response_ids)]
+    prompt_ids, response_ids = tokenize_prompts_responses(tokenizer, prompts, responses)
+    examples = []
+    for p, rs in zip(prompt_ids, response_ids):
+        cut_p, cut_rs = truncated(p, rs, max_length) if max_length is not None else (p, rs)
+        examples.append({"prompt_ids": cut_p, "response_ids": cut_rs, "truncated": cut_p is not p})
 
     def column(name: str) -> list | None:
         if name not in cols:
@@ -156,7 +168,28 @@ def pretokenize(table, kind: str, tokenizer, max_length: int | None = None) -> l
         if ref_kl is not None:
             for ex, r in zip(examples, ref_kl):
                 ex["ref_kl_logps"] = r
+    check_reference_tokens(table, kind, examples)
     return examples
+
+
+def check_reference_tokens(table, kind: str, examples: list[dict]) -> None:
+    """Reference log-probs are sums over the response tokens ``precompute-ref`` saw, recorded in
+    the token-count columns; a different tokenizer or ``--max-length`` here would silently compare
+    log-probs of different sequences, so a mismatch is an error naming the first row."""
+    if not examples or "ref_logps" not in examples[0]:
+        return
+    names = {"pairwise": ("chosen_tokens", "rejected_tokens")}.get(kind, ("tokens",))
+    if not all(n in table.column_names for n in names):
+        return
+    columns = [table.column(n).to_pylist() for n in names]
+    recorded = list(zip(*columns)) if kind == "pairwise" else columns[0]
+    for i, (ex, counts) in enumerate(zip(examples, recorded)):
+        counts = list(counts) if isinstance(counts, (list, tuple)) else [counts]
+        got = [len(r) for r in ex["response_ids"]]
+        if counts != got and None not in counts:
+            raise ValueError(f"row {i}, field {'/'.join(names)}: the reference columns count {counts} response tokens, "
+                             f"this tokenizer and --max-length give {got}; recompute them with the same settings "
+                             "(alignflow precompute-ref)")
 
 
 def add_kl_pairs(examples: list[dict]) -> None:
@@ -175,14 +208,29 @@ def add_kl_pairs(examples: list[dict]) -> None:
 
 @dataclass
 class _Collator:
+    """``max_tokens``: a batch whose padded layout would exceed this many tokens is laid out as
+    consecutive chunks under ``<name>_chunks`` instead of one ``<name>`` (the trainer runs them one
+    at a time, recomputing each in the backward pass: same gradient, bounded memory)."""
+
     pad_token_id: int
     layout: str = "packed"
+    max_tokens: int | None = field(default=None, kw_only=True)
 
     def _seqs(self, examples: Sequence[dict], key: str = "response_ids") -> dict:
         batch = build_sequence_batch([e["prompt_ids"] for e in examples],
                                      [e[key] if key == "response_ids" else [e[key]] for e in examples],
                                      self.pad_token_id, self.layout)
         return batch.__dict__.copy()
+
+    def _sequences(self, examples: Sequence[dict], name: str = "seqs", key: str = "response_ids") -> dict:
+        """``{name: seqs}``, or ``{name + "_chunks": [seqs, ...]}`` when over ``max_tokens``."""
+        if self.max_tokens is not None:
+            groups = chunk_by_tokens([e["prompt_ids"] for e in examples],
+                                     [e[key] if key == "response_ids" else [e[key]] for e in examples],
+                                     self.layout, self.max_tokens)
+            if len(groups) > 1:
+                return {name + "_chunks": [self._seqs([examples[i] for i in g], key) for g in groups]}
+        return {name: self._seqs(examples, key)}
 
     @staticmethod
     def _has(examples: Sequence[dict], key: str) -> bool:
@@ -195,7 +243,7 @@ class PairwiseCollator(_Collator):
     ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` float64 when present (win-rates too)."""
 
     def __call__(self, examples: Sequence[dict]) -> dict:
-        out: dict[str, Any] = {"seqs": self._seqs(examples)}
+        out: dict[str, Any] = self._sequences(examples)
         if self._has(examples, "ref_logps"):
             ref = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float64)
             out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
@@ -217,7 +265,7 @@ class ListwiseCollator(_Collator):
         def padded(key: str) -> torch.Tensor:
             return torch.tensor([list(e[key]) + [0.0] * (k - len(e[key])) for e in examples], dtype=torch.float64)
 
-        out: dict[str, Any] = {"seqs": self._seqs(examples), "mask": mask, "scores": padded("scores")}
+        out: dict[str, Any] = {**self._sequences(examples), "mask": mask, "scores": padded("scores")}
         if self._has(examples, "ref_logps"):
             out["ref_logps"] = padded("ref_logps")
         return out
@@ -231,12 +279,12 @@ class BinaryCollator(_Collator):
     with_kl: bool = False
 
     def __call__(self, examples: Sequence[dict]) -> dict:
-        out: dict[str, Any] = {"seqs": self._seqs(examples),
+        out: dict[str, Any] = {**self._sequences(examples),
                                "label": torch.tensor([e["label"] for e in examples], dtype=torch.bool)}
         if self._has(examples, "ref_logps"):
             out["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples], dtype=torch.float64)
         if self.with_kl:
-            out["kl_seqs"] = self._seqs(examples, "kl_response_ids")
+            out.update(self._sequences(examples, "kl_seqs", "kl_response_ids"))
             if self._has(examples, "ref_kl_logps"):
                 out["ref_kl_logps"] = torch.tensor([e["ref_kl_logps"] for e in examples], dtype=torch.float64)
         return out
@@ -258,14 +306,16 @@ class NegativesCollator(_Collator):
         return out
 
 
-def collator_for(kind: str, pad_token_id: int, layout: str = "packed", with_kl: bool = False) -> _Collator:
-    """The collator of a dataset kind (or of ``negatives``, the examples of loss ``nn``)."""
+def collator_for(kind: str, pad_token_id: int, layout: str = "packed", with_kl: bool = False,
+                 max_tokens: int | None = None) -> _Collator:
+    """The collator of a dataset kind (or of ``negatives``, the examples of loss ``nn``; ``max_tokens``:
+    see ``_Collator``, per-sequence kinds only)."""
     if kind == "pairwise":
-        return PairwiseCollator(pad_token_id, layout)
+        return PairwiseCollator(pad_token_id, layout, max_tokens=max_tokens)
     if kind == "listwise":
-        return ListwiseCollator(pad_token_id, layout)
+        return ListwiseCollator(pad_token_id, layout, max_tokens=max_tokens)
     if kind == "binary":
-        return BinaryCollator(pad_token_id, layout, with_kl)
+        return BinaryCollator(pad_token_id, layout, with_kl, max_tokens=max_tokens)
     if kind == "negatives":
         return NegativesCollator(pad_token_id, layout)
     raise ValueError(f"no collator for kind {kind!r}; known: {', '.join(KINDS)}")

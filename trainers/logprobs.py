@@ -131,6 +131,37 @@ def build_sequence_batch(prompts: Sequence[Sequence[int]], responses: Sequence[S
     )
 
 
+def padded_tokens(prompt_len: int, response_lens: Sequence[int], layout: str) -> tuple[int, int]:
+    """``(rows, width)`` one example occupies in ``build_sequence_batch``'s layout: packed is one
+    row of prompt + all responses, plain one row of prompt + response per response."""
+    if layout == "packed":
+        return 1, prompt_len + sum(response_lens)
+    return len(response_lens), prompt_len + max(response_lens, default=0)
+
+
+def chunk_by_tokens(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]], layout: str,
+                    max_tokens: int | None, max_examples: int | None = None) -> list[list[int]]:
+    """Consecutive examples grouped so that each group's padded batch (rows x widest row) holds at
+    most ``max_tokens`` tokens and at most ``max_examples`` examples; an example that alone is
+    over the budget forms its own group. Memory of a forward pass grows with the padded tokens
+    (and with the square of the width in attention), not with the number of rows."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = width = 0
+    for i, (p, rs) in enumerate(zip(prompts, responses)):
+        r, w = padded_tokens(len(p), [len(x) for x in rs], layout)
+        full = max_examples is not None and len(current) >= max_examples
+        over = max_tokens is not None and (rows + r) * max(width, w) > max_tokens
+        if current and (full or over):
+            groups.append(current)
+            current, rows, width = [], 0, 0
+        current.append(i)
+        rows, width = rows + r, max(width, w)
+    if current:
+        groups.append(current)
+    return groups
+
+
 def block_attention_mask(segments: torch.Tensor) -> torch.Tensor:
     """Shared-prompt causal mask from segment ids ``[R, T]`` (0 prompt, k response k, -1 pad).
 

@@ -18,6 +18,19 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """How many positions the model was built for (``max_position_embeddings``, or the older
+    names ``n_positions`` / ``max_sequence_length`` / ``seq_length``); None when its config says
+    none. Sequences are cut to it by default: longer ones are outside what the model was trained
+    on, and their attention memory grows with the square of the length."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def colocate(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
     """Move ``module`` (a reference policy, a value head) onto ``model``'s device, in place.
 

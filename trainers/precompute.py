@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from alignflow.trainers.logprobs import build_sequence_batch, resolve_layout, sequence_logps
+from alignflow.trainers.logprobs import build_sequence_batch, chunk_by_tokens, resolve_layout, sequence_logps
 
 REF_COLUMNS = {
     "pairwise": ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"),
@@ -28,12 +28,20 @@ REF_COLUMNS = {
 }
 
 
+# Padded tokens per reference forward pass (rows x widest row): bounds memory whatever the row
+# lengths (a batch of 32 rows of 5k tokens needs tens of GB in attention; 16k tokens, a few hundred MB
+# on the toy model).
+MAX_BATCH_TOKENS = 16384
+
+
 @torch.inference_mode()
 def reference_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]],
-                    pad_token_id: int, batch_size: int = 32, layout: str = "packed") -> tuple[list[list[float]], list[list[int]]]:
+                    pad_token_id: int, batch_size: int = 32, layout: str = "packed",
+                    max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> tuple[list[list[float]], list[list[int]]]:
     """Summed log-probs and token counts of every response (lists aligned with ``responses``).
 
-    Examples are batched by length (less padding); the model runs in eval mode without grad.
+    Examples are batched by length (less padding), at most ``batch_size`` examples and
+    ``max_batch_tokens`` padded tokens a batch; the model runs in eval mode without grad.
     """
     was_training = model.training
     model.eval()
@@ -42,8 +50,10 @@ def reference_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence
     logps: list[list[float]] = [[] for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    groups = chunk_by_tokens([prompts[i] for i in order], [responses[i] for i in order], layout,
+                             max_batch_tokens, batch_size)
+    for group in groups:
+        idx = [order[j] for j in group]
         batch = build_sequence_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_token_id, layout)
         lp, tk = sequence_logps(model, batch.to(device))
         lp, tk = lp.double().cpu().tolist(), tk.cpu().tolist()
@@ -55,15 +65,17 @@ def reference_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence
 
 
 def fill_reference_logps(model, examples: list[dict], pad_token_id: int, *, batch_size: int = 32,
-                         with_kl: bool = False, layout: str = "packed") -> None:
+                         with_kl: bool = False, layout: str = "packed",
+                         max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> None:
     """Set ``ref_logps`` (and with ``with_kl`` KTO's ``ref_kl_logps``) of pre-tokenized examples in place."""
     prompts = [e["prompt_ids"] for e in examples]
-    logps, _ = reference_logps(model, prompts, [e["response_ids"] for e in examples], pad_token_id, batch_size, layout)
+    logps, _ = reference_logps(model, prompts, [e["response_ids"] for e in examples], pad_token_id, batch_size, layout,
+                               max_batch_tokens)
     for ex, lp in zip(examples, logps):
         ex["ref_logps"] = lp
     if with_kl:
         kl, _ = reference_logps(model, prompts, [[e["kl_response_ids"]] for e in examples], pad_token_id,
-                                batch_size, layout)
+                                batch_size, layout, max_batch_tokens)
         for ex, lp in zip(examples, kl):
             ex["ref_kl_logps"] = lp[0]
 
@@ -106,33 +118,48 @@ def model_fingerprint(model_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def add_reference_columns(table, kind: str, model, tokenizer, *, batch_size: int = 32,
-                          max_length: int | None = None, layout: str = "packed"):
+                          max_length: int | None = None, layout: str = "packed",
+                          max_batch_tokens: int | None = MAX_BATCH_TOKENS):
     """``table`` (pyarrow) with the reference columns of ``kind`` computed by ``model`` (replaced if present)."""
-    import pyarrow as pa
-
     from alignflow.trainers.collators import pretokenize
 
     stripped = table.drop_columns([c for c in REF_COLUMNS[kind] if c in table.column_names])
     examples = pretokenize(stripped, kind, tokenizer, max_length)
+    return with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size, layout=layout,
+                                  max_batch_tokens=max_batch_tokens)
+
+
+def with_reference_columns(table, kind: str, model, tokenizer, examples: list[dict], *, batch_size: int = 32,
+                           layout: str = "packed", max_batch_tokens: int | None = MAX_BATCH_TOKENS):
+    """``table`` (without reference columns) plus those computed on its pre-tokenized ``examples``."""
+    import pyarrow as pa
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fill_reference_logps(model, examples, pad, batch_size=batch_size, with_kl=kind == "binary", layout=layout)
+    fill_reference_logps(model, examples, pad, batch_size=batch_size, with_kl=kind == "binary", layout=layout,
+                         max_batch_tokens=max_batch_tokens)
     for name, values in reference_columns(examples, kind).items():
-        stripped = stripped.append_column(name, pa.array(values))
-    return stripped
+        table = table.append_column(name, pa.array(values))
+    return table
 
 
 def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLike,
                          output: str | os.PathLike | None = None, *, batch_size: int = 32,
-                         max_length: int | None = None, torch_dtype: str | None = None) -> Path:
+                         max_length: int | None = None, torch_dtype: str | None = None,
+                         max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> Path:
     """Compute the reference columns of a store dataset with the model at ``model_path``.
 
-    Writes ``output`` (default: the dataset itself, replaced atomically) with the manifest's
-    provenance recording the reference model (path, revision, weights sha256), the parent
-    dataset and the settings. Returns the written folder.
+    Prompt + response are cut to ``max_length`` tokens (default: the model's context length;
+    ``trainers.collators.truncated``), forward passes hold at most ``batch_size`` rows and
+    ``max_batch_tokens`` padded tokens. Writes ``output`` (default: the dataset itself, replaced
+    atomically) with the manifest's provenance recording the reference model (path, revision,
+    weights sha256), the parent dataset and the settings, the number of rows cut included.
+    Returns the written folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
+    from alignflow.trainers.collators import pretokenize
+    from alignflow.trainers.modeling import context_length
 
     manifest = read_manifest(dataset)
     kind = manifest["kind"]
@@ -145,7 +172,11 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
         AutoModelForCausalLM.from_pretrained(model_path)
     if torch.cuda.is_available():
         model = model.cuda()
-    out_table = add_reference_columns(table, kind, model, tokenizer, batch_size=batch_size, max_length=max_length)
+    max_length = max_length or context_length(model)
+    stripped = table.drop_columns([c for c in REF_COLUMNS[kind] if c in table.column_names])
+    examples = pretokenize(stripped, kind, tokenizer, max_length)
+    out_table = with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size,
+                                       max_batch_tokens=max_batch_tokens)
     provenance = dict(manifest.get("provenance", {}))
     parents = list(provenance.get("parent_datasets", []))
     target = Path(output) if output is not None else Path(dataset)
@@ -154,7 +185,8 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     provenance.update({
         "parent_datasets": parents,
         "reference": {**model_fingerprint(model_path), "columns": list(REF_COLUMNS[kind]),
-                      "max_length": max_length, "dtype": str(next(model.parameters()).dtype)},
+                      "max_length": max_length, "truncated_rows": sum(bool(e.get("truncated")) for e in examples),
+                      "dtype": str(next(model.parameters()).dtype)},
     })
     return write_dataset(target, out_table, kind, provenance, overwrite=True)
 

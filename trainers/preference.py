@@ -32,6 +32,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 from transformers import Trainer
 
 from alignflow.trainers import token_level
@@ -152,12 +153,15 @@ class PreferenceTrainer(Trainer):
     they are computed once with ``ref_model`` (default: the policy before training, i.e. the
     usual reference) before the first step. kind: pairwise | listwise | binary. loss,
     loss_params: name and parameters of ``trainers.losses``. layout: "packed" (shared prompt)
-    or "plain". Other keyword arguments go to ``transformers.Trainer``.
+    or "plain". max_batch_tokens: a batch whose padded layout exceeds this many tokens runs as
+    chunks, each recomputed in the backward pass (the same gradient, memory of one chunk).
+    Other keyword arguments go to ``transformers.Trainer``.
     """
 
     def __init__(self, model, args, train_dataset, *, kind: str, loss: str = "dpo",
                  loss_params: dict[str, Any] | None = None, pad_token_id: int | None = None,
-                 layout: str = "packed", ref_model=None, ref_batch_size: int = 32, **kwargs):
+                 layout: str = "packed", ref_model=None, ref_batch_size: int = 32,
+                 max_batch_tokens: int | None = None, **kwargs):
         loss_kind(loss, kind)
         params = dict(loss_params or {})
         if loss == "beta_dpo" and params.get("m0") is None:
@@ -177,6 +181,9 @@ class PreferenceTrainer(Trainer):
         disable_dropout(model)
         self.needs_ref = needs_reference(loss, kind)
         self.pad_token_id, self.ref_batch_size = pad_token_id, ref_batch_size
+        if max_batch_tokens is not None and loss in TOKEN_LEVEL:
+            raise ValueError(f"--max-batch-tokens runs per-sequence losses in chunks; {loss!r} reads per-token "
+                             "logits of the whole batch (lower --per_device_train_batch_size instead)")
         if loss == "nn" and kind != "negatives":
             raise ValueError("loss 'nn' trains on examples of kind 'negatives' (trainers.negatives: "
                              "negatives_table + pretokenize_negatives from the data and K samples per prompt)")
@@ -203,7 +210,8 @@ class PreferenceTrainer(Trainer):
                            "the given reference model" if ref_model is not None else "the initial policy")
             fill_reference_logps(ref_model if ref_model is not None else model, examples, pad_token_id,
                                  batch_size=ref_batch_size, with_kl=self.with_kl, layout=self.layout)
-        kwargs.setdefault("data_collator", collator_for(kind, pad_token_id, self.layout, self.with_kl))
+        kwargs.setdefault("data_collator", collator_for(kind, pad_token_id, self.layout, self.with_kl,
+                                                        max_tokens=max_batch_tokens))
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, train_dataset=ExampleDataset(examples), **kwargs)
         if self.ref_model is not None:
@@ -221,8 +229,7 @@ class PreferenceTrainer(Trainer):
         from one forward pass plus the reference/label/score tensors of the collator."""
         if self.loss_name in TOKEN_LEVEL:
             return self.token_level_batch(model, inputs)
-        seqs = SequenceBatch(**inputs["seqs"])
-        logps, tokens = sequence_logps(model, seqs)
+        logps, tokens = policy_logps(model, inputs)
         batch: dict[str, torch.Tensor] = {}
         if self.kind == "pairwise":
             batch.update(chosen_logps=logps[:, 0], rejected_logps=logps[:, 1],
@@ -241,7 +248,7 @@ class PreferenceTrainer(Trainer):
             if self.with_kl:
                 # KTO eq. 33: reference point from the batch's mismatched pairs, no gradient
                 with torch.no_grad():
-                    kl_logps, kl_tokens = sequence_logps(model, SequenceBatch(**inputs["kl_seqs"]))
+                    kl_logps, kl_tokens = policy_logps(model, inputs, "kl_seqs")
                 kl = kto_kl_from_mismatched(kl_logps[:, 0], inputs["ref_kl_logps"], kl_tokens[:, 0] > 0)
                 if self.accelerator.num_processes > 1:
                     kl = self.accelerator.gather(kl.reshape(1)).mean()
@@ -335,6 +342,30 @@ class PreferenceTrainer(Trainer):
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics.clear()
         super().log(logs, start_time)
+
+
+def policy_logps(model, inputs: dict, name: str = "seqs") -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of the collated ``inputs[name]``, or of its chunks (``name + "_chunks"``,
+    see ``collators._Collator``): each chunk under activation checkpointing when gradients are
+    on, so the backward pass recomputes one chunk at a time; results padded to the widest K."""
+    if name in inputs:
+        return sequence_logps(model, SequenceBatch(**inputs[name]))
+    chunks = inputs[name + "_chunks"]
+    width = max(c["num_responses"] for c in chunks)
+    logps, tokens = [], []
+    for chunk in chunks:
+        if torch.is_grad_enabled():
+            lp, tk = torch.utils.checkpoint.checkpoint(_chunk_logps, model, chunk, use_reentrant=False)
+        else:
+            lp, tk = _chunk_logps(model, chunk)
+        pad = width - lp.shape[1]
+        logps.append(torch.nn.functional.pad(lp, (0, pad)))
+        tokens.append(torch.nn.functional.pad(tk, (0, pad)))
+    return torch.cat(logps), torch.cat(tokens)
+
+
+def _chunk_logps(model, chunk: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return sequence_logps(model, SequenceBatch(**chunk))
 
 
 def _best_worst_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

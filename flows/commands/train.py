@@ -93,7 +93,8 @@ def train(
     samples: Optional[Path] = typer.Option(None, "--samples", help="nn: samples dataset of K responses per prompt "
                                            "from the reference (alignflow generate PROMPTS SAMPLES --model REF -k K)."),
     layout: str = typer.Option("packed", "--layout", help="packed: each prompt computed once for all its responses; plain: one row per response."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens (default: the model's context length)."),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="Run a batch over this many padded tokens in chunks, each recomputed in backward (same gradient, bounded memory)."),
     sdpo_stages: int = typer.Option(1, "--sdpo-stages", help="sDPO (survey 3.3.7): train in this many chunks, each stage's result the next reference."),
 ) -> None:
     """Train a policy with any loss of trainers.losses: per-sequence ones, and token-level tdpo1/tdpo2
@@ -112,6 +113,8 @@ def train(
         resolve_params(loss, params)  # unknown loss / parameter -> one line, before heavy imports run
         if layout not in ("packed", "plain"):
             raise ValueError(f"--layout {layout!r}: expected packed or plain")
+        positive("--max-length", max_length)
+        positive("--max-batch-tokens", max_batch_tokens)
         model = model_argument(model)
         if ref_model is not None:
             ref_model = model_argument(ref_model, "--ref-model")
@@ -141,12 +144,20 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignflow.trainers.collators import pretokenize
+    from alignflow.trainers.modeling import context_length
     from alignflow.trainers.preference import PreferenceTrainer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if not os.environ.get("OMP_NUM_THREADS"):  # a user's thread setting wins; else every core we may run on
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with user_errors(OSError):
         tokenizer = AutoTokenizer.from_pretrained(model)
         policy = AutoModelForCausalLM.from_pretrained(model)
+        reference = None
+        if ref_model is not None:
+            reference = AutoModelForCausalLM.from_pretrained(ref_model)
+        if max_length is None:
+            limits = [n for n in (context_length(policy), reference is not None and context_length(reference)) if n]
+            max_length = min(limits) if limits else None
         if loss == "nn":
             examples, nn_counts, sampler = _negatives_examples(dataset, kind, samples, tokenizer, max_length)
             kind = "negatives"
@@ -156,14 +167,13 @@ def train(
         else:
             examples = pretokenize(read_dataset(dataset), kind, tokenizer, max_length)
         had_ref = bool(examples) and all("ref_logps" in e for e in examples)
-        reference = None
-        if ref_model is not None:
-            reference = AutoModelForCausalLM.from_pretrained(ref_model)
+        cut = sum(bool(e.get("truncated")) for e in examples)
         if sdpo_stages > 1:
             return _train_sdpo(policy, tokenizer, args, examples, kind, loss, params, layout, sdpo_stages, output,
                                dataset, model)
         trainer = PreferenceTrainer(policy, args, examples, kind=kind, loss=loss, loss_params=params,
-                                    processing_class=tokenizer, layout=layout, ref_model=reference)
+                                    processing_class=tokenizer, layout=layout, ref_model=reference,
+                                    max_batch_tokens=max_batch_tokens)
     ref_record = manifest.get("provenance", {}).get("reference")
     if trainer.ref_model is not None:  # tdpo
         used = {"reference_model": ref_model or model, "computed": "live: loaded for training (per-token KL)"}
@@ -184,12 +194,15 @@ def train(
         source = f"computed once from {ref_model or model}"
     console.print(f"train: {len(examples)} {kind} rows, loss={loss} {params or ''}, reference: {source}, "
                   f"layout={trainer.layout}")
+    if cut:
+        console.print(f"train: {cut} of {len(examples)} rows cut to {max_length} tokens of prompt + response "
+                      "(--max-length; the prompt keeps its end, responses their start)")
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(str(output))
     tokenizer.save_pretrained(str(output))
     record = {
         "dataset": str(dataset), "model": model, "loss": loss, "loss_params": {k: repr(v) for k, v in params.items()},
-        "reference": used,
+        "reference": used, "max_length": max_length, "truncated_rows": cut,
         "train_runtime_s": result.metrics.get("train_runtime"), "train_loss": result.training_loss,
         "log_history": trainer.state.log_history,
     }
@@ -270,21 +283,31 @@ def precompute_ref(
     model: str = typer.Option(..., "--model", help="Reference model (folder or hub id)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write here (default: replace DATASET atomically)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens (as in train)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens (as in train; default: the model's context length)."),
+    max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", help="Padded tokens per forward pass at most (bounds memory on long rows)."),
 ) -> None:
     """Compute reference log-probs once and store them as ref_* columns (manifest records the model)."""
     with user_errors(OSError):
         if batch_size < 1:
             raise ValueError(f"--batch-size {batch_size}: must be at least 1")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"--max-length {max_length}: must be at least 1")
+        positive("--max-length", max_length)
+        positive("--max-batch-tokens", max_batch_tokens)
         model = model_argument(model)
         from alignflow.trainers.precompute import precompute_reference, reference_of
 
-        path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length)
+        path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length,
+                                    max_batch_tokens=max_batch_tokens)
         record = reference_of(path)
     console.print(f"precompute-ref: wrote reference columns to {path} "
                   f"(reference {record['reference_model']}, weights sha256 {str(record.get('weights_sha256'))[:12]})")
+    if record.get("truncated_rows"):
+        console.print(f"precompute-ref: {record['truncated_rows']} rows cut to {record['max_length']} tokens of "
+                      "prompt + response (--max-length; train cuts them the same way)")
+
+
+def positive(option: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{option} {value}: must be at least 1")
 
 
 def register(app: typer.Typer) -> None:
