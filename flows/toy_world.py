@@ -27,7 +27,7 @@ from alignflow.schemas.store import sha256_file
 
 MARKER = "toy_world.json"
 CHECKPOINT_DIR = "sft-model"
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: context 2048 (model and tokenizer); a world cached at 256 is rebuilt
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_char_tokenizer(model_max_length: int = 256):
+def make_char_tokenizer(model_max_length: int = 2048):
     """A ``PreTrainedTokenizerFast`` with one token per character and the toy chat template.
 
     Ids: the special tokens first (pad=0, bos=1, eos=2, unk=3, system, user, assistant), then
