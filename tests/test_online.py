@@ -232,20 +232,6 @@ def test_paft_merges_parallel_adapters_and_raises_reward(env):
 
 
 @pytest.mark.slow
-def test_termination_rule_is_written_into_the_report(env):
-    """With the rule on, every round records the binomial test and the decision; a run stops
-    as soon as iteration t is not significantly better than t-1."""
-    _, report = _iterative(env, "iterative-dpo", rounds=3, terminate=True, alpha=0.05)
-    assert report.termination is not None
-    for h in report.history:
-        t = h["termination"]
-        assert {"wins", "losses", "ties", "p_value", "alpha", "significant", "stop", "reason"} <= set(t)
-    stops = [h["termination"]["stop"] for h in report.history]
-    assert all(not s for s in stops[:-1])  # it ran on only while the evidence said so
-    assert stops[-1] or len(report.history) == 3
-
-
-@pytest.mark.slow
 def test_token_rewards_point_at_the_wrong_token(env):
     """beta*log(pi/pi_ref) per token: the SFT model (which knows the answers) against an
     untrained reference; a corrupted character gets the lowest token reward, and the token
