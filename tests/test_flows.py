@@ -362,12 +362,60 @@ def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
         keys = {a.key for a in client.read_artifacts()}
     assert "iter-1-pairwise" in keys
 
-    # A rerun of the finished run folder is all cache hits: same report, nothing retrained.
+    # A rerun of the finished run folder is all cache hits BY PREFECT'S STATE (not the steps' own
+    # "output exists" returns, which would show as Completed): same report, nothing retrained.
     mtime = (out / "iter-1" / "model" / "config.json").stat().st_mtime_ns
     with prefect_session():
-        again = align_from_prompts(config=cfg.model_dump(mode="json"))
+        state = align_from_prompts(config=cfg.model_dump(mode="json"), return_state=True)
+    again = state.result()
     assert again["history"] == report["history"]
     assert (out / "iter-1" / "model" / "config.json").stat().st_mtime_ns == mtime
+    assert _task_states(state.state_details.flow_run_id) == {"Cached"}
+
+
+def _task_states(flow_run_id) -> set[str]:
+    """Names of the states of every task run of a flow run, as Prefect's API records them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    import time
+
+    # Prefect 3 reports task-run states to the API through events, so the records settle a moment
+    # after the flow returns: wait (at most 30 s) until none is still Pending or Running.
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            names = {r.state.name if r.state else "Pending" for r in runs}
+            if runs and not names & {"Pending", "Running"} or time.monotonic() > deadline:
+                return names
+            time.sleep(0.2)
+
+
+def test_a_rerun_is_a_prefect_cache_hit_and_a_changed_input_misses(tmp_path, prefect_server):
+    """The steps' cache policy (inputs + task source, results under the run folder) across two
+    flow runs: the second run of the same step is a cache hit in Prefect's own state (Cached: the
+    function was not called), a changed argument is a miss (Completed: it ran)."""
+    from prefect import flow
+
+    from alignflow.flows.runtime import prefect_session
+
+    run_dir = tmp_path / "run"
+    calls = []
+
+    @flow(name="one-step")
+    def one_step(n: int):
+        calls.append(n)
+        step = tasks.prefect_task("prepare_prompts", run_dir)
+        return step(out=str(run_dir / f"prompts-{n}"), n=n, seed=0, return_state=True)
+
+    with prefect_session():
+        first = one_step(6)
+        second = one_step(6)
+        third = one_step(7)
+    assert calls == [6, 6, 7]  # three flow runs (a cache hit is per task, not per flow)
+    assert first.name == "Completed" and second.name == "Cached" and third.name == "Completed"
+    assert second.result() == first.result() and read_manifest(third.result())["num_rows"] == 7
 
 
 def test_critique_revise_steps_on_a_tiny_model(tmp_path, tiny_model):
