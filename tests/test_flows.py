@@ -375,10 +375,10 @@ def test_align_from_prompts_one_iteration(tmp_path, toy_world, prefect_server):
 
 def _task_states(flow_run_id) -> set[str]:
     """Names of the states of every task run of a flow run, as Prefect's API records them."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    import time
 
     # Prefect 3 reports task-run states to the API through events, so the records settle a moment
     # after the flow returns: wait (at most 30 s) until none is still Pending or Running.
