@@ -14,7 +14,7 @@ Measured exactly (no sampling) from the policy's log-probs of the three answers:
   the default start.
 
 ``Trajectory`` records the style distribution of every iterate a trainer produces (it hooks
-the generator factory and the preference function the trainers receive), so the last iterate
+the evaluation reward and the preference function the trainers receive), so the last iterate
 and the average policy (the uniform mixture of the iterates, which the no-regret guarantees of
 self-play methods refer to) can both be measured.
 """
