@@ -1,6 +1,6 @@
 """The survey's comparative claims, measured on the toy world with several seeds.
 
-    python tests/bench/claims.py [--out claims.md] [--seeds 4] [--workers 2] [--world DIR]
+    python tests/bench/claims.py [--out tests/bench/claims.md] [--seeds 8] [--workers 2] [--world DIR]
 
 Each claim runs once per seed (a seed draws the training prompts, the samples, the data order and
 the held-out sampling), in ``--workers`` processes of one torch thread each. ``claims.md`` gets
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -131,7 +132,10 @@ def train_offline(table, kind: str, loss: str, seed: int, epochs: float = 3, lr:
     trainer = PreferenceTrainer(model, args, pretokenize(table, kind, world()[1]), kind=kind, loss=loss,
                                 loss_params=params or {}, processing_class=world()[1], callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the run's metrics are not this table's
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(args.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy "no")
     return model.eval()
 
 
@@ -512,10 +516,11 @@ RUNNERS = {c.run.__name__: c.run for c in CLAIMS}
 
 def write_markdown(path: Path, results: dict, seeds: int, wall: float, cpu: float) -> str:
     lines = ["# The survey's claims on the toy world", "",
-             f"`python tests/bench/claims.py` (seeds 0-{seeds - 1}). Numbers: mean over seeds [95% t-interval over "
+             f"`python tests/bench/claims.py`: {seeds} seeds (0-{seeds - 1}). Numbers: mean over seeds [95% t-interval over "
              "seeds]. Each claim's criterion is in its row; a claim that does not hold is reported as measured, "
              "untuned.", "",
-             f"Run: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU (both cores, one torch thread per worker).", "",
+             f"Run: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU (2 worker processes of one torch thread on a "
+             f"2-core machine shared with other jobs; `claims.json` beside this file has every seed's numbers).", "",
              "| claim | survey | measured | holds? | criterion |", "| --- | --- | --- | --- | --- |"]
     for claim in CLAIMS:
         rows = [results[claim.run.__name__][s] for s in sorted(results[claim.run.__name__])]
@@ -551,7 +556,7 @@ NOTES = """## Set-ups
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "claims.md")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("claims.md"))
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--world", type=Path, default=Path(tempfile.gettempdir()) / "alignflow-claims-world")
