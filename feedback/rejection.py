@@ -12,10 +12,12 @@ or a verifier; ``feedback.judges.tables.score_samples``). Grouped by ``prompt_id
 * ``rso_sample`` / ``rso_pairs``: RSO's statistical rejection sampling (survey eq. 4): accept y
   with probability ``exp((r(x, y) - r_max) / beta)``, r_max the largest reward still among the
   candidates, sweeping until ``m`` are accepted; accepted responses are paired in draw order
-  and each pair labelled by reward -> ``pairwise``.
+  and each pair labelled by reward -> ``pairwise``. Accepted samples follow the tilted target
+  ``pi_sft(y) exp(r(y) / beta)`` (normalised) only if the candidates keep their multiplicity:
+  how often pi_sft sampled a text is its pi_sft factor.
 
-Identical response texts of one prompt are deduplicated first (keeping the best reward): a pair
-of equal texts teaches nothing. ``margin`` = reward difference; ``source`` = "model"
+Except for RSO, identical response texts of one prompt are deduplicated first (keeping the best
+reward): a pair of equal texts teaches nothing. ``margin`` = reward difference; ``source`` = "model"
 (reward model / judge) or what the caller passes ("rule" for verifiers).
 """
 
@@ -30,8 +32,9 @@ import pyarrow as pa
 from alignflow.schemas.prompts import to_messages_array
 
 
-def _groups(samples: pa.Table, reward: str):
-    """Per prompt: (first row index, responses, rewards), unique texts, rows with a reward."""
+def _groups(samples: pa.Table, reward: str, unique: bool = True):
+    """Per prompt: (first row index, responses, rewards) over the rows with a reward; with
+    ``unique`` one entry per distinct text (its best reward), else every row."""
     import pyarrow.compute as pc
 
     ids = pc.dictionary_encode(samples.column("prompt_id").combine_chunks())
@@ -41,6 +44,10 @@ def _groups(samples: pa.Table, reward: str):
     order = np.argsort(codes, kind="stable")
     bounds = np.flatnonzero(np.diff(codes[order])) + 1
     for idx in (np.split(order, bounds) if len(order) else []):
+        if not unique:
+            keep = [i for i in idx if not math.isnan(r[i])]
+            yield int(idx[0]), [texts[i] for i in keep], r[keep]
+            continue
         best: dict[str, float] = {}
         for i in idx:
             if not math.isnan(r[i]) and (texts[i] not in best or r[i] > best[texts[i]]):
@@ -141,13 +148,16 @@ def rso_sample(rewards: Sequence[float], m: int, beta: float, rng: np.random.Gen
 
 def rso_pairs(samples: pa.Table, m: int = 4, beta: float = 0.5, reward: str = "reward", seed: int = 0,
               source: str = "model") -> pa.Table:
-    """RSO: accept ``m`` responses per prompt (eq. 4), pair them in draw order, label by reward."""
+    """RSO: accept ``m`` responses per prompt (eq. 4), pair them in draw order, label by reward.
+
+    Candidates keep their multiplicity (a text sampled twice is twice as likely to be accepted:
+    the pi_sft factor of the target); a pair of equal rewards (equal texts included) is skipped."""
     rng = np.random.default_rng(seed)
     rows, ch, rj, mg = [], [], [], []
-    for first, texts, r in _groups(samples, reward):
+    for first, texts, r in _groups(samples, reward, unique=False):
         acc = rso_sample(r, m, beta, rng)
         for a, b in zip(acc[0::2], acc[1::2]):
-            if r[a] == r[b]:
+            if r[a] == r[b] or texts[a] == texts[b]:
                 continue
             hi, lo = (a, b) if r[a] > r[b] else (b, a)
             rows.append(first)

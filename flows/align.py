@@ -19,7 +19,7 @@ evidence of every iteration goes into ``report.json``.
 The run folder holds everything: ``config.yaml``, per iteration ``iter-<t>/`` with the shard
 datasets, ``samples``, the preference dataset, its ``-ref`` copy, ``model/`` and
 ``eval.json``; then ``report.json`` and ``reward_kl.png``. Rerunning with the same folder
-resumes: finished steps and shards are cache hits (inputs unchanged) and are skipped.
+resumes: each finished step and shard finds its output and returns it (no Prefect cache).
 """
 
 from __future__ import annotations

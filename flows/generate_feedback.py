@@ -1,10 +1,10 @@
 """``generate_feedback``: prompts -> K samples -> judge -> pairwise | listwise | binary dataset.
 
 The single-stage flow that the nightly deployment of ``prefect.yaml`` runs. Generation and
-judging are one Prefect task per shard (``generation.shard_size`` prompts), cached on their
-inputs under the run folder: a run killed in the middle of generation and started again with
-the same folder redoes only the shards that had not finished, and its datasets equal those of
-an uninterrupted run (same seeds per shard, same merge order).
+judging are one Prefect task per shard (``generation.shard_size`` prompts), each returning the
+output it finds in the run folder: a run killed in the middle of generation and started again
+with the same folder redoes only the shards that had not finished, and its datasets equal those
+of an uninterrupted run (same seeds per shard, same merge order).
 
 Outputs in the run folder: ``shards/``, ``samples`` (all K samples with their ``reward``),
 the ``pairwise`` / ``listwise`` / ``binary`` dataset, ``quarantine`` (if any row failed

@@ -893,11 +893,11 @@ class PlainSteps:
 
 
 class PrefectSteps(PlainSteps):
-    """Run steps as Prefect tasks: results under the run folder, cache keys on inputs.
+    """Run steps as Prefect tasks (no cache, no stored results: steps resume from their outputs).
 
     ``map`` submits one task per shard to the flow's task runner and waits for all of them
     before looking at failures, so a failed shard never cancels or hides the others (their
-    results are persisted, and a rerun redoes only what failed).
+    outputs are kept, and a rerun redoes only what failed).
     """
 
     uses_prefect = True

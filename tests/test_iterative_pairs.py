@@ -50,3 +50,40 @@ def test_unfinished_response_is_scored_without_eos():
                                    _finished(pairs))
         _, all_eos = response_logps(model, tok, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs])
     assert tokens.tolist() == [[all_eos[0, 0].item(), all_eos[0, 1].item() - 1]]
+
+
+def test_temperature_enhancer_pairs_main_against_enhancer():
+    """Survey 3.1.3: the main policy answers, the enhancer (the main policy, hotter) answers the
+    same prompt, the oracle labels that pair. _sample_round lays out K/2 main then K/2 enhancer
+    samples; build_pairs pairs main j with enhancer j, whichever the reward prefers chosen."""
+    from alignflow.schemas.generator import Generation, SamplingParams
+    from alignflow.trainers.online.iterative import _sample_round
+    from alignflow.trainers.online.rollout import Spend
+
+    seen = []
+
+    class Recorder:
+        def generate(self, prompts, n=1, sampling=None):
+            seen.append((n, sampling.temperature))
+            tag = "m" if sampling.temperature == 1.0 else "h"
+            return [[Generation(f"{tag}{j}" * (j + 1), 2) for j in range(n)] for _ in prompts]
+
+    cfg = IterativeConfig(method="iterative-dpo", k=4, enhancer="temperature", enhancer_temperature=1.7,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=8))
+    prompt = [{"role": "user", "content": "q"}]
+    samples, finished = _sample_round(cfg, Recorder(), [prompt], Spend())
+    assert seen == [(2, 1.0), (2, 1.7)] and samples == [["m0", "m1m1", "h0", "h1h1"]] and finished == [[True] * 4]
+
+    # the reward prefers longer answers, except that m1m1 beats everything: best-vs-worst over the
+    # union would give (m1m1, m0) or (m1m1, h0); main vs enhancer gives (h0 vs m0) and (m1m1 vs h1h1)
+    def reward(prompts, responses):
+        return [10.0 if r == "m1m1" else float(len(r)) + (0.5 if r.startswith("h") else 0.0) for r in responses]
+
+    pairs = build_pairs(cfg, [prompt], samples, reward)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("h0", "m0"), ("m1m1", "h1h1")]
+    # a tie between a main and an enhancer answer forms no pair
+    tie = build_pairs(cfg, [prompt], [["aa", "b", "cc", "d"]], lambda p, r: [float(len(x)) for x in r])
+    assert tie == []
+    # with the rejection enhancer the same samples give best vs worst of all K
+    rejection = IterativeConfig(method="iterative-dpo", k=4)
+    assert [(p.chosen, p.rejected) for p in build_pairs(rejection, [prompt], samples, reward)] == [("m1m1", "m0")]

@@ -99,27 +99,68 @@ def test_rloo_raises_reward(env):
     assert_significant_gain(report)
 
 
-@pytest.mark.slow
-def test_ppo_raises_reward(env):
+PPO_MATCHED = dict(steps=6, prompts_per_step=16, samples_per_prompt=2, lr=5e-4, sampling=SAMPLING)
+
+
+def _ppo(env, **over):
     from alignflow.trainers.online.ppo import PPOConfig, train_ppo
 
-    cfg = PPOConfig(steps=6, prompts_per_step=16, samples_per_prompt=2, lr=5e-4, beta=0.0, sampling=SAMPLING)
-    _, value_head, report = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
-                                      eval_prompts=env.eval_prompts)
+    return train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, PPOConfig(**{**PPO_MATCHED, **over}),
+                     eval_prompts=env.eval_prompts)
+
+
+@pytest.fixture(scope="module")
+def ppo_without_kl(env):
+    return _ppo(env, beta=0.0)
+
+
+@pytest.mark.slow
+def test_ppo_raises_reward(ppo_without_kl):
+    _, value_head, report = ppo_without_kl
     assert_significant_gain(report)
     assert value_head.linear.weight.abs().sum() > 0  # the value head learned
 
 
 @pytest.mark.slow
-def test_ppo_ptx_and_kl_penalty_run(env):
-    """PPO-ptx (gamma > 0) with a KL penalty: one step runs and the KL term is reported."""
-    from alignflow.trainers.online.ppo import PPOConfig, train_ppo
+def test_ppo_kl_penalty_keeps_the_policy_nearer_the_reference(env, ppo_without_kl):
+    """Eq. 2's beta at matched steps: the same seeds, so both runs share the first rollout and
+    update (the penalty is zero while policy == reference); from the second rollout on, the run
+    with beta = 0.5 is nearer the reference in every rollout and on the held-out prompts.
+    Measured: rollout KL 0.58 / 0.91 / 0.99 / 1.17 against 0.79 / 1.11 / 1.29 / 2.03 nats, held-out
+    0.81 against 2.20."""
+    _, _, free = ppo_without_kl
+    _, _, penalised = _ppo(env, beta=0.5)
+    kl_free, kl_pen = [h["kl"] for h in free.history], [h["kl"] for h in penalised.history]
+    assert kl_free[:2] == pytest.approx(kl_pen[:2], abs=1e-4) and kl_free[0] == 0.0
+    assert all(p < f for p, f in zip(kl_pen[2:], kl_free[2:])), (kl_pen, kl_free)
+    assert penalised.kl_to_ref < 0.7 * free.kl_to_ref, (penalised.kl_to_ref, free.kl_to_ref)
+
+
+@pytest.mark.slow
+def test_ppo_ptx_term_lowers_the_pretraining_nll(env):
+    """PPO-ptx (eq. 2's gamma): two steps with gamma = 1 against the same two steps with gamma =
+    1e-9 (the same seeds and the same pretraining batches drawn): the NLL of the pretraining text
+    falls further only through the term."""
+    from alignflow.trainers.encoding import make_token_batch
+    from alignflow.trainers.online.ppo import PPOConfig, ptx_loss, train_ppo
 
     texts = [f"{p} {env.task.reference(p)}" for p in env.task.prompts(32, seed=5)]
-    cfg = PPOConfig(steps=1, prompts_per_step=4, samples_per_prompt=2, ptx_coef=0.5, beta=0.1, sampling=SAMPLING)
-    _, _, report = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
-                             ptx_texts=texts, eval_prompts=env.eval_prompts[:4])
-    assert len(report.history) == 1 and report.history[0]["kl"] == 0.0  # first rollout: policy == ref
+    ids = [list(env.tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    batch = make_token_batch([[]] * len(ids), ids, env.tok.pad_token_id)
+
+    def nll(model):
+        with torch.no_grad():
+            return float(ptx_loss(model, batch.input_ids, batch.attention_mask))
+
+    start = nll(env.policy())
+    after = {}
+    for gamma in (1e-9, 1.0):
+        cfg = PPOConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, ptx_coef=gamma, beta=0.0, lr=1e-3,
+                        sampling=SAMPLING)
+        policy, _, _ = train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, cfg,
+                                 ptx_texts=texts, eval_prompts=env.eval_prompts[:4])
+        after[gamma] = nll(policy)
+    assert after[1.0] < after[1e-9] - 0.5, (start, after)  # measured 1.22 against 2.65 (start 2.71)
     with pytest.raises(ValueError):
         train_ppo(env.policy(), env.tok, env.prompts, env.make_gen, env.reward, PPOConfig(ptx_coef=1.0))
 
@@ -188,20 +229,6 @@ def test_paft_merges_parallel_adapters_and_raises_reward(env):
                                 eval_prompts=env.eval_prompts)
     assert type(merged).__name__ == "LlamaForCausalLM"  # adapters folded into plain weights
     assert_significant_gain(report)
-
-
-@pytest.mark.slow
-def test_termination_rule_is_written_into_the_report(env):
-    """With the rule on, every round records the binomial test and the decision; a run stops
-    as soon as iteration t is not significantly better than t-1."""
-    _, report = _iterative(env, "iterative-dpo", rounds=3, terminate=True, alpha=0.05)
-    assert report.termination is not None
-    for h in report.history:
-        t = h["termination"]
-        assert {"wins", "losses", "ties", "p_value", "alpha", "significant", "stop", "reason"} <= set(t)
-    stops = [h["termination"]["stop"] for h in report.history]
-    assert all(not s for s in stops[:-1])  # it ran on only while the evidence said so
-    assert stops[-1] or len(report.history) == 3
 
 
 @pytest.mark.slow

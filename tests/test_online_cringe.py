@@ -85,3 +85,62 @@ def test_pair_loss_contrasts_only_the_flagged_tokens():
     on = first["rejected_token_mask"][0].nonzero().flatten()
     resp = every["rejected_token_mask"][0].nonzero().flatten()
     assert int(on) == int(resp[len("forty-tw")])  # the 'x'
+
+
+@pytest.mark.slow
+def test_negative_term_lowers_the_probability_of_the_contrasted_tokens(toy_world, one_thread):
+    """The same pairs (best vs worst of 4 samples of the SFT policy), the same seeds, two epochs of
+    iterative pairwise CRINGE with alpha = 0 (gated SFT on the chosen answers), the default 0.03
+    and 0.3: the mean probability the policy gives the contrasted tokens (each rejected answer's
+    first token departing from the chosen one, in its context) is lower the larger alpha.
+
+    Measured (61 pairs): 0.166 at alpha 0, 0.159 at 0.03, 0.110 at 0.3 (0.161 before training).
+    The mean LOG-probability moves the other way (-4.43, -4.39, -4.17): the contrast lowers the
+    negatives the policy was likely to emit (base probability > 0.2: -0.68 nats at alpha 0.3) and
+    lifts their top-k alternatives, which are the unlikely negatives of other pairs (+0.47 nats)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignflow.flows.online import policy_generator_factory, toy_reward
+    from alignflow.trainers import modeling
+    from alignflow.trainers.encoding import as_messages, encode_prompt, encode_response
+    from alignflow.trainers.online.iterative import (
+        IterativeConfig,
+        build_pairs,
+        cringe_negative_flags,
+        train_on_pairs,
+    )
+
+    tok = AutoTokenizer.from_pretrained(toy_world.path)
+    prompts = [as_messages(p) for p in toy_world.task.prompts(64, seed=21)]
+    sft = AutoModelForCausalLM.from_pretrained(toy_world.path)
+    gens = policy_generator_factory("cpu")(sft, tok).generate(prompts, n=4, sampling=SamplingParams(
+        temperature=1.0, max_new_tokens=24, seed=5))
+    pairs = build_pairs(IterativeConfig(method="cringe"), prompts, [[g.text for g in gs] for gs in gens],
+                        toy_reward(toy_world.task))
+    contrasted = []  # (pair, index of its contrasted token in the rejected answer)
+    for pair in pairs:
+        flags = cringe_negative_flags(encode_response(tok, pair.chosen), encode_response(tok, pair.rejected),
+                                      "first_divergence", tok.eos_token_id)
+        if any(flags):
+            contrasted.append((pair, flags.index(True)))
+    assert len(contrasted) > 40
+
+    @torch.no_grad()
+    def mean_probability(model) -> float:
+        probs = []
+        for pair, i in contrasted:
+            prompt_ids = encode_prompt(tok, pair.prompt)
+            ids = prompt_ids + encode_response(tok, pair.rejected)
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            probs.append(float(torch.softmax(logits[len(prompt_ids) + i - 1], -1)[ids[len(prompt_ids) + i]]))
+        return sum(probs) / len(probs)
+
+    after = {}
+    for alpha in (0.0, 0.03, 0.3):
+        policy = AutoModelForCausalLM.from_pretrained(toy_world.path)
+        torch.manual_seed(0)
+        cfg = IterativeConfig(method="cringe", epochs=2, batch_size=16, lr=3e-4, loss_params={"alpha": alpha})
+        train_on_pairs(cfg, policy, modeling.frozen_copy(policy), tok, [p for p, _ in contrasted],
+                       torch.optim.AdamW(policy.parameters(), lr=cfg.lr), torch.Generator().manual_seed(0))
+        after[alpha] = mean_probability(policy)
+    assert after[0.03] < after[0.0] - 0.002 and after[0.3] < 0.8 * after[0.0], after

@@ -136,3 +136,58 @@ def test_binomial_termination_rule():
     stop, _ = should_stop(strong, reward_history=[0.1, 0.2, 0.3])
     assert not stop
     assert math.isfinite(strong["p_value"])
+
+
+def test_ptx_loss_is_the_mean_token_nll_of_the_text():
+    """PPO-ptx's gamma term (eq. 2): mean over the real tokens (padding excluded, the first token
+    has no prediction) of -log pi(token | previous tokens), here summed by hand in float64."""
+    from alignflow.trainers.online.ppo import ptx_loss
+    from alignflow.trainers.toy_model import make_char_tokenizer, make_tiny_llama
+
+    tok = make_char_tokenizer()
+    model = make_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=3).eval()
+    texts = ["Spell out: 42 forty-two", "abc"]
+    ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    total, count = 0.0, 0
+    for row in ids:  # each text alone, no padding at all
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([row])).logits[0].double(), -1)
+        for t in range(1, len(row)):
+            total -= float(logp[t - 1, row[t]])
+            count += 1
+    with torch.no_grad():
+        got = ptx_loss(model, input_ids, attention)
+    assert count == sum(len(x) - 1 for x in ids)
+    assert float(got) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_value_head_gae_by_hand():
+    """The rollout path of PPO on one row: the value head on hidden states, the KL-penalised
+    token rewards with the score on the last action, then GAE (gamma 0.9, lambda 0.5)."""
+    from alignflow.trainers.online.ppo import ValueHead
+
+    head = ValueHead(2)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        head.linear.bias.fill_(0.5)
+    hidden = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [4.0, 4.0]]])  # [1, 5, 2]
+    mask = torch.tensor([[False, True, True, True, False]])  # prompt action, 3 response actions, padding
+    values = head(hidden) * mask  # V = h0 - h1 + 0.5 -> [_, 1.5, -0.5, 1.5, _]
+    assert values.tolist() == [[0.0, 1.5, -0.5, 1.5, 0.0]]
+    logps = torch.tensor([[-1.0, -0.5, -1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -1.0]])
+    rewards, _ = kl_penalized_rewards(torch.tensor([2.0]), logps, ref, mask, beta=0.2)
+    # R = -0.2 * (logp - ref) on response actions, + score 2 on the last: [_, -0.1, 0, 0.2 + 2, _]
+    assert torch.allclose(rewards[mask], torch.tensor([-0.1, 0.0, 2.2]))
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d3 = 2.2 + 0.9 * 0.0 - 1.5  # the episode ends after the last action: V_T = 0
+    d2 = 0.0 + 0.9 * 1.5 - (-0.5)
+    d1 = -0.1 + 0.9 * -0.5 - 1.5
+    a3 = d3
+    a2 = d2 + 0.45 * a3
+    a1 = d1 + 0.45 * a2
+    assert torch.allclose(adv, torch.tensor([[0.0, a1, a2, a3, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.0, a1 + 1.5, a2 - 0.5, a3 + 1.5, 0.0]]), atol=1e-6)

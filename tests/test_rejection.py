@@ -65,3 +65,65 @@ def test_rso_pairs_are_labelled_by_reward_and_seeded():
     assert a.equals(b)
     for row in a.to_pylist():
         assert row["margin"] > 0 and row["chosen"] != row["rejected"]
+
+
+# A discrete toy with known probabilities: four answers, pi_sft and rewards given, so the target
+# of RSO (eq. 4's statistical rejection sampling) is known exactly: q ~ pi_sft * exp(r / beta).
+TOY_PI = np.array([0.5, 0.3, 0.15, 0.05])
+TOY_R = np.array([0.0, 1.0, 2.0, 3.0])
+TOY_TEXTS = ["w", "x", "y", "z"]
+
+
+def _tilted(beta: float) -> np.ndarray:
+    q = TOY_PI * np.exp(TOY_R / beta)
+    return q / q.sum()
+
+
+def test_rso_accepts_from_the_tilted_target():
+    """The first accepted of N candidates drawn from pi_sft follows pi_sft * exp(r / beta):
+    chi-square over 4,000 trials (beta 2: q = 0.31 / 0.30 / 0.25 / 0.14, against pi_sft 0.5 / 0.3 /
+    0.15 / 0.05)."""
+    from scipy.stats import chisquare
+
+    beta, trials = 2.0, 4000
+    rng = np.random.default_rng(7)
+    counts = np.zeros(4)
+    for _ in range(trials):
+        kinds = rng.choice(4, size=64, p=TOY_PI)
+        counts[kinds[rso_sample(TOY_R[kinds], 1, beta, rng)[0]]] += 1
+    expected = _tilted(beta) * trials
+    assert chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
+    # the test has power: the same counts against pi_sft or against exp(r / beta) alone are rejected
+    assert chisquare(counts, TOY_PI * trials).pvalue < 1e-12
+    uniform_support = np.exp(TOY_R / beta) / np.exp(TOY_R / beta).sum()
+    assert chisquare(counts, uniform_support * trials).pvalue < 1e-12
+
+
+def test_rso_pairs_keep_the_multiplicity_of_the_samples():
+    """rso_pairs on 1,500 prompts of 48 samples each from pi_sft (texts repeat: that repetition
+    is pi_sft): two accepted per prompt, so an unordered pair of different answers {i, j}
+    appears with probability proportional to q_i * q_j. Chi-square over the 6 kinds of pair.
+    Deduplicating the samples first (what the other pair builders do) makes the target
+    exp(r / beta) alone, and this test fails."""
+    from itertools import combinations
+
+    from scipy.stats import chisquare
+
+    beta, prompts, n = 1.0, 1500, 48
+    rng = np.random.default_rng(3)
+    kinds = rng.choice(4, size=(prompts, n), p=TOY_PI)
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(prompts) for _ in range(n)],
+                      "prompt": [f"prompt {i}" for i in range(prompts) for _ in range(n)],
+                      "response": [TOY_TEXTS[k] for k in kinds.ravel()],
+                      "reward": TOY_R[kinds.ravel()]})
+    pairs = rso_pairs(table, m=2, beta=beta, seed=0)
+    got = [tuple(sorted((TOY_TEXTS.index(c), TOY_TEXTS.index(r))))
+           for c, r in zip(pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist())]
+    cells = list(combinations(range(4), 2))
+    counts = np.array([got.count(c) for c in cells])
+    q = _tilted(beta)
+    expected = np.array([q[i] * q[j] for i, j in cells])
+    expected = expected / expected.sum() * len(got)
+    assert len(got) > 1000 and chisquare(counts, expected).pvalue > 1e-3, (counts, expected.round(1))
+    assert all(TOY_R[TOY_TEXTS.index(c)] > TOY_R[TOY_TEXTS.index(r)]
+               for c, r in zip(pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist()))

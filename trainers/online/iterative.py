@@ -13,11 +13,17 @@ One round t (survey 3.1.3, 3.5, 3.11):
 
 | method | oracle | pair / target | loss |
 | --- | --- | --- | --- |
-| ``iterative-dpo`` | reward_fn | best vs worst of K (rejection) or main vs enhancer (temperature) | ``dpo`` |
+| ``iterative-dpo`` | reward_fn | best vs worst of K (rejection) or main vs enhancer (temperature, below) | ``dpo`` |
 | ``self-rewarding`` | judge_factory(pi^t): the model's own rubric scores (3.5.1) | best vs worst of K | ``dpo`` |
 | ``cringe`` | reward_fn, K = 4 (3.5.2) | best vs worst | ``cringe`` (pairwise, eq. 30) |
 | ``sppo`` | preference_fn, win-rates P(y_i > pi^t) = mean_j P(y_i > y_j) (eq. 60-61) | best vs worst + win-rates | ``sppo`` |
 | ``dno`` | preference_fn over K samples + the gold response, win-rate ranking (eq. 62) | top vs bottom if the win-rate gap >= ``dno_margin`` | ``dpo`` vs pi^t |
+
+The enhancer (survey 3.1.3): ``rejection`` samples K from the main policy and pairs the best with
+the worst; ``temperature`` samples K/2 from the main policy and K/2 from the enhancer (the main
+policy at ``enhancer_temperature``) and, for the reward-judged methods (iterative-dpo,
+self-rewarding, cringe), pairs main sample j with enhancer sample j, the oracle deciding which is
+chosen (K/2 pairs per prompt, ties dropped). SPPO and DNO rank all K by win-rate as usual.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class IterativeConfig:
     rounds: int = 3
     prompts_per_round: int = 32
     k: int = 4
-    enhancer: str = "rejection"  # or "temperature"
+    enhancer: str = "rejection"  # or "temperature": main vs enhancer pairs (module docstring)
     enhancer_temperature: float = 1.5
     epochs: int = 2
     batch_size: int = 16
@@ -116,7 +122,9 @@ def build_pairs(cfg: IterativeConfig, prompts: Sequence[Messages], samples: Sequ
                 spend: ro.Spend | None = None, finished: Sequence[Sequence[bool]] | None = None) -> list[Pair]:
     """The round's training pairs for ``cfg.method`` (see the module table).
 
-    ``finished[i][j]``: sample j of prompt i ended by itself (default: all did)."""
+    ``finished[i][j]``: sample j of prompt i ended by itself (default: all did). With the
+    temperature enhancer, ``samples[i]`` holds the main samples then as many enhancer samples
+    (what ``_sample_round`` returns)."""
     finished = finished or [[True] * len(s) for s in samples]
     pairs: list[Pair] = []
     if cfg.method in ("iterative-dpo", "self-rewarding", "cringe"):
@@ -126,6 +134,13 @@ def build_pairs(cfg: IterativeConfig, prompts: Sequence[Messages], samples: Sequ
         for p, s, fin in zip(prompts, samples, finished):
             sc = flat[pos:pos + len(s)]
             pos += len(s)
+            if cfg.enhancer == "temperature":  # main sample j against enhancer sample j
+                half = len(s) // 2
+                for a, b in ((j, half + j) for j in range(half)):
+                    if sc[a] != sc[b] and s[a] != s[b]:
+                        hi, lo = (a, b) if sc[a] > sc[b] else (b, a)
+                        pairs.append(Pair(p, s[hi], s[lo], chosen_finished=fin[hi], rejected_finished=fin[lo]))
+                continue
             bw = best_worst(sc)
             if bw is not None and s[bw[0]] != s[bw[1]]:
                 pairs.append(Pair(p, s[bw[0]], s[bw[1]], chosen_finished=fin[bw[0]], rejected_finished=fin[bw[1]]))
@@ -356,8 +371,8 @@ def compare_iterates(prompts: Sequence[Messages], new: Sequence[str], old: Seque
 
 def _sample_round(cfg: IterativeConfig, generator: Any, prompts: Sequence[Messages],
                   spend: ro.Spend) -> tuple[list[list[str]], list[list[bool]]]:
-    """K samples per prompt and whether each ended by itself; the temperature enhancer adds
-    K/2 hotter samples to K/2 normal ones."""
+    """K samples per prompt and whether each ended by itself; with the temperature enhancer each
+    prompt's list is K/2 main samples followed by K/2 enhancer (hotter) samples."""
     if cfg.enhancer == "temperature":
         half = max(1, cfg.k // 2)
         main = ro.sample(generator, prompts, half, cfg.sampling, spend)

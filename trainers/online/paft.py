@@ -4,8 +4,10 @@ Both adapters start from the same pretrained/SFT weights pi_pre (never one after
 neither forgets the other's gains):
 
 - adapter ``sft``: mean per-token NLL of the good responses plus an L1 penalty
-  ``l1 * sum |theta_lora|`` on its LoRA factors (SFT deltas are dense; the L1 term makes them
-  sparse like DPO's, which the paper found essential for merging);
+  ``l1 * sum |dW_sft|`` on its weight delta ``dW = scaling * B @ A`` of every LoRA module (the
+  survey: SFT + l1 norm makes the SFT delta sparse like DPO's, which the paper found essential
+  for merging). The penalty is on dW, not on the factors A and B: a sparse pair of factors does
+  not make their product sparse, nor the reverse;
 - adapter ``dpo``: the ``dpo`` loss with pi_pre (adapters disabled) as the reference.
 
 Steps alternate between the two adapters (each with its own optimizer). The merge (eq. 43)
@@ -48,7 +50,7 @@ class PAFTConfig:
     batch_size: int = 16
     lr: float = 1e-3
     beta: float = 0.1
-    l1: float = 1e-5  # L1 weight on the SFT adapter's LoRA factors
+    l1: float = 1e-5  # L1 weight on the SFT adapter's weight delta dW = scaling * B @ A
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -77,8 +79,37 @@ def adapter_params(peft_model: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
-def l1_penalty(params: Sequence[nn.Parameter]) -> torch.Tensor:
-    return sum(p.abs().sum() for p in params)
+def _abs_sum_of_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (b @ a).abs().sum()
+
+
+def lora_deltas(peft_model: nn.Module, name: str) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, float]]:
+    """(module, A, B, scaling) of every LoRA module of adapter ``name``: ``dW = scaling * B @ A``."""
+    return [(m, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
+            for m in peft_model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+
+
+def l1_penalty(peft_model: nn.Module, name: str) -> torch.Tensor:
+    """``sum over LoRA modules of |scaling * B @ A|_1``: the L1 norm of adapter ``name``'s weight
+    delta. Each dW is recomputed in the backward pass (activation checkpointing), so at most one
+    module's dW is in memory at a time, whatever the model's size."""
+    from torch.utils.checkpoint import checkpoint
+
+    terms = [scaling * checkpoint(_abs_sum_of_product, b, a, use_reentrant=False)
+             for _, a, b, scaling in lora_deltas(peft_model, name)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+@torch.no_grad()
+def _near_zero_share(peft_model: nn.Module, name: str, rel: float = 1e-3) -> float:
+    """Share of the entries of adapter ``name``'s deltas dW below ``rel`` times that module's
+    largest entry (how sparse the delta that gets merged is)."""
+    small = total = 0
+    for _, a, b, scaling in lora_deltas(peft_model, name):
+        d = (scaling * (b @ a)).abs()
+        small += int((d <= rel * d.max()).sum()) if d.max() > 0 else d.numel()
+        total += d.numel()
+    return small / max(1, total)
 
 
 def merge_adapters(peft_model: nn.Module, cfg: PAFTConfig) -> nn.Module:
@@ -124,7 +155,9 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             idx = torch.randint(len(sft_examples), (min(cfg.batch_size, len(sft_examples)),), generator=gen).tolist()
             ex = [sft_examples[i] for i in idx]
             loss = _sft_loss(peft_model, tokenizer, [e[0] for e in ex], [e[1] for e in ex],
-                             [e[2] if len(e) > 2 else True for e in ex]) + cfg.l1 * l1_penalty(params)
+                             [e[2] if len(e) > 2 else True for e in ex])
+            if cfg.l1 > 0:
+                loss = loss + cfg.l1 * l1_penalty(peft_model, "sft")
             modeling.step(opts["sft"], loss, params, cfg.max_grad_norm)
             hist["sft"].append(loss.item())
         # --- DPO adapter step against pi_pre
@@ -143,9 +176,7 @@ def train_paft_adapters(model: nn.Module, tokenizer: Any, sft_examples: Sequence
             loss = compute_loss("dpo", batch, beta=cfg.beta).mean()
             modeling.step(opts["dpo"], loss, params, cfg.max_grad_norm)
             hist["dpo"].append(loss.item())
-    sparsity = {name: float(sum((p.abs() < 1e-6).sum() for p in adapter_params(peft_model, name)) /
-                            max(1, sum(p.numel() for p in adapter_params(peft_model, name))))
-                for name in ("sft", "dpo")}
+    sparsity = {name: _near_zero_share(peft_model, name) for name in ("sft", "dpo")}
     merged = merge_adapters(peft_model, cfg)
     merged.eval()
     return merged, {"sft_loss": hist["sft"][-1:] or None, "dpo_loss": hist["dpo"][-1:] or None,
