@@ -65,12 +65,8 @@ def prepare_outside_flow(config: AlignConfig, progress=None) -> None:
     """
     if config.model is not None:
         return
-    from alignflow.flows.tasks import build_world
-
-    report = progress or (lambda stage, done, total: None)
-    report("build_world", 0, 1)
-    build_world(**world_step(config, Path(config.output).resolve()))
-    report("build_world", 1, 1)
+    run = Path(config.output).resolve()
+    PlainSteps(run, progress).call("build_world", **world_step(config, run))  # recorded like the flow's steps
 
 
 def run_align(config: AlignConfig, steps: PlainSteps) -> dict:

@@ -6,7 +6,9 @@ locking limits and the per-task cost (~5-7 ms) is noise. Every step
 - takes JSON-able arguments (paths as strings, configs as dicts);
 - writes its data itself, atomically, through the dataset store, and returns the *path*;
 - is idempotent: an output that already exists is returned as is, so a rerun of the same run
-  folder after a crash finds the finished steps and shards and skips them. Prefect stores no
+  folder after a crash finds the finished steps and shards and skips them; the step runners
+  first remove an output that other inputs made (``step_records``: a rerun with a changed
+  config makes the changed steps again, never reuses their old outputs). Prefect stores no
   step results (they would be pickles a tampered run folder could use to run code, see
   ``_tasks``); resume rests on the outputs alone.
 
@@ -30,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from alignflow.flows.step_records import StepRecords
 from alignflow.schemas.store import is_dataset, read_dataset, read_manifest, write_dataset
 
 # ---------------------------------------------------------------------------------------------
@@ -873,9 +876,11 @@ class PlainSteps:
     def __init__(self, run_dir: str | os.PathLike, progress: ProgressFn | None = None, **_: Any):
         self.run_dir = str(run_dir)
         self.progress = progress or (lambda stage, done, total: None)
+        self.records = StepRecords(run_dir)  # an output made from other inputs is made again
 
     def call(self, name: str, **kwargs: Any) -> Any:
         self.progress(name, 0, 1)
+        self.records.prepare(name, kwargs)
         result = STEPS[name](**kwargs)
         self.progress(name, 1, 1)
         return result
@@ -884,6 +889,7 @@ class PlainSteps:
         results = []
         self.progress(name, 0, len(calls))
         for i, kwargs in enumerate(calls):
+            self.records.prepare(name, kwargs)
             results.append(STEPS[name](**kwargs))
             self.progress(name, i + 1, len(calls))
         return results
@@ -916,12 +922,15 @@ class PrefectSteps(PlainSteps):
 
     def call(self, name: str, **kwargs: Any) -> Any:
         self.progress(name, 0, 1)
+        self.records.prepare(name, kwargs)
         result = self._task(name)(**kwargs)
         self.progress(name, 1, 1)
         return result
 
     def map(self, name: str, calls: Sequence[dict]) -> list:
         task = self._task(name, sharded=True)
+        for kwargs in calls:
+            self.records.prepare(name, kwargs)
         futures = [task.submit(**kwargs) for kwargs in calls]
         results, failures = [None] * len(futures), []
         self.progress(name, 0, len(futures))

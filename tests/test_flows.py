@@ -6,6 +6,7 @@ Prefect server of the session (PREFECT_HOME is a temp folder, see conftest.py).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -444,6 +445,43 @@ def test_a_rerun_resumes_from_the_outputs_and_a_lost_output_is_recomputed(tmp_pa
     assert fake_backend["calls"] == [(words[4], words[5])]  # shard 2 alone
     assert third.result() == stats
     assert {name: read_manifest(run / name)["shards"] for name in merged_shards} == merged_shards  # sha256 each
+
+
+def test_a_rerun_with_a_changed_input_makes_that_step_and_the_later_ones_again(tmp_path, fake_backend,
+                                                                               prefect_server):
+    """One run folder, four runs: a changed feedback rule remakes only the merge; a changed
+    sampling temperature remakes every shard; other prompts written at the same path remake
+    everything from them. An unchanged step is never redone, and a changed one never returns
+    its old output (which resuming from outputs alone did: the old shards came back)."""
+    prompts = _prompts(tmp_path / "prompts", 8)
+    cfg = _feedback_config(tmp_path, prompts)
+    run = Path(cfg.output)
+    first = _run_generate_feedback(cfg).result()
+    assert len(fake_backend["calls"]) == 4 and first["kind"] == "pairwise"
+
+    fake_backend["calls"].clear()
+    shard_files = {p: t for p, t in _mtimes(run).items() if p.startswith("shards/")}
+    as_binary = {"judge": "verifier", "kind": "binary"}
+    binary = _run_generate_feedback(_feedback_config(tmp_path, prompts, feedback=as_binary))
+    assert fake_backend["calls"] == [] and binary.result()["kind"] == "binary"
+    assert {p: t for p, t in _mtimes(run).items() if p.startswith("shards/")} == shard_files
+    record = json.loads(next((run / ".alignflow" / "steps").glob("build_feedback-*.json")).read_text())
+    assert record["inputs"]["kind"] == "binary"
+
+    hotter = dict(cfg.generation.model_dump(), temperature=0.5)
+    _run_generate_feedback(_feedback_config(tmp_path, prompts, generation=hotter, feedback=as_binary)).result()
+    assert len(fake_backend["calls"]) == 4  # every shard sampled again
+
+    fake_backend["calls"].clear()
+    from alignflow.feedback.toy_task import ToyTask
+
+    other = ToyTask().prompts(8, seed=11)
+    write_dataset(prompts, pa.table({"prompt": other}), "prompts", overwrite=True)
+    last = _run_generate_feedback(_feedback_config(tmp_path, prompts, generation=hotter, feedback=as_binary)).result()
+    sampled = {w for call in fake_backend["calls"] for w in call}
+    assert sampled == {m[-1]["content"] for m in read_dataset(prompts).column("prompt").to_pylist()}
+    merged = read_dataset(last["samples"]).column("prompt").to_pylist()
+    assert {m[-1]["content"] for m in merged} == sampled  # nothing of the first prompts is left
 
 
 def test_critique_revise_steps_on_a_tiny_model(tmp_path, tiny_model):
