@@ -115,7 +115,8 @@ def _cast_column(col: pa.Array, target: pa.DataType, name: str, reasons: _Reason
 
 
 def _empty_text(col: pa.Array) -> pa.Array:
-    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
+    """Empty or only whitespace (Unicode's), without making a trimmed copy of every text."""
+    return pc.or_(pc.utf8_is_space(col), pc.equal(pc.binary_length(col), 0))
 
 
 def _check_prompt(prompt: pa.Array, reasons: _Reasons) -> None:
@@ -287,7 +288,8 @@ def validate(table: pa.Table, kind: str, min_responses: int = 2, *,
     counts: dict[str, int] = {}
     for mask, reason in reasons.checks:
         counts[reason] = int(mask.sum())
-    quarantined = quarantine_table(table.take(pa.array(bad_idx)), bad_idx, reason_texts)
+    refused = table.take(pa.array(bad_idx)) if len(bad_idx) else table.slice(0, 0)  # an empty take copies
+    quarantined = quarantine_table(refused, bad_idx, reason_texts)
     return Validation(kind, valid, quarantined, counts)
 
 

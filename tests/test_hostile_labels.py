@@ -175,6 +175,18 @@ def test_duplicate_rows_are_reported(tmp_path):
     assert report.duplicates == 2 and report.written == 5
 
 
+def test_listwise_duplicates_compare_every_response_not_the_list_joined(tmp_path):
+    """Two rankings that differ only in a middle response (same total length, same first and
+    last answer) are different rows; the same ranking again is a duplicate."""
+    first, last = "a" * 40, "z" * 40
+    row = {"prompt": "p", "answers": [{"answer": first, "rank": 1}, {"answer": "middle one", "rank": 2},
+                                      {"answer": last, "rank": 3}]}
+    other = {**row, "answers": [row["answers"][0], {"answer": "middle two", "rank": 2}, row["answers"][2]]}
+    src = write_jsonl(tmp_path / "ranks.jsonl", [row, other, row])
+    report = convert_labels_file(src, tmp_path / "o", "nectar", "listwise")
+    assert report.written == 3 and report.duplicates == 1
+
+
 # -- issue #15 item 5: a threshold labels each response on its own -----------------------------
 
 

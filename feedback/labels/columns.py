@@ -250,7 +250,9 @@ class Quarantine:
 
     def table(self) -> pa.Table:
         idx = np.flatnonzero(self.bad)
-        return quarantine_table(self.raw.take(pa.array(idx)), idx + self.row_offset, list(self.reasons[idx]))
+        # an empty take of a chunked nested table still joins its chunks: a slice costs nothing
+        rows = self.raw.take(pa.array(idx)) if len(idx) else self.raw.slice(0, 0)
+        return quarantine_table(rows, idx + self.row_offset, list(self.reasons[idx]))
 
     def counts(self) -> dict[str, int]:
         values, counts = np.unique(self.reasons[self.bad].astype(str), return_counts=True)

@@ -702,41 +702,56 @@ def _check_field_sizes(raw: pa.Table, source: Path, offset: int, limit: int) -> 
 # what makes two canonical rows the same (extras such as per-response labels are not compared)
 DUPLICATE_KEYS = {"pairwise": ("prompt_id", "chosen", "rejected", "margin"), "listwise": ("prompt_id", "responses", "scores"),
                   "binary": ("prompt_id", "response", "label"), "sft": ("prompt_id", "response")}
-EDGE = 32  # characters of each text's beginning and end in its fingerprint
+EDGE = 32  # bytes of each text's beginning and end in its fingerprint
+
+
+def _text_fingerprints(texts: pa.Array) -> pa.Array:
+    """Per text: its byte length and its first and last ``EDGE`` bytes (binary; null -> ``\\x00``).
+    Byte slices cost O(1) a text; a character slice from the end walks the whole text."""
+    texts = pc.fill_null(texts.cast(pa.binary()), b"\x00")
+    return pc.binary_join_element_wise(pc.binary_length(texts).cast(pa.string()).cast(pa.binary()),
+                                       pc.binary_slice(texts, 0, EDGE), pc.binary_slice(texts, -EDGE), b"\x1f")
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 class _Duplicates:
     """Counts canonical rows that repeat an earlier row of the run: same prompt and labels, and
-    responses of the same length with the same first and last ``EDGE`` characters.
+    responses of the same byte length with the same first and last ``EDGE`` bytes (a list of
+    responses: each item so).
 
     A 64-bit hash of that fingerprint is kept per distinct row (8 bytes a row: sorted arrays
     merged like a binary counter, O(n log n) for the run). Hashing whole texts would cost as
     much as reading them again; two rows that differ only inside a long response are the one
-    case counted wrongly.
+    case counted wrongly. Python's bytes hash is salted per process, which is all a count within
+    one run needs.
     """
 
     def __init__(self):
         self.levels: list[np.ndarray] = []  # sorted unique hashes, sizes roughly halving
 
     def add(self, table: pa.Table, kind: str) -> int:
-        import pandas as pd
-
         if table.num_rows == 0 or kind not in DUPLICATE_KEYS:
             return 0
         parts = []
         for name in DUPLICATE_KEYS[kind]:
             c = table.column(name).combine_chunks()
-            if pa.types.is_list(c.type):  # one text per row: the items joined
+            if pa.types.is_list(c.type):  # each item fingerprinted, the items joined
+                items = pc.list_flatten(c)
+                items = _text_fingerprints(items) if _is_text(items.type) else \
+                    pc.fill_null(items.cast(pa.string()), "\x00").cast(pa.binary())
                 lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False)
                 offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-                c = pc.binary_join(pa.ListArray.from_arrays(offsets, pc.list_flatten(c).cast(pa.string())), "\x1f")
-            c = pc.fill_null(c.cast(pa.string()), "\x00")
-            if name != "prompt_id":  # long texts: their length and edges
-                c = pc.binary_join_element_wise(pc.binary_length(c).cast(pa.string()), pc.utf8_slice_codeunits(c, 0, EDGE),
-                                                pc.utf8_slice_codeunits(c, -EDGE), "\x1f")
+                c = pc.binary_join(pa.ListArray.from_arrays(offsets, items), b"\x1e")
+            elif name != "prompt_id" and _is_text(c.type):  # long texts: their length and edges
+                c = _text_fingerprints(c)
+            else:
+                c = pc.fill_null(c.cast(pa.string()), "\x00").cast(pa.binary())
             parts.append(c)
-        key = pc.binary_join_element_wise(*parts, "\x1e")
-        h = pd.util.hash_array(key.to_numpy(zero_copy_only=False).astype(object))
+        key = pc.binary_join_element_wise(*parts, b"\x1d")
+        h = np.fromiter(map(hash, key.to_numpy(zero_copy_only=False)), dtype=np.int64, count=len(key))
         unique = np.unique(h)
         seen = np.zeros(len(unique), dtype=bool)
         for level in self.levels:

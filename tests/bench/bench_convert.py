@@ -183,7 +183,9 @@ def timed(cmd: list[str], out: Path, checkout: Path = REPO) -> dict:
     out.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(checkout) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     stats = out.with_name(out.name + ".time")
-    proc = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env)
+    # cwd too: ``python -m`` puts the working folder first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env,
+                          cwd=checkout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     wall, user, system, rss_kb = stats.read_text().split()[-4:]
