@@ -16,7 +16,9 @@ Three jobs, each run by both engines on the same input, writing the same columns
 Each process is started from here and timed as a whole (interpreter start and imports count);
 wall time, CPU time (user + system, all threads) and peak RSS come from ``wait4``. The two
 engines alternate (which goes first swaps every round) and the best of ``--repeats`` rounds is
-compared, so a burst of load from other jobs on the machine hits both alike. Outputs are
+compared, so a burst of load from other jobs on the machine hits both alike. For nectar and hh each
+engine also runs the same job on 20 rows: its fixed cost (interpreter, imports, opening and
+closing files), printed beside what the rest of the work takes. Outputs are
 checked to hold the same rows (the whole output for nectar and hh, a sample of prompts for
 listwise).
 
@@ -48,6 +50,7 @@ WORDS = np.array(("the a model answer is good bad helpful wrong right because th
                   "clear short long python code test value list row pair score rank first second third last "
                   "alpha beta gamma delta data label human policy reward").split(), dtype=object)
 K_MIN, K_MAX = 4, 9
+FEW_ROWS = 20  # the fixed-cost run: the same job on this many rows
 
 # -- inputs --------------------------------------------------------------------------------------
 
@@ -237,7 +240,16 @@ def same_rows(ours: Path, duck: Path, columns: list[str], sample_ids: int | None
     return f"{counts}; {what} {'identical' if same else 'DIFFER'} in {', '.join(columns)}"
 
 
-def report(name: str, runs: dict, check: str) -> dict:
+def fixed_cost(work: Path, name: str, sql: str, small_src: Path, fmt_from: str, repeats: int) -> dict[str, float]:
+    """Best wall of each engine on the same job over a few rows: what a process costs before
+    and beside its work (interpreter, imports, argument parsing, opening and closing files)."""
+    ours_out, duck_out = work / f"{name}-small-ours.parquet", work / f"{name}-small-duckdb.parquet"
+    runs = race(ours_command(small_src, ours_out, fmt_from, "trl-preference"), ours_out,
+                duckdb_command(work, f"{name}-small", sql, small_src, duck_out), duck_out, repeats)
+    return {engine: min(r["wall"] for r in rs) for engine, rs in runs.items()}
+
+
+def report(name: str, runs: dict, check: str, fixed: dict[str, float] | None = None) -> dict:
     best = {e: min(r, key=lambda x: x["wall"]) for e, r in runs.items()}
     cpu = {e: min(x["cpu"] for x in r) for e, r in runs.items()}
     rss = {e: max(x["rss_mb"] for x in r) for e, r in runs.items()}
@@ -252,6 +264,10 @@ def report(name: str, runs: dict, check: str) -> dict:
     if "baseline" in runs:
         print(f"   ours / baseline checkout: wall {best['ours']['wall'] / best['baseline']['wall']:.2f}x, "
               f"CPU {cpu['ours'] / cpu['baseline']:.2f}x")
+    if fixed:
+        work = {e: best[e]["wall"] - fixed[e] for e in ("ours", "duckdb")}
+        print(f"   fixed cost (the same job on {FEW_ROWS} rows): ours {fixed['ours']:.2f}s, DuckDB {fixed['duckdb']:.2f}s; "
+              f"the rest: ours {work['ours']:.2f}s, DuckDB {work['duckdb']:.2f}s ({work['ours'] / work['duckdb']:.2f}x)")
     met = ratio <= 1.0 and mem_ratio <= 1.2
     print(f"   ours / DuckDB: wall {ratio:.2f}x (median {med['ours'] / med['duckdb']:.2f}x), CPU {cpu_ratio:.2f}x, "
           f"peak memory {mem_ratio:.2f}x -> goal (wall <= 1.0x at <= 1.2x memory): {'met' if met else 'NOT met'}")
@@ -286,8 +302,11 @@ def main() -> None:
                     duckdb_command(work, "nectar", NECTAR_SQL, src, duck_out), duck_out, args.repeats, args.baseline)
         check = same_rows(ours_out, duck_out, ["prompt", "chosen", "rejected", "margin"])
         print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
+        small = work / f"nectar-{FEW_ROWS}.jsonl"
+        make_nectar(small, FEW_ROWS)
+        fixed = fixed_cost(work, "nectar", NECTAR_SQL, small, "nectar", args.repeats)
         results.append(report(f"nectar ({args.nectar_rows:,} rows x 7 answers -> TRL preference Parquet, "
-                              f"{src.stat().st_size / 1e6:.0f} MB JSONL)", runs, check))
+                              f"{src.stat().st_size / 1e6:.0f} MB JSONL)", runs, check, fixed))
     if "hh" in jobs:
         src = work / HH_FILE.name
         if not src.exists():
@@ -298,9 +317,13 @@ def main() -> None:
         check = same_rows(ours_out, duck_out, ["prompt", "chosen", "rejected"])
         print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
         with gzip.open(src) as fh:
-            n = sum(1 for _ in fh)
-        results.append(report(f"hh-rlhf harmless test ({n:,} rows -> TRL preference Parquet, conversational)",
-                              runs, check))
+            lines = fh.readlines()
+        small = work / f"hh-{FEW_ROWS}.jsonl.gz"
+        with gzip.open(small, "wb") as fh:
+            fh.writelines(lines[:FEW_ROWS])
+        fixed = fixed_cost(work, "hh", HH_SQL, small, "hh-rlhf", args.repeats)
+        results.append(report(f"hh-rlhf harmless test ({len(lines):,} rows -> TRL preference Parquet, conversational)",
+                              runs, check, fixed))
     if "listwise" in jobs:
         src = work / f"listwise-{args.listwise_rows}.parquet"
         if not src.exists():

@@ -56,6 +56,7 @@ N_PAIRS, PROMPT_CHARS, RESPONSE_CHARS, BATCH, LR, BETA, LOGGING_STEPS = 1000, 60
 OURS = ("ours_fp32", "ours_bf16", "ours_pre_fp32", "ours_pre_bf16", "ours_1proc_fp32", "ours_1proc_bf16")
 TRL = ("trl_fp32", "trl_bf16", "trl_pre_fp32", "trl_pre_bf16", "trl_fp32_nockpt")
 CONFIGS = OURS + TRL
+FIXED_CONFIGS = ("ours_fp32", "trl_fp32")  # also run on one batch: each side's fixed cost
 # (ours, TRL, goal): the ratios the issue asks for
 GOALS = (("ours_fp32", "trl_fp32", 0.5), ("ours_bf16", "trl_bf16", 0.5),
          ("ours_pre_fp32", "trl_pre_fp32", 0.8), ("ours_pre_bf16", "trl_pre_bf16", 0.8),
@@ -313,6 +314,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every process (default: all cores).")
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-fixed", action="store_true", help="Skip the one-step runs that measure each side's fixed cost.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     opts = ap.parse_args()
     if opts.worker == "trl":
@@ -341,13 +343,23 @@ def main() -> None:
           f"tokens computed per epoch: ours {tokens['unique']} (prompt once), two rows of prompt+response "
           f"{tokens['two_rows']} ({tokens['unique'] / tokens['two_rows']:.2f})", flush=True)
 
+    # the fixed cost of a whole process: the same configuration on one batch (one step)
+    fixed_configs = [c for c in FIXED_CONFIGS if c in configs] if not opts.no_fixed else []
+    few = workdir / "one-step"
+    if fixed_configs:
+        few.mkdir()
+        prepare(few, BATCH)
     results: dict[str, list[dict]] = {c: [] for c in configs}
+    fixed: dict[str, list[float]] = {c: [] for c in fixed_configs}
     for rep in range(opts.repeats):  # interleaved, so machine load drifts hit every configuration alike
         for c in configs:
             r = run_config(c, workdir)
             results[c].append(r)
             print(f"[{rep}] {c:<18} wall {r['wall_s']:6.1f} s  cpu {r['cpu_s']:6.1f} s  peak {r['peak_MB']:5.0f} MB  "
                   f"loss {r['loss']:.4f}", flush=True)
+        for c in fixed_configs:
+            fixed[c].append(run_config(c, few)["wall_s"])
+            print(f"[{rep}] {c:<18} on {BATCH} pairs (one step): wall {fixed[c][-1]:6.1f} s", flush=True)
     best = {c: {k: min(r[k] for r in rs) for k in ("wall_s", "cpu_s", "peak_MB")} for c, rs in results.items()}
 
     print(f"\nbest of {opts.repeats} (each measure separately); load now {os.getloadavg()[0]:.2f}")
@@ -362,6 +374,14 @@ def main() -> None:
             met = "" if goal is None else ("yes" if ratio["wall_s"] <= goal and ratio["peak_MB"] <= 1.2 else "NO")
             print(f"{ours + ' / ' + base:<36}{ratio['wall_s']:>7.2f}{ratio['cpu_s']:>7.2f}{ratio['peak_MB']:>7.2f}"
                   f"{'' if goal is None else goal:>7}  {met}")
+
+    if len(fixed) == 2:
+        (o, o_runs), (b, b_runs) = fixed.items()
+        fo, fb = min(o_runs), min(b_runs)
+        ro, rb = best[o]["wall_s"] - fo, best[b]["wall_s"] - fb
+        print(f"fixed cost (the same process on {BATCH} pairs, one step: start-up, loading, saving): {o} {fo:.1f} s, "
+              f"{b} {fb:.1f} s; the rest (the other {opts.pairs // BATCH - 1} steps): {o} {ro:.1f} s, {b} {rb:.1f} s, "
+              f"ratio {ro / rb:.2f}")
 
     profiles = {}
     if not opts.no_profile:
@@ -384,7 +404,7 @@ def main() -> None:
                 if ref in best:
                     print(f"  {ref} wall / floor: {best[ref]['wall_s'] / fl[0]:.2f}, cpu / floor: {best[ref]['cpu_s'] / fl[1]:.2f}")
     if opts.json:
-        opts.json.write_text(json.dumps({"runs": results, "best": best, "profiles": profiles, "tokens": tokens,
+        opts.json.write_text(json.dumps({"runs": results, "best": best, "fixed": fixed, "profiles": profiles, "tokens": tokens,
                                          "load_at_start": load}, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
 
