@@ -309,6 +309,29 @@ def test_cli_precompute_ref_then_train_writes_checkpoint(cli_world, monkeypatch)
     original(str(out))
 
 
+def test_cli_precompute_ref_bf16_runs_under_autocast(cli_world):
+    """--bf16 computes the reference as a bf16 training run computes its policy: other numbers
+    than float32 (autocast took effect), equal to bf16 precision, and the manifest says so."""
+    from typer.testing import CliRunner
+
+    from alignflow.flows.cli import app
+    from alignflow.schemas.store import read_dataset, read_manifest
+
+    logps, records = {}, {}
+    for flags in ([], ["--bf16"]):
+        out = cli_world / f"ref{'-bf16' * bool(flags)}"
+        res = CliRunner().invoke(app, ["precompute-ref", str(cli_world / "pairs"), "--model", str(cli_world / "model"),
+                                       "--output", str(out), *flags])
+        assert res.exit_code == 0, res.output
+        table = read_dataset(out)
+        logps[bool(flags)] = torch.tensor(table.column("ref_chosen_logps").to_pylist() +
+                                          table.column("ref_rejected_logps").to_pylist(), dtype=torch.float64)
+        records[bool(flags)] = read_manifest(out)["provenance"]["reference"]
+    assert records[True]["autocast"] == "bfloat16" and records[False]["autocast"] is None
+    assert not torch.equal(logps[True], logps[False])
+    assert torch.allclose(logps[True], logps[False], rtol=0.02, atol=0.05), (logps[True] - logps[False]).abs().max()
+
+
 def test_cli_train_bad_input_is_one_line_exit_2(cli_world):
     from typer.testing import CliRunner
 

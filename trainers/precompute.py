@@ -145,8 +145,12 @@ def with_reference_columns(table, kind: str, model, tokenizer, examples: list[di
 def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLike,
                          output: str | os.PathLike | None = None, *, batch_size: int = 32,
                          max_length: int | None = None, torch_dtype: str | None = None,
-                         max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> Path:
+                         max_batch_tokens: int | None = MAX_BATCH_TOKENS, bf16: bool = False) -> Path:
     """Compute the reference columns of a store dataset with the model at ``model_path``.
+
+    ``bf16``: forward passes under bfloat16 autocast, as ``train --bf16 true`` runs the policy (a
+    bf16 run then starts from log-ratios of about 0, and the pass is 2-3x faster on CPUs with
+    bf16 units); the sums are still float64. The manifest records it (``autocast``).
 
     Prompt + response are cut to ``max_length`` tokens (default: the model's context length;
     ``trainers.collators.truncated``), forward passes hold at most ``batch_size`` rows and
@@ -175,8 +179,10 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     max_length = max_length or context_length(model)
     stripped = table.drop_columns([c for c in REF_COLUMNS[kind] if c in table.column_names])
     examples = pretokenize(stripped, kind, tokenizer, max_length)
-    out_table = with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size,
-                                       max_batch_tokens=max_batch_tokens)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        out_table = with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size,
+                                           max_batch_tokens=max_batch_tokens)
     provenance = dict(manifest.get("provenance", {}))
     parents = list(provenance.get("parent_datasets", []))
     target = Path(output) if output is not None else Path(dataset)
@@ -186,7 +192,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
         "parent_datasets": parents,
         "reference": {**model_fingerprint(model_path), "columns": list(REF_COLUMNS[kind]),
                       "max_length": max_length, "truncated_rows": sum(bool(e.get("truncated")) for e in examples),
-                      "dtype": str(next(model.parameters()).dtype)},
+                      "dtype": str(next(model.parameters()).dtype), "autocast": "bfloat16" if bf16 else None},
     })
     return write_dataset(target, out_table, kind, provenance, overwrite=True)
 

@@ -285,6 +285,8 @@ def precompute_ref(
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Cut prompt+response to this many tokens (as in train; default: the model's context length)."),
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", help="Padded tokens per forward pass at most (bounds memory on long rows)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Forward passes under bfloat16 autocast, as `train --bf16 true` runs "
+                              "the policy (faster; the manifest records it)."),
 ) -> None:
     """Compute reference log-probs once and store them as ref_* columns (manifest records the model)."""
     with user_errors(OSError):
@@ -296,7 +298,7 @@ def precompute_ref(
         from alignflow.trainers.precompute import precompute_reference, reference_of
 
         path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length,
-                                    max_batch_tokens=max_batch_tokens)
+                                    max_batch_tokens=max_batch_tokens, bf16=bf16)
         record = reference_of(path)
     console.print(f"precompute-ref: wrote reference columns to {path} "
                   f"(reference {record['reference_model']}, weights sha256 {str(record.get('weights_sha256'))[:12]})")

@@ -17,7 +17,8 @@ Configurations (TRL 1.16 ``DPOConfig`` defaults with ``use_cpu=True``: bf16 auto
 checkpointing on; the ``fp32`` rows set only ``bf16=False``):
 
     ours_fp32 / ours_bf16            alignflow train on a dataset with reference columns
-    ours_pre_fp32 / ours_pre_bf16    alignflow precompute-ref, then alignflow train (two processes)
+    ours_pre_fp32 / ours_pre_bf16    alignflow precompute-ref (--bf16 for bf16), then alignflow train
+                                     (two processes)
     ours_1proc_fp32 / _bf16          alignflow train on the dataset without reference columns
                                      (the reference is computed in the same process)
     trl_fp32 / trl_bf16              DPOTrainer, reference model forward at every step
@@ -136,7 +137,9 @@ def run_config(name: str, workdir: Path) -> dict:
     if name.startswith("ours_pre"):
         ref = workdir / f"ref_{name}"
         shutil.rmtree(ref, ignore_errors=True)
-        pre = run_measured(cli("precompute-ref", workdir / "pairs", "--model", workdir / "model", "--output", ref))
+        # TRL's precompute runs under its mixed-precision autocast; ours the same with --bf16
+        pre = run_measured(cli("precompute-ref", workdir / "pairs", "--model", workdir / "model", "--output", ref,
+                               *["--bf16"] * bf16))
         train = run_measured(train_args(ref, workdir, out, bf16))
         return {**combine(pre, train), "pre_wall_s": pre["wall_s"], "loss": _train_loss(out)}
     if name.startswith("ours"):
@@ -404,7 +407,8 @@ def main() -> None:
                 if ref in best:
                     print(f"  {ref} wall / floor: {best[ref]['wall_s'] / fl[0]:.2f}, cpu / floor: {best[ref]['cpu_s'] / fl[1]:.2f}")
     if opts.json:
-        opts.json.write_text(json.dumps({"runs": results, "best": best, "fixed": fixed, "profiles": profiles, "tokens": tokens,
+        opts.json.write_text(json.dumps({"runs": results, "best": best, "fixed": fixed, "profiles": profiles,
+                                         "tokens": tokens,
                                          "load_at_start": load}, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
 
