@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+
+PACKAGE_FOLDERS = ("alignflow", "schemas", "feedback", "trainers", "flows")
+
+
+def compile_checkout(root: Path) -> str:
+    """Write the checkout's bytecode before timing processes that import it, as ``pip install``
+    does for an installed package. An editable install compiles on first import instead, and
+    where ``PYTHONDONTWRITEBYTECODE`` is set (this machine) on every import: 0.1-0.15 s of each
+    ``alignflow convert`` process here, a cost no installed user pays."""
+    folders = [str(root / f) for f in PACKAGE_FOLDERS if (root / f).is_dir()]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], check=True, stdout=subprocess.DEVNULL)
+    return f"bytecode of {root} compiled beforehand (as pip install does)"
 
 
 def machine_line() -> str:

@@ -289,6 +289,10 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
+    from _measure import compile_checkout
+
+    for checkout in [REPO] + ([args.baseline] if args.baseline else []):
+        print(compile_checkout(checkout))
     jobs = args.jobs.split(",")
     print(f"cores: {os.cpu_count()}  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  "
           f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}, python {sys.version.split()[0]}  workdir: {work}")

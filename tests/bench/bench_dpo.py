@@ -339,6 +339,9 @@ def main() -> None:
     import trl
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}", flush=True)
+    from _measure import compile_checkout
+
+    print(compile_checkout(ROOT))
     workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     prepare(workdir, opts.pairs)
     tokens = token_counts(workdir)
