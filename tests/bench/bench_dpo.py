@@ -408,7 +408,8 @@ def main() -> None:
             fl = prof["phases"]["floor: forward+backward over unique tokens"]
             for ref in (f"ours_{name}", f"trl_{name}"):
                 if ref in best:
-                    print(f"  {ref} wall / floor: {best[ref]['wall_s'] / fl[0]:.2f}, cpu / floor: {best[ref]['cpu_s'] / fl[1]:.2f}")
+                    print(f"  {ref} wall / floor: {best[ref]['wall_s'] / fl[0]:.2f}, "
+                          f"cpu / floor: {best[ref]['cpu_s'] / fl[1]:.2f}")
     if opts.json:
         opts.json.write_text(json.dumps({"runs": results, "best": best, "fixed": fixed, "profiles": profiles,
                                          "tokens": tokens,
