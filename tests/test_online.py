@@ -125,14 +125,15 @@ def test_ppo_raises_reward(ppo_without_kl):
 def test_ppo_kl_penalty_keeps_the_policy_nearer_the_reference(env, ppo_without_kl):
     """Eq. 2's beta at matched steps: the same seeds, so both runs share the first rollout and
     update (the penalty is zero while policy == reference); from the second rollout on, the run
-    with beta = 0.5 is nearer the reference in every rollout and on the held-out prompts.
-    Measured: rollout KL 0.58 / 0.91 / 0.99 / 1.17 against 0.79 / 1.11 / 1.29 / 2.03 nats, held-out
-    0.81 against 2.20."""
+    with beta = 0.5 stays nearer the reference: lower rollout KL on average, and on the held-out
+    prompts. Each rollout's KL is an estimate from 32 samples, so single rollouts may cross: on
+    one CPU 0.58 / 0.91 / 0.99 / 1.17 against 0.79 / 1.11 / 1.29 / 2.03 nats (held-out 0.81
+    against 2.20); on another 0.36 / 0.76 / 1.41 / 0.90 against 0.45 / 1.15 / 1.34 / 2.41."""
     _, _, free = ppo_without_kl
     _, _, penalised = _ppo(env, beta=0.5)
     kl_free, kl_pen = [h["kl"] for h in free.history], [h["kl"] for h in penalised.history]
     assert kl_free[:2] == pytest.approx(kl_pen[:2], abs=1e-4) and kl_free[0] == 0.0
-    assert all(p < f for p, f in zip(kl_pen[2:], kl_free[2:])), (kl_pen, kl_free)
+    assert sum(kl_pen[2:]) < 0.85 * sum(kl_free[2:]), (kl_pen, kl_free)
     assert penalised.kl_to_ref < 0.7 * free.kl_to_ref, (penalised.kl_to_ref, free.kl_to_ref)
 
 

@@ -76,13 +76,30 @@ def test_wide_beam_finds_the_exhaustive_optimum(tiny):
         assert score >= g - 1e-6
 
 
+def _objective_of_ids(policy, ref, tok, prompt, ids, beta, objective) -> float:
+    """The summed objective of response tokens ``ids`` after ``prompt``, from one plain forward."""
+    from alignflow.trainers import encoding
+
+    prompt_ids = encoding.encode_prompt(tok, encoding.as_messages(prompt))
+    x = torch.tensor([prompt_ids + list(ids)])
+    target = torch.tensor(ids)[:, None]
+
+    def logps(model):
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, len(prompt_ids) - 1:-1].double()
+        return torch.log_softmax(logits, -1).gather(-1, target)[:, 0]
+
+    gain = logps(policy) if objective == "q" else logps(policy) - logps(ref)
+    return beta * float(gain.sum())
+
+
 @pytest.mark.parametrize("objective", ["q", "reward"])
 def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(request, tiny, objective):
-    """On the world's SFT policy against a random reference. The comparison needs the returned
-    text to re-encode to the searched tokens: always so one token per character; with BPE only
-    on the task's prompts (where the SFT model writes the text's own tokenization; on a foreign
-    prompt a search may return '-vwne' found as '-','v','w','n','e', which re-encodes to
-    '-','vw','ne' and so scores differently)."""
+    """On the world's SFT policy against a random reference: the score is the objective of the
+    searched tokens (an independent forward), one prompt alone finds what the batch found, and
+    where the text re-encodes to the searched tokens (always, one token per character; with BPE
+    not always: 'twoty-seven' searched as other pieces than its own tokenization), re-scoring
+    the text token by token gives the score too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignflow.trainers.token_rewards import beam_search, beam_search_batch, token_rewards
@@ -91,16 +108,22 @@ def test_score_is_the_objective_of_the_answer_and_batching_changes_nothing(reque
     tok = AutoTokenizer.from_pretrained(world.path)  # the world's own vocabulary
     policy = AutoModelForCausalLM.from_pretrained(world.path).eval()
     ref = tiny_lm(tok, hidden_size=32, num_layers=1, seed=2).eval()
-    prompts = PROMPTS[:2] if is_bpe(tok) else PROMPTS
-    found = beam_search_batch(policy, ref, tok, prompts, beam_size=3, max_new_tokens=5, beta=0.2, objective=objective)
-    for prompt, (text, score) in zip(prompts, found):
+    found = beam_search_batch(policy, ref, tok, PROMPTS, beam_size=3, max_new_tokens=5, beta=0.2, objective=objective,
+                              with_ids=True)
+    canonical = 0
+    for prompt, (text, score, ids) in zip(PROMPTS, found):
+        assert score == pytest.approx(_objective_of_ids(policy, ref, tok, prompt, ids, 0.2, objective), abs=1e-4)
         assert beam_search(policy, ref, tok, prompt, beam_size=3, max_new_tokens=5, beta=0.2,
                            objective=objective) == pytest.approx((text, score))
-        # the answer re-scored token by token (eos counted when it finished within the budget)
-        finished = len(tok(text, add_special_tokens=False)["input_ids"]) < 5
+        finished = ids[-1] == tok.eos_token_id
+        if tok(text, add_special_tokens=False)["input_ids"] != [t for t in ids if t != tok.eos_token_id]:
+            assert is_bpe(tok), (text, ids)  # one token per character always re-encodes the same
+            continue
+        canonical += 1
         rows = token_rewards(policy, ref, tok, prompt, text, beta=0.2, finished=finished)
         want = sum(r.reward for r in rows) if objective == "reward" else 0.2 * sum(r.logp for r in rows)
         assert score == pytest.approx(want, abs=1e-3)
+    assert canonical >= 1
 
 
 def test_token_texts_join_to_the_text_whatever_the_byte_split(tiny):

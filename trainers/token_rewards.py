@@ -110,9 +110,12 @@ def _final_score(score: float, n_tokens: int, length_penalty: float) -> float:
 @torch.no_grad()
 def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts: Sequence[Any], beam_size: int = 4,
                       beta: float = 0.1, max_new_tokens: int = 24, expand: int | None = None,
-                      objective: str = "q", length_penalty: float = 0.0) -> list[tuple[str, float]]:
+                      objective: str = "q", length_penalty: float = 0.0,
+                      with_ids: bool = False) -> list[tuple[str, float]] | list[tuple[str, float, list[int]]]:
     """Reward-guided beam search for many prompts at once; returns (best response, its score)
-    per prompt, the score being the summed objective of the returned response (eos included).
+    per prompt, the score being the summed objective of the returned response (eos included);
+    ``with_ids``: (response, score, its token ids as searched, eos included when it finished). A
+    byte-level BPE text can re-encode to other tokens than the searched ones, which score otherwise.
 
     Per step every live beam proposes its ``expand`` (default ``max(beam_size, 2)``) most likely
     next tokens under the policy, scored by the running sum of ``objective``: ``"q"``
@@ -183,7 +186,8 @@ def beam_search_batch(policy: nn.Module, ref: nn.Module, tokenizer: Any, prompts
     out = []
     for hyps in finished:
         _, seq, score = max(hyps, key=lambda h: h[0])
-        out.append((tokenizer.decode([t for t in seq if t != eos], skip_special_tokens=True), score))
+        text = tokenizer.decode([t for t in seq if t != eos], skip_special_tokens=True)
+        out.append((text, score, seq) if with_ids else (text, score))
     return out
 
 
