@@ -288,9 +288,14 @@ def validate(table: pa.Table, kind: str, min_responses: int = 2, *,
     counts: dict[str, int] = {}
     for mask, reason in reasons.checks:
         counts[reason] = int(mask.sum())
-    refused = table.take(pa.array(bad_idx)) if len(bad_idx) else table.slice(0, 0)  # an empty take copies
-    quarantined = quarantine_table(refused, bad_idx, reason_texts)
+    quarantined = quarantine_table(take_rows(table, bad_idx), bad_idx, reason_texts)
     return Validation(kind, valid, quarantined, counts)
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)``, without the copy an empty take still makes (it joins the chunks of
+    every column: 44 ms for a 10k-row Nectar batch, where a slice costs microseconds)."""
+    return table.take(pa.array(rows)) if len(rows) else table.slice(0, 0)
 
 
 def quarantine_table(rows: pa.Table, row_numbers, reasons: list[str], max_record_chars: int = 1 << 20) -> pa.Table:

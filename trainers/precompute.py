@@ -163,7 +163,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
 
     from alignflow.schemas.store import read_dataset, read_manifest, write_dataset
     from alignflow.trainers.collators import pretokenize
-    from alignflow.trainers.modeling import context_length
+    from alignflow.trainers.modeling import context_length, device_of
 
     manifest = read_manifest(dataset)
     kind = manifest["kind"]
@@ -179,8 +179,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     max_length = max_length or context_length(model)
     stripped = table.drop_columns([c for c in REF_COLUMNS[kind] if c in table.column_names])
     examples = pretokenize(stripped, kind, tokenizer, max_length)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=bf16):
         out_table = with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size,
                                            max_batch_tokens=max_batch_tokens)
     provenance = dict(manifest.get("provenance", {}))

@@ -10,7 +10,7 @@ from alignflow.feedback.labels.errors import FieldTypeError, missing_columns
 from alignflow.feedback.labels.io import nontext_rows
 from alignflow.schemas.kinds import MESSAGE, MESSAGES
 from alignflow.schemas.prompts import canonical_prompt_text, to_messages_array
-from alignflow.schemas.validate import quarantine_table
+from alignflow.schemas.validate import quarantine_table, take_rows
 
 
 def col(table: pa.Table, name: str) -> pa.Array:
@@ -250,9 +250,7 @@ class Quarantine:
 
     def table(self) -> pa.Table:
         idx = np.flatnonzero(self.bad)
-        # an empty take of a chunked nested table still joins its chunks: a slice costs nothing
-        rows = self.raw.take(pa.array(idx)) if len(idx) else self.raw.slice(0, 0)
-        return quarantine_table(rows, idx + self.row_offset, list(self.reasons[idx]))
+        return quarantine_table(take_rows(self.raw, idx), idx + self.row_offset, list(self.reasons[idx]))
 
     def counts(self) -> dict[str, int]:
         values, counts = np.unique(self.reasons[self.bad].astype(str), return_counts=True)

@@ -26,7 +26,7 @@ from alignflow.feedback.labels.columns import one_array
 from alignflow.feedback.labels.errors import LabelsError
 from alignflow.feedback.labels.formats import CANONICAL, Format, Parsed, ReadContext, get_format, read_batch
 from alignflow.feedback.labels.io import BATCH_ROWS, FileWriter, concat_loose, iter_file_batches
-from alignflow.feedback.labels.limits import MAX_FIELD_BYTES, mib, oversized_rows
+from alignflow.feedback.labels.limits import MAX_FIELD_BYTES, is_text_type, mib, oversized_rows
 from alignflow.schemas.validate import QUARANTINE_SCHEMA, validate
 
 TIES = ("drop", "keep")
@@ -705,16 +705,15 @@ DUPLICATE_KEYS = {"pairwise": ("prompt_id", "chosen", "rejected", "margin"), "li
 EDGE = 32  # bytes of each text's beginning and end in its fingerprint
 
 
-def _text_fingerprints(texts: pa.Array) -> pa.Array:
-    """Per text: its byte length and its first and last ``EDGE`` bytes (binary; null -> ``\\x00``).
-    Byte slices cost O(1) a text; a character slice from the end walks the whole text."""
-    texts = pc.fill_null(texts.cast(pa.binary()), b"\x00")
+def _key_bytes(values: pa.Array, edges: bool) -> pa.Array:
+    """Each value as bytes for the duplicate key (null -> ``\\x00``). With ``edges`` a text is
+    its byte length and its first and last ``EDGE`` bytes: byte slices cost O(1) a text, where a
+    character slice from the end walks the whole text."""
+    if not (edges and is_text_type(values.type)):
+        return pc.fill_null(values.cast(pa.string()), "\x00").cast(pa.binary())
+    texts = pc.fill_null(values.cast(pa.binary()), b"\x00")
     return pc.binary_join_element_wise(pc.binary_length(texts).cast(pa.string()).cast(pa.binary()),
                                        pc.binary_slice(texts, 0, EDGE), pc.binary_slice(texts, -EDGE), b"\x1f")
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 class _Duplicates:
@@ -738,17 +737,12 @@ class _Duplicates:
         parts = []
         for name in DUPLICATE_KEYS[kind]:
             c = table.column(name).combine_chunks()
-            if pa.types.is_list(c.type):  # each item fingerprinted, the items joined
-                items = pc.list_flatten(c)
-                items = _text_fingerprints(items) if _is_text(items.type) else \
-                    pc.fill_null(items.cast(pa.string()), "\x00").cast(pa.binary())
+            if pa.types.is_list(c.type):  # each item keyed on its own, the items joined
                 lengths = pc.list_value_length(c).fill_null(0).to_numpy(zero_copy_only=False)
                 offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-                c = pc.binary_join(pa.ListArray.from_arrays(offsets, items), b"\x1e")
-            elif name != "prompt_id" and _is_text(c.type):  # long texts: their length and edges
-                c = _text_fingerprints(c)
-            else:
-                c = pc.fill_null(c.cast(pa.string()), "\x00").cast(pa.binary())
+                c = pc.binary_join(pa.ListArray.from_arrays(offsets, _key_bytes(pc.list_flatten(c), True)), b"\x1e")
+            else:  # long texts by their length and edges; the prompt id whole
+                c = _key_bytes(c, edges=name != "prompt_id")
             parts.append(c)
         key = pc.binary_join_element_wise(*parts, b"\x1d")
         h = np.fromiter(map(hash, key.to_numpy(zero_copy_only=False)), dtype=np.int64, count=len(key))

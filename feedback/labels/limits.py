@@ -161,10 +161,15 @@ def oversized_rows(table: pa.Table, max_field_bytes: int) -> tuple[np.ndarray, l
     return bad, fields
 
 
+def is_text_type(t: pa.DataType) -> bool:
+    """A string or binary type, large or not."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def _oversized(array: pa.Array, limit: int) -> np.ndarray:
     """Top-level positions of ``array`` holding a string or binary value longer than ``limit``."""
     t = array.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+    if is_text_type(t):
         if len(array) == 0 or array.buffers()[2] is None or array.buffers()[2].size <= limit:  # all of it is smaller
             return np.zeros(0, dtype=np.int64)
         return np.flatnonzero(pc.fill_null(pc.greater(pc.binary_length(array), limit), False).to_numpy(zero_copy_only=False))
