@@ -37,6 +37,9 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    from alignflow.flows.commands import common
+
+    common.OWNS_PROCESS = True
     app()
 
 

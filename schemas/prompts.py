@@ -1,12 +1,12 @@
 """Prompt normalisation: plain strings become one user turn; ``prompt_id`` is a stable hash.
 
-All functions work on whole Arrow columns (no Python loop per row except hashing, which
-runs in pandas' C hash over one canonical string per row).
+All functions work on whole Arrow columns, with no Python loop per row.
 """
 
 from __future__ import annotations
 
 import binascii
+import sys
 from typing import Iterable
 
 import numpy as np
@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alignflow.schemas.kinds import MESSAGES
+from alignflow.schemas.pandas_free import import_pandas
+from alignflow.schemas.siphash import block_counts, pandas_hash_mix, siphash24
 
 _ROLE_SEP = "\x1f"  # between role and content of one message
 _MSG_SEP = "\x1e"  # between messages
@@ -59,18 +61,37 @@ def canonical_prompt_text(prompts: pa.Array) -> pa.Array:
 
 
 def prompt_ids(prompts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Stable 16-hex-digit ids of a ``list<struct<role, content>>`` column.
-
-    SipHash-2-4 (pandas' fixed key) of the canonical text: the same prompt gets the same id
-    on every machine and every run.
-    """
-    import pandas as pd
-
+    """Stable 16-hex-digit ids of a ``list<struct<role, content>>`` column: ``text_hashes`` of
+    the canonical text, so the same prompt gets the same id on every machine and every run."""
     if isinstance(prompts, pa.ChunkedArray):
         prompts = prompts.chunk(0) if prompts.num_chunks == 1 else prompts.combine_chunks()
-    text = canonical_prompt_text(prompts).to_numpy(zero_copy_only=False)
-    hashes = pd.util.hash_array(text.astype(object), categorize=False).astype(np.uint64)
-    return _hex16(hashes)
+    return _hex16(text_hashes(canonical_prompt_text(prompts)))
+
+
+# The numpy hash makes one pass per 8-byte block of the longest text (about 40 us each) and
+# spends about 60 ns per block of text. Once this process has spent (by that estimate) the cost
+# of importing pandas, about 0.1-0.2 s, pandas' C loop takes over: at most twice the better
+# choice, whether a job hashes a few thousand prompts or millions in batches.
+NUMPY_HASH_BUDGET_S = 0.1
+_numpy_hash_spent_s = 0.0
+
+
+def text_hashes(text: pa.Array, via_pandas: bool | None = None) -> np.ndarray:
+    """pandas' ``hash_array`` of each string (SipHash-2-4 under pandas' fixed key, then its
+    mixing step) as uint64. Computed in numpy (``schemas/siphash.py``) while that is cheap,
+    sparing the pandas import; by pandas' C loop where pandas is loaded anyway or the numpy
+    work would exceed the budget. ``via_pandas`` forces one way (tests compare the two)."""
+    global _numpy_hash_spent_s
+    if via_pandas is None:
+        longest_blocks, all_blocks = block_counts(text)
+        estimate = 40e-6 * longest_blocks + 60e-9 * all_blocks
+        via_pandas = "pandas" in sys.modules or _numpy_hash_spent_s + estimate > NUMPY_HASH_BUDGET_S
+        if not via_pandas:
+            _numpy_hash_spent_s += estimate
+    if via_pandas:
+        pd = import_pandas()
+        return pd.util.hash_array(text.to_numpy(zero_copy_only=False).astype(object), categorize=False).astype(np.uint64)
+    return pandas_hash_mix(siphash24(text))
 
 
 def _hex16(values: np.ndarray) -> pa.Array:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from alignflow.schemas.pandas_free import import_pandas
+
 AGGREGATIONS = ("majority", "mean")
 
 
@@ -77,7 +79,7 @@ def aggregate_graded(prompt_id: np.ndarray, a: np.ndarray, b: np.ndarray, grade:
     the item's annotators whose 3-way label equals the aggregate), ``item`` (item code per
     annotation), ``label3`` (per annotation, 0 = B, 1 = tie, 2 = A).
     """
-    import pandas as pd
+    pd = import_pandas()
 
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; known: {', '.join(AGGREGATIONS)}")

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from alignflow.feedback.labels.columns import one_array
 from alignflow.feedback.labels.errors import LabelsError
+from alignflow.schemas.pandas_free import import_pandas
 
 STRATEGIES = ("all-pairs", "best-vs-worst", "best-vs-rest", "adjacent")
 INTERNAL = ("_row", "_nrec", "_cid")  # source row, records merged, canonical row id
@@ -371,7 +372,7 @@ def pairwise_to_listwise(table: pa.Table, ties: str = "drop") -> tuple[pa.Table,
     ``stats.extra['intransitive_prompts']``. Tie pairs count half a win each way when
     ``ties="keep"`` and are dropped by rule otherwise.
     """
-    import pandas as pd
+    pd = import_pandas()
 
     stats = Stats()
     if "tie" in table.column_names:

@@ -49,6 +49,7 @@ from alignflow.feedback.labels.text import (
     split_last_turn,
 )
 from alignflow.schemas.kinds import MESSAGES
+from alignflow.schemas.pandas_free import import_pandas
 from alignflow.schemas.prompts import prompt_ids
 
 
@@ -577,7 +578,7 @@ def _oasst_scores(raw: pa.Table, signals: dict, assistant: np.ndarray, ctx: Read
     rank = _float(col(raw, "rank"))
     if ctx.aspect in (None, "", OASST_RANK):
         return -rank, assistant & ~np.isnan(rank), None, "ranked"
-    import pandas as pd
+    pd = import_pandas()
 
     labels, emojis, detoxify = signals.get("labels"), signals.get("emojis"), signals.get("detoxify")
 
@@ -628,7 +629,7 @@ def read_oasst(raw: pa.Table, ctx: ReadContext) -> Parsed:
     them all (``ratings`` rows, ``aspect:<name>``). A label or a detoxify score is missing where a
     message lacks it; an emoji never is (a reply nobody reacted to has 0 of each).
     """
-    import pandas as pd
+    pd = import_pandas()
 
     records = None
     if ("prompt" in raw.column_names and "message_id" not in raw.column_names) or "replies" in raw.column_names:
@@ -774,7 +775,7 @@ def read_helpsteer2(raw: pa.Table, ctx: ReadContext) -> Parsed:
     response_1 better, 0 = tie; margin = |strength|). Multi-turn prompts hold the earlier
     turns inline (``<extra_id_1>Assistant`` / ``<extra_id_1>User`` lines); they become
     message lists, the response answering the last user turn."""
-    import pandas as pd
+    pd = import_pandas()
 
     if "preference_strength" in raw.column_names:
         require(raw, ["prompt", "response_1", "response_2", "preference_strength"], ctx)
@@ -1052,7 +1053,7 @@ def read_graded(raw: pa.Table, ctx: ReadContext) -> Parsed:
 
 
 def _graded_acceptable(raw, ctx, q, use, prompt_all, dropped) -> Parsed:
-    import pandas as pd
+    pd = import_pandas()
 
     require(raw, ["completion_a_is_acceptable", "completion_b_is_acceptable"], ctx)
     ok_a, ok_b = _bool(col(raw, "completion_a_is_acceptable")), _bool(col(raw, "completion_b_is_acceptable"))
@@ -1568,7 +1569,7 @@ def _ratings_by_prompt(prompts: np.ndarray, q: Quarantine, responses: pa.Array, 
 
     Responses keep their input order within a prompt; ``_row`` is each group's first input row.
     """
-    import pandas as pd
+    pd = import_pandas()
 
     q.add(pd.isna(prompts), "null prompt")
     keep = np.flatnonzero(~q.bad)

@@ -32,6 +32,21 @@ def arrow_memory_pool() -> None:
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 
+# Set by the ``alignflow`` entry point (cli.main): this process runs one command and exits.
+# False where commands run inside another program (typer's CliRunner in tests, a notebook).
+OWNS_PROCESS = False
+
+
+def arrow_without_pandas() -> contextlib.AbstractContextManager:
+    """pandas left unimported unless the command uses it (schemas/pandas_free.py: pyarrow would
+    import it, 0.15-0.25 s and 60-90 MB of a short conversion), where the command owns its process."""
+    if not OWNS_PROCESS:
+        return contextlib.nullcontext()
+    from alignflow.schemas.pandas_free import arrow_without_pandas
+
+    return arrow_without_pandas()
+
+
 @contextlib.contextmanager
 def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     """Turn expected errors (bad files, bad data, bad options) into a one-line exit 2."""

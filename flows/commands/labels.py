@@ -8,7 +8,7 @@ from typing import Iterator
 
 import typer
 
-from alignflow.flows.commands.common import arrow_memory_pool, console, user_errors
+from alignflow.flows.commands.common import arrow_memory_pool, arrow_without_pandas, console, user_errors
 
 
 def formats() -> None:
@@ -58,14 +58,15 @@ def convert(
 
     A killed conversion to a dataset folder resumes from its finished shards when run again with the same arguments."""
     arrow_memory_pool()
-    from alignflow.feedback.labels import LabelsError, Options, convert_labels_file
+    with arrow_without_pandas():
+        from alignflow.feedback.labels import LabelsError, Options, convert_labels_file
 
-    with user_errors(LabelsError), _progress() as show:
-        report = convert_labels_file(source, out, from_format, to_format,
-                                     Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
-                                             threshold=threshold, top_k=top_k, style=style, fields=fields,
-                                             multi_turn=multi_turn, max_field_mb=max_field_mb),
-                                     quarantine_path=quarantine, progress=show, overwrite=overwrite)
+        with user_errors(LabelsError), _progress() as show:
+            report = convert_labels_file(source, out, from_format, to_format,
+                                         Options(strategy=strategy, ties=ties, aspect=aspect, aggregate=aggregate,
+                                                 threshold=threshold, top_k=top_k, style=style, fields=fields,
+                                                 multi_turn=multi_turn, max_field_mb=max_field_mb),
+                                         quarantine_path=quarantine, progress=show, overwrite=overwrite)
     console.print(report.line(), highlight=False)
     for line in report.details():
         console.print(line, highlight=False, soft_wrap=True)
