@@ -87,3 +87,16 @@ def test_one_flow_run(tmp_path):
         out = fl.convert_labels(str(src), str(tmp_path / "ds"), "trl-preference", "binary")
     assert out["verify"] == {"kind": "binary", "rows": 12, "verified": True}
     assert out["read"] == 6 and out["written"] == 6 and len(out["source_sha256"]) == 64
+
+
+def test_convert_prints_paths_as_they_are(tmp_path):
+    """The accounting and 'wrote' lines are plain text: brackets in a path are not rich markup."""
+    folder = tmp_path / "run [bold] [x]"
+    folder.mkdir()
+    src = folder / "pairs.jsonl"
+    src.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n")
+    out = folder / "out.parquet"
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), "--from", "hh-rlhf", "--to", "trl-preference"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert "read 1 = written 1 + quarantined 0 + dropped-by-rule 0" in result.output

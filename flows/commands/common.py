@@ -10,10 +10,29 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 import typer
-from rich.console import Console
 
-console = Console(soft_wrap=True)  # long paths stay on one line (greppable)
-err_console = Console(stderr=True)
+
+class _Console:
+    """A rich Console made on first use: rich's import (25 ms) is left to commands that print
+    through it (a conversion prints plain lines with ``typer.echo``)."""
+
+    def __init__(self, **options):
+        self._options, self._console = options, None
+
+    def get(self):
+        """The rich Console itself (for rich objects that take one)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)
+
+
+console = _Console(soft_wrap=True)  # long paths stay on one line (greppable)
+err_console = _Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -67,11 +68,11 @@ def convert(
                                                  threshold=threshold, top_k=top_k, style=style, fields=fields,
                                                  multi_turn=multi_turn, max_field_mb=max_field_mb),
                                          quarantine_path=quarantine, progress=show, overwrite=overwrite)
-    console.print(report.line(), highlight=False)
+    # plain lines: paths and the file's own field names are printed as they are (no rich markup)
+    typer.echo(report.line())
     for line in report.details():
-        console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {report.output}" + (f"; quarantine: {report.quarantine_path}" if report.quarantine_path else ""),
-                  highlight=False)
+        typer.echo(line)
+    typer.echo(f"wrote {report.output}" + (f"; quarantine: {report.quarantine_path}" if report.quarantine_path else ""))
 
 
 @contextlib.contextmanager
@@ -79,13 +80,13 @@ def _progress() -> Iterator:
     """A live line on a terminal (records read, of how many where known; rows written); nothing
     in logs and pipes, where the final accounting line says it all (and rich's progress module,
     a tenth of a second of start-up, is not imported)."""
-    if not console.is_terminal:
+    if not sys.stdout.isatty():
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]converting"), BarColumn(), TextColumn("{task.fields[counts]}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+                  console=console.get(), transient=True) as bar:
         task = bar.add_task("convert", total=None, counts="")
 
         def show(report, total_rows) -> None:

@@ -38,7 +38,7 @@ def _execute(flow: str, config, verbose: bool) -> dict:
     _quiet_prefect(verbose)
     embedded_environment()
     console.print(f"[bold]{flow}[/] -> run folder [bold]{config.output}[/]")
-    with RichProgress(console) as progress:
+    with RichProgress(console.get()) as progress:
         return run_flow(flow, config, progress=progress)
 
 
