@@ -100,3 +100,11 @@ def test_convert_prints_paths_as_they_are(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     assert "read 1 = written 1 + quarantined 0 + dropped-by-rule 0" in result.output
+
+
+def test_an_error_names_a_bracketed_path_as_it_is(tmp_path):
+    missing = tmp_path / "labels [x]" / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["convert", str(missing), str(tmp_path / "o.parquet"), "--from", "hh-rlhf",
+                                      "--to", "trl-preference"])
+    assert result.exit_code == 2
+    assert f"{missing}: no such file" in result.output

@@ -31,13 +31,22 @@ class _Console:
         return getattr(self.get(), name)
 
 
-console = _Console(soft_wrap=True)  # long paths stay on one line (greppable)
-err_console = _Console(stderr=True)
+# Plain text unless a call asks for markup: paths, field names and rows from files print as they are
+# (rich markup would eat "[x]" in a path). Calls with markup escape what they interpolate (``escape``).
+console = _Console(soft_wrap=True, markup=False)  # long paths stay on one line (greppable)
+err_console = _Console(stderr=True, markup=False)
+
+
+def escape(text: object) -> str:
+    """``text`` shown literally inside a rich markup string."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from alignflow.flows.commands.common import arrow_memory_pool, console, fail, user_errors
+from alignflow.flows.commands.common import arrow_memory_pool, console, escape, fail, user_errors
 
 
 def inspect(
@@ -22,15 +22,16 @@ def inspect(
     with user_errors():
         manifest = verify_dataset(dataset)
         head = read_dataset(dataset, verify=False).slice(0, rows)
-    console.print(f"[bold]{dataset}[/]  kind=[cyan]{manifest['kind']}[/]  rows={manifest['num_rows']}  "
-                  f"shards={len(manifest['shards'])}  schema v{manifest['schema_version']}")
+    console.print(f"[bold]{escape(dataset)}[/]  kind=[cyan]{escape(manifest['kind'])}[/]  rows={manifest['num_rows']}  "
+                  f"shards={len(manifest['shards'])}  schema v{manifest['schema_version']}", markup=True)
     schema = Table(title="columns", show_header=True)
     schema.add_column("name")
     schema.add_column("type")
     for name, typ in manifest.get("columns", {}).items():
         schema.add_row(name, typ)
     console.print(schema)
-    console.print("[bold]provenance[/]", json.dumps(manifest.get("provenance", {}), indent=2, default=str))
+    console.print("[bold]provenance[/]", escape(json.dumps(manifest.get("provenance", {}), indent=2, default=str)),
+                  markup=True)
     sample = Table(title=f"first {head.num_rows} rows", show_lines=True)
     for name in head.column_names:
         sample.add_column(name, overflow="fold", max_width=60)

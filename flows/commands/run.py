@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from alignflow.flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, escape, fail, user_errors
 
 DEFAULT_RUNS = Path("alignflow-runs")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -37,7 +37,7 @@ def _execute(flow: str, config, verbose: bool) -> dict:
 
     _quiet_prefect(verbose)
     embedded_environment()
-    console.print(f"[bold]{flow}[/] -> run folder [bold]{config.output}[/]")
+    console.print(f"[bold]{escape(flow)}[/] -> run folder [bold]{escape(config.output)}[/]", markup=True)
     with RichProgress(console.get()) as progress:
         return run_flow(flow, config, progress=progress)
 
@@ -179,7 +179,7 @@ def demo(
             shutil.rmtree(run_dir)
         elif (run_dir / "report.json").exists():
             console.print("[dim]this run folder holds a finished run: its steps are reused "
-                          "(--fresh starts over)[/]")
+                          "(--fresh starts over)[/]", markup=True)
         dump_config(config, run_dir / "config.yaml")
     result = _execute("align", config, verbose)
     print_align_report(result)
@@ -194,7 +194,7 @@ def _world_only(out_dir: Path, seed: int, length_weight: float, force: bool, nam
 
     with user_errors():
         task = ToyTask(length_weight=length_weight)
-        console.print(f"building the {name} world in [bold]{out_dir}[/] (seed {seed}) ...")
+        console.print(f"building the {escape(name)} world in [bold]{escape(out_dir)}[/] (seed {seed}) ...", markup=True)
         world = build_embedded_world(name, out_dir, seed=seed, task=task, force=force)
     stats = world.stats
     table = Table(title=f"{name} world: samples at temperature {stats['temperature']}, "
@@ -214,7 +214,7 @@ def _world_only(out_dir: Path, seed: int, length_weight: float, force: bool, nam
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    console.print(f"checkpoint: [bold]{world.path}[/] (AutoModelForCausalLM / AutoTokenizer load it)")
+    console.print(f"checkpoint: [bold]{escape(world.path)}[/] (AutoModelForCausalLM / AutoTokenizer load it)", markup=True)
     _show_examples(world)
 
 
@@ -235,6 +235,7 @@ def _show_examples(world, n_prompts: int = 3, k: int = 4) -> None:
 def print_align_report(report: dict) -> None:
     """Rich table of held-out reward and KL per iteration, then where the outputs are."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{report['name']}: {report['loss']} on {report['kind']} data, judge {report['judge']}")
     for column, justify in (("iteration", "right"), ("held-out reward", "right"), ("quality", "right"),
@@ -245,7 +246,7 @@ def print_align_report(report: dict) -> None:
     for h in report["history"]:
         arrow = "" if previous is None else (" [green]↑[/]" if h["reward"] > previous else " [red]↓[/]")
         previous = h["reward"]
-        table.add_row(str(h["iteration"]), f"{h['reward']:.3f}{arrow}",
+        table.add_row(str(h["iteration"]), Text.from_markup(f"{h['reward']:.3f}{arrow}"),
                       "" if h.get("quality") is None else f"{h['quality']:.3f}", f"{h['kl']:.3f}",
                       f"{h['length']:.1f}", str(h.get("rows", "")),
                       "" if h.get("reward_before") is None else f"{h['reward_before']:.3f}")
@@ -257,7 +258,7 @@ def print_align_report(report: dict) -> None:
                       f"built in {world.get('build_seconds', 0):.0f} s")
     console.print(f"stop: {report['stop_reason']}")
     run = Path(report["run_dir"])
-    console.print(f"run folder: [bold]{run}[/]")
+    console.print(f"run folder: [bold]{escape(run)}[/]", markup=True)
     for h in report["history"][1:]:
         console.print(f"  iteration {h['iteration']}: dataset {h['dataset']}  checkpoint {h['model']}")
     console.print(f"  plot: {report['plot']}   report: {run / 'report.json'}")
