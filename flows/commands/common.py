@@ -30,6 +30,12 @@ class _Console:
     def __getattr__(self, name: str):
         return getattr(self.get(), name)
 
+    def __setattr__(self, name: str, value) -> None:  # e.g. ``console.width = 300`` sets the Console's
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.get(), name, value)
+
 
 # Plain text unless a call asks for markup: paths, field names and rows from files print as they are
 # (rich markup would eat "[x]" in a path). Calls with markup escape what they interpolate (``escape``).
