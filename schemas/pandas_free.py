@@ -19,16 +19,20 @@ from typing import Iterator
 
 
 class _HidePandas:
-    """An import finder that reports pandas as missing (pyarrow then works without it)."""
+    """An import finder that, while ``hiding``, reports pandas as missing (pyarrow then works
+    without it). Once installed it stays in ``sys.meta_path``, inert when not hiding: removing
+    it while another thread walks the finder list could make that walk skip the next finder."""
+
+    hiding = False
 
     def find_spec(self, name, path=None, target=None):
-        if name == "pandas":
+        if self.hiding and name == "pandas":
             raise ModuleNotFoundError("pandas is hidden from pyarrow in this command; code that uses pandas "
                                       "imports it with alignflow.schemas.pandas_free.import_pandas()", name=name)
         return None
 
 
-_finder: _HidePandas | None = None
+_finder = _HidePandas()
 
 
 @contextlib.contextmanager
@@ -39,34 +43,26 @@ def arrow_without_pandas() -> Iterator[None]:
     one (a notebook, a test runner, a Prefect worker), something imported later could hand
     pyarrow a pandas object before pyarrow knew pandas was there. Does nothing where pandas is
     already loaded."""
-    global _finder
-    if "pandas" in sys.modules or _finder is not None:
+    if "pandas" in sys.modules or _finder.hiding:
         yield
         return
-    _finder = _HidePandas()
-    sys.meta_path.insert(0, _finder)
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+    _finder.hiding = True
     try:
         yield
     finally:
-        _stop_hiding()
+        _finder.hiding = False
         _tell_pyarrow()
 
 
 def import_pandas() -> ModuleType:
     """``import pandas``, also inside ``arrow_without_pandas()``: from here on pyarrow sees it."""
-    _stop_hiding()
+    _finder.hiding = False
     import pandas
 
     _tell_pyarrow()
     return pandas
-
-
-def _stop_hiding() -> None:
-    global _finder
-    finder, _finder = _finder, None
-    if finder is not None:
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(finder)
 
 
 def _tell_pyarrow() -> None:
