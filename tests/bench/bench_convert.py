@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,33 @@ def report(name: str, runs: dict, check: str, fixed: dict[str, float] | None = N
     return {"job": name, "wall_ratio": ratio, "cpu_ratio": cpu_ratio, "mem_ratio": mem_ratio, "met": met}
 
 
+# What the fixed cost is made of: imports alone, each a bare process (cumulative, in the order a conversion needs them).
+START_UP = (
+    ("python alone", "pass"),
+    ("+ the CLI (typer)", "import alignflow.flows.cli"),
+    ("+ typer's per-option pydantic adapters", "import alignflow.flows.cli, typer._adapters"),
+    ("+ numpy", "import alignflow.flows.cli, typer._adapters, numpy"),
+    ("+ pyarrow (compute, json, parquet) and our label code",
+     "import alignflow.flows.cli, typer._adapters, numpy, pyarrow.compute, pyarrow.json, pyarrow.parquet, "
+     "alignflow.feedback.labels"),
+    ("DuckDB: python + import duckdb", "import duckdb"),
+)
+
+
+def start_up(repeats: int) -> None:
+    """Each line of START_UP as a whole process, best of ``max(repeats, 5)``, alternating."""
+    env = dict(os.environ, ARROW_DEFAULT_MEMORY_POOL="jemalloc",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    best = {name: float("inf") for name, _ in START_UP}
+    for _ in range(max(repeats, 5)):
+        for name, code in START_UP:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print("\nstart-up, imports alone (whole processes, best of "
+          f"{max(repeats, 5)}): " + ";  ".join(f"{name} {best[name]:.3f}s" for name, _ in START_UP))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -339,6 +367,8 @@ def main() -> None:
         print(f"\nours: {runs['ours'][-1]['stdout'].splitlines()[0]}")
         results.append(report(f"listwise ({args.listwise_rows:,} rows, K 4..9 -> all pairs; ours a store dataset, "
                               f"DuckDB one Parquet file)", runs, check))
+    if "nectar" in jobs or "hh" in jobs:
+        start_up(args.repeats)
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for r in results:
         print(f"{r['job'].split(' ')[0]:9s} wall {r['wall_ratio']:.2f}x  CPU {r['cpu_ratio']:.2f}x  "
