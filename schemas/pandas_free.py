@@ -2,7 +2,7 @@
 
 pyarrow imports pandas the first time it turns a column into numpy or infers a type from a
 Python value (``to_numpy``, ``pa.scalar(0)``), only to learn pandas' null markers and classes.
-That import takes 0.15-0.25 s and 60-90 MB on a 2-core machine: most of a short
+That import takes 0.15-0.25 s and 35-40 MB on a 2-core machine: most of a short
 ``alignflow convert``. A process holding no pandas objects loses nothing without it.
 
 ``arrow_without_pandas()`` hides pandas from pyarrow for the rest of a fresh process's command;

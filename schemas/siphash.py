@@ -64,7 +64,7 @@ def siphash24(strings: pa.Array, key: bytes = PANDAS_KEY) -> np.ndarray:
     strings: (n,) string or binary array. Returns (n,) uint64.
     """
     if strings.null_count:
-        strings = pc.fill_null(strings.cast(pa.large_string()), "None")
+        strings = pc.fill_null(strings.cast(pa.large_binary()), b"None")
     offsets, data = _offsets_and_bytes(strings)
     lengths = np.diff(offsets)
     n = len(lengths)

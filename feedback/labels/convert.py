@@ -745,6 +745,8 @@ class _Duplicates:
                 c = _key_bytes(c, edges=name != "prompt_id")
             parts.append(c)
         key = pc.binary_join_element_wise(*parts, b"\x1d")
+        # one C-level hash call per key: pyarrow has no row-hash kernel, and the numpy SipHash of
+        # schemas/siphash.py is about 15x slower on keys this long (840k Nectar pairs: 0.9 s vs 0.06 s)
         h = np.fromiter(map(hash, key.to_numpy(zero_copy_only=False)), dtype=np.int64, count=len(key))
         unique = np.unique(h)
         seen = np.zeros(len(unique), dtype=bool)

@@ -73,7 +73,7 @@ OWNS_PROCESS = False
 
 def arrow_without_pandas() -> contextlib.AbstractContextManager:
     """pandas left unimported unless the command uses it (schemas/pandas_free.py: pyarrow would
-    import it, 0.15-0.25 s and 60-90 MB of a short conversion), where the command owns its process."""
+    import it, 0.15-0.25 s and 35-40 MB of a short conversion), where the command owns its process."""
     if not OWNS_PROCESS:
         return contextlib.nullcontext()
     from alignflow.schemas.pandas_free import arrow_without_pandas
