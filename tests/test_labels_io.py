@@ -204,6 +204,28 @@ def test_a_run_that_fails_mid_write_is_resumed_from_its_finished_shards(tmp_path
     assert not (tmp_path / "out.partial").exists() and not list((tmp_path / "out").glob(".resume*"))
 
 
+def test_a_resumed_run_counts_the_duplicates_of_rows_converted_before_the_interruption(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignflow.schemas.store import DatasetWriter
+
+    src = _listwise_file(tmp_path, n=200)
+    table = pq.read_table(src)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 100)]), src)  # rows 200-299 repeat rows 0-99
+    kw = dict(batch_rows=16, rows_per_shard=25)
+    reference = convert_labels_file(src, tmp_path / "ref", "listwise", "pairwise", **kw)
+    assert reference.duplicates == 100
+
+    real = _fail_shard(monkeypatch, 6)  # shards 0-5 (rows before ~100) are kept
+    with pytest.raises(OSError, match="disk full"):
+        convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", **kw)
+    monkeypatch.setattr(DatasetWriter, "write_shard", real)
+    again = convert_labels_file(src, tmp_path / "out", "listwise", "pairwise", **kw)
+    assert again.info["resumed"]["shards"] == 6
+    assert again.duplicates == reference.duplicates and again.as_dict() == reference.as_dict()
+
+
 def test_a_partial_run_of_other_input_or_options_is_not_resumed(tmp_path, monkeypatch):
     from alignflow.schemas.store import DatasetWriter, read_dataset
 

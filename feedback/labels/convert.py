@@ -581,11 +581,10 @@ def convert_labels_file(
         return _state(report, stats, offset, batches_done), new_rows
 
     def parse(raws: Iterator[pa.Table]) -> Iterator[tuple[int, pa.Table, int, Parsed]]:
-        """(batch index, raw batch, records, parsed rows) of each batch not done before an interruption."""
-        at = offset
+        """(batch index, raw batch, records, parsed rows) of every batch, those converted before an
+        interruption included (their rows are fingerprinted again for the duplicate count)."""
+        at = 0
         for index, raw in enumerate(raws):
-            if index < skip:  # converted before the interruption
-                continue
             _check_field_sizes(raw, source, at, options.max_field_bytes)
             ctx = ReadContext(str(source), src_fmt.name, at, options.aspect, options.aggregate, fields,
                               options.multi_turn, min_responses)
@@ -593,27 +592,35 @@ def convert_labels_file(
             at += raw.num_rows
             yield index, raw, _records_read(raw, parsed), parsed
 
+    def canonical(parsed: Parsed, report: Report, quarantine: list[pa.Table], stats: cv.Stats) -> tuple[pa.Table, str]:
+        """A parsed batch as validated canonical rows, and their kind (ratings become listwise)."""
+        if parsed.kind == "ratings":  # scores from the chosen aspects, before the listwise checks
+            try:
+                parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect,
+                                                          min_responses)
+            except LabelsError as exc:  # an aspect the file does not have
+                raise LabelsError(f"{source}: {exc}") from None
+            stats.merge(st)
+            report.dropped.update(st.dropped)
+            report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
+        return _validated(parsed, report, quarantine, min_responses), "listwise" if parsed.kind == "ratings" else parsed.kind
+
     raws = source_batches(source, src_fmt, batch_rows, options.max_field_bytes)
     # streamed input is read and parsed in a background thread while this one converts
     batches = parse(_whole(raws)) if needs_whole else prefetch(parse(raws))
     try:
         for index, raw, records, parsed in batches:
             seen = raw
+            if index < skip:  # converted before the interruption (its counts are restored): only
+                # its canonical rows again, so that a later row repeating one of them still counts
+                table, kind = canonical(parsed, Report(src_fmt.name, dst_fmt.name), [], cv.Stats())
+                report.duplicates += duplicates.add(table, kind)
+                continue
             offset += raw.num_rows
             report.read += records
             report.dropped.update(parsed.dropped)
             report.info.update({k: v for k, v in parsed.info.items() if v is not None})
-            kind = "listwise" if parsed.kind == "ratings" else parsed.kind
-            if parsed.kind == "ratings":  # scores from the chosen aspects, before the listwise checks
-                try:
-                    parsed.table, st = cv.ratings_to_listwise(parsed.table, options.aspect, src_fmt.default_aspect,
-                                                              min_responses)
-                except LabelsError as exc:  # an aspect the file does not have
-                    raise LabelsError(f"{source}: {exc}") from None
-                stats.merge(st)
-                report.dropped.update(st.dropped)
-                report.info["aspect"] = f"aspects used: {st.extra.get('aspect')}"
-            table = _validated(parsed, report, quarantine, min_responses)
+            table, kind = canonical(parsed, report, quarantine, stats)
             report.duplicates += duplicates.add(table, kind)
             canon_ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
             table = table.append_column("_cid", canon_ids)
