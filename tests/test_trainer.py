@@ -281,8 +281,9 @@ def test_cli_precompute_ref_then_train_writes_checkpoint(cli_world, monkeypatch)
 
     runner = CliRunner()
     res = runner.invoke(app, ["precompute-ref", str(cli_world / "pairs"), "--model", str(cli_world / "model"),
-                              "--output", str(cli_world / "pairs_ref")])
+                              "--output", str(cli_world / "pairs_ref"), "--batch-size", "5"])
     assert res.exit_code == 0, res.output
+    assert "reference log-probs" in res.output and "16/16" in res.output  # progress: rows done over 4 batches
     ref = read_manifest(cli_world / "pairs_ref")["provenance"]["reference"]
     assert ref["reference_model"] == str(cli_world / "model") and len(ref["weights_sha256"]) == 64
     table = read_dataset(cli_world / "pairs_ref")
@@ -307,6 +308,22 @@ def test_cli_precompute_ref_then_train_writes_checkpoint(cli_world, monkeypatch)
     assert abs(record["log_history"][0]["loss"] - math.log(2)) < 1e-5
     assert transformers.AutoModelForCausalLM.from_pretrained.__name__  # still patched, checkpoint loads:
     original(str(out))
+
+
+def test_cli_precompute_ref_counts_both_passes_of_binary_data(cli_world):
+    """A binary dataset takes two forward passes (the responses, then KTO's mismatched KL pairs):
+    the progress bar counts rows over both, and ends full."""
+    from typer.testing import CliRunner
+
+    from alignflow.flows.cli import app
+    from alignflow.schemas.store import read_dataset, write_dataset
+
+    write_dataset(cli_world / "binary", binary_table(3, 4), "binary", {"flow": "test"})
+    res = CliRunner().invoke(app, ["precompute-ref", str(cli_world / "binary"), "--model", str(cli_world / "model"),
+                                   "--output", str(cli_world / "binary_ref"), "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert "14/14" in res.output, res.output
+    assert read_dataset(cli_world / "binary_ref").column("ref_kl_logps").null_count == 0
 
 
 def test_cli_precompute_ref_bf16_runs_under_autocast(cli_world):

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,14 +34,24 @@ REF_COLUMNS = {
 MAX_BATCH_TOKENS = 16384
 
 
+def reference_passes(dataset: str | os.PathLike, kind: str) -> int:
+    """Forward passes over the rows of a ``kind`` dataset: 2 for binary (KTO's mismatched KL pairs),
+    else 1; ValueError for a kind without reference columns."""
+    if kind not in REF_COLUMNS:
+        raise ValueError(f"{dataset}: kind {kind!r} has no reference columns (pairwise, listwise, binary do)")
+    return 2 if kind == "binary" else 1
+
+
 @torch.inference_mode()
 def reference_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]],
                     pad_token_id: int, batch_size: int = 32, layout: str = "packed",
-                    max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> tuple[list[list[float]], list[list[int]]]:
+                    max_batch_tokens: int | None = MAX_BATCH_TOKENS,
+                    progress: Callable[[int], None] | None = None) -> tuple[list[list[float]], list[list[int]]]:
     """Summed log-probs and token counts of every response (lists aligned with ``responses``).
 
     Examples are batched by length (less padding), at most ``batch_size`` examples and
     ``max_batch_tokens`` padded tokens a batch; the model runs in eval mode without grad.
+    ``progress(n)`` is called after each batch with its number of examples.
     """
     was_training = model.training
     model.eval()
@@ -60,22 +70,28 @@ def reference_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence
         for row, i in enumerate(idx):
             k = len(responses[i])
             logps[i], tokens[i] = lp[row][:k], tk[row][:k]
+        if progress is not None:
+            progress(len(idx))
     model.train(was_training)
     return logps, tokens
 
 
 def fill_reference_logps(model, examples: list[dict], pad_token_id: int, *, batch_size: int = 32,
                          with_kl: bool = False, layout: str = "packed",
-                         max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> None:
-    """Set ``ref_logps`` (and with ``with_kl`` KTO's ``ref_kl_logps``) of pre-tokenized examples in place."""
+                         max_batch_tokens: int | None = MAX_BATCH_TOKENS,
+                         progress: Callable[[int], None] | None = None) -> None:
+    """Set ``ref_logps`` (and with ``with_kl`` KTO's ``ref_kl_logps``) of pre-tokenized examples in place.
+
+    ``progress(n)`` after each forward batch of ``n`` examples (``with_kl``: two passes, 2 x len(examples) in all).
+    """
     prompts = [e["prompt_ids"] for e in examples]
     logps, _ = reference_logps(model, prompts, [e["response_ids"] for e in examples], pad_token_id, batch_size, layout,
-                               max_batch_tokens)
+                               max_batch_tokens, progress)
     for ex, lp in zip(examples, logps):
         ex["ref_logps"] = lp
     if with_kl:
         kl, _ = reference_logps(model, prompts, [[e["kl_response_ids"]] for e in examples], pad_token_id,
-                                batch_size, layout, max_batch_tokens)
+                                batch_size, layout, max_batch_tokens, progress)
         for ex, lp in zip(examples, kl):
             ex["ref_kl_logps"] = lp[0]
 
@@ -130,13 +146,14 @@ def add_reference_columns(table, kind: str, model, tokenizer, *, batch_size: int
 
 
 def with_reference_columns(table, kind: str, model, tokenizer, examples: list[dict], *, batch_size: int = 32,
-                           layout: str = "packed", max_batch_tokens: int | None = MAX_BATCH_TOKENS):
+                           layout: str = "packed", max_batch_tokens: int | None = MAX_BATCH_TOKENS,
+                           progress: Callable[[int], None] | None = None):
     """``table`` (without reference columns) plus those computed on its pre-tokenized ``examples``."""
     import pyarrow as pa
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fill_reference_logps(model, examples, pad, batch_size=batch_size, with_kl=kind == "binary", layout=layout,
-                         max_batch_tokens=max_batch_tokens)
+                         max_batch_tokens=max_batch_tokens, progress=progress)
     for name, values in reference_columns(examples, kind).items():
         table = table.append_column(name, pa.array(values))
     return table
@@ -145,7 +162,8 @@ def with_reference_columns(table, kind: str, model, tokenizer, examples: list[di
 def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLike,
                          output: str | os.PathLike | None = None, *, batch_size: int = 32,
                          max_length: int | None = None, torch_dtype: str | None = None,
-                         max_batch_tokens: int | None = MAX_BATCH_TOKENS, bf16: bool = False) -> Path:
+                         max_batch_tokens: int | None = MAX_BATCH_TOKENS, bf16: bool = False,
+                         progress: Callable[[int], None] | None = None) -> Path:
     """Compute the reference columns of a store dataset with the model at ``model_path``.
 
     ``bf16``: forward passes under bfloat16 autocast, as ``train --bf16 true`` runs the policy (a
@@ -157,7 +175,8 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     ``max_batch_tokens`` padded tokens. Writes ``output`` (default: the dataset itself, replaced
     atomically) with the manifest's provenance recording the reference model (path, revision,
     weights sha256), the parent dataset and the settings, the number of rows cut included.
-    Returns the written folder.
+    ``progress(n)`` is called after each forward batch of ``n`` rows (binary: twice over the rows,
+    the second pass for KTO's mismatched KL pairs). Returns the written folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,8 +186,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
 
     manifest = read_manifest(dataset)
     kind = manifest["kind"]
-    if kind not in REF_COLUMNS:
-        raise ValueError(f"{dataset}: kind {kind!r} has no reference columns (pairwise, listwise, binary do)")
+    reference_passes(dataset, kind)
     table = read_dataset(dataset)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = getattr(torch, torch_dtype) if torch_dtype else None
@@ -181,7 +199,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
     examples = pretokenize(stripped, kind, tokenizer, max_length)
     with torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=bf16):
         out_table = with_reference_columns(stripped, kind, model, tokenizer, examples, batch_size=batch_size,
-                                           max_batch_tokens=max_batch_tokens)
+                                           max_batch_tokens=max_batch_tokens, progress=progress)
     provenance = dict(manifest.get("provenance", {}))
     parents = list(provenance.get("parent_datasets", []))
     target = Path(output) if output is not None else Path(dataset)

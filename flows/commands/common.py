@@ -56,6 +56,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator:
+    """A rich progress bar of ``total`` items on the console; yields ``advance(n=1)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console.get(), transient=False) as bar:
+        task = bar.add_task(escape(label), total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
 def arrow_memory_pool() -> None:
     """Arrow buffers from jemalloc in this process (Linux wheels have it; call before pyarrow is
     imported, which reads the choice once). A conversion allocates a few hundred MB per batch in

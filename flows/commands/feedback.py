@@ -7,29 +7,18 @@ Heavy imports (torch, transformers) happen inside the command bodies.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
-from alignflow.flows.commands.common import console, fail, user_errors
+from alignflow.flows.commands.common import console, fail, progress_bar, user_errors
 
 BACKEND_HELP = "Generation backend: hf (transformers, in process), vllm (in-process engine), openai (any OpenAI-compatible server)."
 MODEL_HELP = "Checkpoint folder (hf, vllm) or the server's model name (openai)."
 CONTEXT_HELP = ("openai: the served model's context in tokens, where the server does not report it in /v1/models "
                 "(vLLM does); prompts are fitted to it (texts cut by a counted rule), never refused mid-run.")
-
-
-@contextlib.contextmanager
-def _progress(label: str, total: int) -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console.get(), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def _generator(backend: str, model: str, base_url: Optional[str], batch_size: int, device: Optional[str],
@@ -78,7 +67,7 @@ def generate(
     with user_errors(ImportError):
         n = read_manifest(prompts)["num_rows"]
         gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, context_length=context_length)
-        with _progress(f"generate x{k}", n) as advance:
+        with progress_bar(f"generate x{k}", n) as advance:
             path = sample_dataset(prompts, out, gen, k, _sampling(temperature, top_p, max_new_tokens, seed),
                                   batch_size=batch_size, overwrite=overwrite, progress=advance)
     console.print(f"{n} prompts -> {n * k} samples written to {path}")
@@ -136,13 +125,13 @@ def judge(
         if judge_kind in ("pairwise", "rubric", "listwise") and hasattr(judge_obj, "generator"):
             prov["models"] = {"judge": generator_provenance(judge_obj.generator)}
         if kind == "pairwise":
-            with _progress("judge (both orders)", 2 * table.num_rows) as advance:
+            with progress_bar("judge (both orders)", 2 * table.num_rows) as advance:
                 labelled, result = jt.judge_pairwise_table(table, judge_obj, progress=advance)
             report = _pairwise_report(result, table, metrics)
             path = write_dataset(out, labelled, "pairwise", dict(prov, report=report), overwrite=overwrite)
         elif judge_kind == "pairwise":
             cands = jt.candidate_pairs(table, pairs_per_prompt, seed)
-            with _progress("judge (both orders)", 2 * cands.num_rows) as advance:
+            with progress_bar("judge (both orders)", 2 * cands.num_rows) as advance:
                 labelled, result, counts = jt.label_pairs(cands, judge_obj, progress=advance)
             report = dict(_pairwise_report(result, None, metrics), **counts)
             path = write_dataset(out, labelled, "pairwise", dict(prov, report=report), overwrite=overwrite)
@@ -223,7 +212,7 @@ def critique(
         const = load_constitution(constitution)
         n = read_manifest(dataset)["num_rows"]
         gen = _generator(backend, model, base_url, batch_size, device, max_concurrency, context_length=context_length)
-        with _progress(f"critique-revise x{rounds}", n * rounds) as advance:
+        with progress_bar(f"critique-revise x{rounds}", n * rounds) as advance:
             paths = critique_revise_dataset(dataset, out_dir, gen, const, rounds, seed,
                                             _sampling(temperature, 1.0, max_new_tokens, seed),
                                             batch_size=batch_size, overwrite=overwrite, progress=advance)

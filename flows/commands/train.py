@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from alignflow.flows.commands.common import console, escape, model_argument, user_errors
+from alignflow.flows.commands.common import console, escape, model_argument, progress_bar, user_errors
 
 # Our defaults where TrainingArguments' would waste time on a laptop run; any option overrides.
 FAST_DEFAULTS = {
@@ -296,10 +296,14 @@ def precompute_ref(
         positive("--max-length", max_length)
         positive("--max-batch-tokens", max_batch_tokens)
         model = model_argument(model)
-        from alignflow.trainers.precompute import precompute_reference, reference_of
+        from alignflow.schemas.store import read_manifest
+        from alignflow.trainers.precompute import precompute_reference, reference_of, reference_passes
 
-        path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length,
-                                    max_batch_tokens=max_batch_tokens, bf16=bf16)
+        manifest = read_manifest(dataset)
+        total = reference_passes(dataset, manifest["kind"]) * manifest["num_rows"]
+        with progress_bar("reference log-probs", total) as advance:
+            path = precompute_reference(dataset, model, output, batch_size=batch_size, max_length=max_length,
+                                        max_batch_tokens=max_batch_tokens, bf16=bf16, progress=advance)
         record = reference_of(path)
     console.print(f"precompute-ref: wrote reference columns to {path} "
                   f"(reference {record['reference_model']}, weights sha256 {str(record.get('weights_sha256'))[:12]})")
