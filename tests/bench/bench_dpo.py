@@ -239,8 +239,9 @@ def worker_profile(workdir: Path, out: Path, bf16: bool, launched: float) -> Non
     transformers.Trainer.save_model = timed("save", transformers.Trainer.save_model)
     transformers.PreTrainedTokenizerBase.save_pretrained = timed(
         "save", transformers.PreTrainedTokenizerBase.save_pretrained)
-    from alignflow.flows.cli import app
+    from alignflow.flows.cli import app, start_up_collections
 
+    start_up_collections()  # as the CLI's entry point does
     argv = train_args(workdir / "pairs_ref", workdir, out, bf16)[3:]
     try:
         app(argv, standalone_mode=False)
