@@ -186,7 +186,7 @@ def precompute_reference(dataset: str | os.PathLike, model_path: str | os.PathLi
 
     manifest = read_manifest(dataset)
     kind = manifest["kind"]
-    reference_passes(dataset, kind)
+    reference_passes(dataset, kind)  # a kind without reference columns: ValueError before any loading
     table = read_dataset(dataset)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = getattr(torch, torch_dtype) if torch_dtype else None
